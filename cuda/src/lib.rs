@@ -1,0 +1,40 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Layers
+//! - [`arch`], [`registry`], [`cache`], [`ptxas`]: plain Rust, in every build.
+//! - [`nvrtc`], [`device`], [`launch`]: the CUDA paths. Without the `cuda` feature they
+//!   compile to typed [`Error::CudaFeatureDisabled`] answers; with it they load NVRTC and the
+//!   driver at run time through cudarc, so no build needs a CUDA install. All `unsafe` of the
+//!   crate lives in [`nvrtc`] and [`launch`], right above cudarc's `sys`/`result` layers.
+
+pub mod arch;
+pub mod cache;
+pub mod check;
+pub mod device;
+pub mod dtype;
+mod error;
+pub mod launch;
+pub mod nvrtc;
+pub mod ops;
+pub mod ptxas;
+pub mod registry;
+
+pub use arch::Arch;
+pub use cache::{CacheKey, PtxCache};
+pub use device::{Device, DeviceInfo};
+pub use dtype::{DType, Element};
+pub use error::Error;
+pub use nvrtc::{compile, compile_cached, CompileOptions, Ptx};
+pub use ptxas::{ResourceUsage, PTXAS_ENV};
+pub use registry::{KernelRegistry, KernelSource};
+
+/// The kernels this crate ships (test subjects for the whole workspace).
+pub static KERNELS: &[KernelSource] = &[ops::axpy::KERNEL, ops::softmax::KERNEL];
+
+/// The environment variable that turns "NVRTC not found, skipped" into a failure in tests.
+pub const REQUIRE_NVRTC_ENV: &str = "SQUID_REQUIRE_NVRTC";
+
+/// Whether the environment demands NVRTC (`SQUID_REQUIRE_NVRTC=1`), as CI does.
+pub fn nvrtc_required() -> bool {
+    std::env::var(REQUIRE_NVRTC_ENV).is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+}
