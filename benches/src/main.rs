@@ -1,1 +1,64 @@
-fn main() {}
+//! `squid-bench SUITE [--quick] [--json]`: ours against a baseline, interleaved, as a ratio table.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use squid_benches::harness::{run_case, Budget, Row};
+use squid_benches::suites;
+
+#[derive(Parser)]
+#[command(name = "squid-bench", about = "squid benchmarks: ours vs a baseline in the same run")]
+struct Cli {
+    /// The suite to run (`list` to see them all).
+    suite: String,
+    /// Smaller sizes and shorter measuring: a rough figure fast.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per case per line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only cases whose name contains this.
+    #[arg(long)]
+    filter: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.suite == "list" {
+        for (name, what, _) in suites::SUITES {
+            println!("{name:<12} {what}");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some((_, _, build)) = suites::SUITES.iter().find(|(name, _, _)| *name == cli.suite) else {
+        eprintln!("squid-bench: unknown suite `{}` (try `squid-bench list`)", cli.suite);
+        return ExitCode::FAILURE;
+    };
+    let budget = if cli.quick { Budget::quick() } else { Budget::full() };
+    let cases = build(cli.quick);
+    if !cli.json {
+        println!("{}", Row::header());
+    }
+    let mut baselines = Vec::new();
+    for case in cases {
+        if cli.filter.as_deref().is_some_and(|f| !case.case.contains(f)) {
+            continue;
+        }
+        let row = run_case(case, budget);
+        if cli.json {
+            println!("{}", row.to_json());
+        } else {
+            println!("{}", row.to_line());
+        }
+        if !baselines.contains(&(row.case.clone(), row.baseline)) {
+            baselines.push((row.case.clone(), row.baseline));
+        }
+    }
+    if !cli.json {
+        println!("\nratio = baseline / ours (> 1: ours is faster). Baselines:");
+        for (case, baseline) in baselines {
+            println!("  {case}: {baseline}");
+        }
+    }
+    ExitCode::SUCCESS
+}

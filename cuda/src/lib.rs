@@ -18,6 +18,7 @@ pub mod nvrtc;
 pub mod ops;
 pub mod ptxas;
 pub mod registry;
+pub mod testing;
 
 pub use arch::Arch;
 pub use cache::{CacheKey, PtxCache};

@@ -133,7 +133,7 @@ pub fn parse_report(text: &str) -> Vec<ResourceUsage> {
 }
 
 fn leading_number(s: &str) -> u64 {
-    s.trim().split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(0)
+    s.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

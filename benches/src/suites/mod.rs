@@ -1,0 +1,13 @@
+//! The benchmark suites. Each exposes `cases(quick) -> Vec<Case>`; add a suite by adding a
+//! module and one line to [`SUITES`].
+
+use crate::harness::Case;
+
+pub mod machine;
+
+/// A suite's name, what it measures, and its case builder.
+pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
+
+/// Every suite `squid-bench` knows.
+pub const SUITES: &[SuiteEntry] =
+    &[("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases)];
