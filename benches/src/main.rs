@@ -30,9 +30,12 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let Some((_, _, build)) = suites::SUITES.iter().find(|(name, _, _)| *name == cli.suite) else {
-        eprintln!("squid-bench: unknown suite `{}` (try `squid-bench list`)", cli.suite);
-        return ExitCode::FAILURE;
+    let (_, _, build) = match squid_benches::find_suite(&cli.suite) {
+        Ok(entry) => entry,
+        Err(e) => {
+            eprintln!("squid-bench: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let budget = if cli.quick { Budget::quick() } else { Budget::full() };
     let cases = build(cli.quick);

@@ -1,5 +1,4 @@
-//! Cross-crate tests of the squid workspace live in `tests/` beside this file; this library
-//! holds the helpers they share.
+#![doc = include_str!("../README.md")]
 
 use std::path::{Path, PathBuf};
 
