@@ -1,5 +1,21 @@
 #![doc = include_str!("../README.md")]
+//!
+//! # Modules
+//! - [`rope`]: rotary embedding forward/backward and [`rope::Rope::reposition`] for cached keys.
+//! - [`paged`]: [`PagedKv`], private KV in fixed-size pages with copy-on-write forks.
+//! - [`doc_cache`]: [`DocCache`], per-document KV by content address, memory and disk tiers.
 
+pub mod doc_cache;
+mod key;
+pub mod paged;
+pub mod rope;
+
+pub use doc_cache::{CacheStats, DocCache, DocCacheConfig, DocKv, DocShape, PrefetchReport, PrefetchTicket};
+pub use key::DocKey;
+pub use paged::{PagedKv, PagedKvConfig, PagedKvView, SeqId};
+pub use rope::{Rope, RopeConfig, RopeLayout};
+
+use std::path::PathBuf;
 use thiserror::Error;
 
 /// What can go wrong in the KV cache.
@@ -8,78 +24,41 @@ pub enum Error {
     /// A document key was given in a form that cannot be parsed.
     #[error("invalid document key `{0}`: expected 64 lowercase hex digits")]
     InvalidKey(String),
+    /// A configuration that cannot work (zero or odd dims, a non-finite base, ...).
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// A buffer whose length or shape does not match what the operation expects.
+    #[error("shape mismatch: {0}")]
+    ShapeMismatch(String),
+    /// The page pool cannot supply the pages an operation needs; nothing was changed.
+    #[error("out of KV pages: need {needed}, {free} free")]
+    OutOfPages {
+        /// Pages the operation needed.
+        needed: usize,
+        /// Pages that were free.
+        free: usize,
+    },
+    /// A sequence id that is not (or no longer) allocated.
+    #[error("unknown sequence id {0}")]
+    UnknownSequence(u64),
+    /// A token position outside a sequence.
+    #[error("position out of range: {0}")]
+    OutOfRange(String),
+    /// A file-system operation of the disk tier failed.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The caller's prefill closure failed; nothing was cached.
+    #[error("prefill failed: {0}")]
+    Prefill(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// The content address of a cached document: the hash of everything its KV depends on.
-///
-/// A document attends only to itself, so its keys (stored at position 0) and values depend on
-/// the model, the model's configuration and the document's own tokens, and on nothing else.
-/// Each part is length-prefixed before hashing, so no two different inputs share a byte stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DocKey([u8; 32]);
-
-impl DocKey {
-    /// Hashes the model id, the serialized model config and the document's token ids.
-    pub fn new(model_id: &str, model_config: &[u8], tokens: &[u32]) -> Self {
-        let mut h = blake3::Hasher::new();
-        h.update(b"squid-doc-key-v1");
-        for part in [model_id.as_bytes(), model_config] {
-            h.update(&(part.len() as u64).to_le_bytes());
-            h.update(part);
-        }
-        h.update(&(tokens.len() as u64).to_le_bytes());
-        for t in tokens {
-            h.update(&t.to_le_bytes());
-        }
-        Self(*h.finalize().as_bytes())
-    }
-
-    /// The key as 64 lowercase hex digits (the on-disk file name).
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
-    /// Parses the form written by [`DocKey::to_hex`].
-    pub fn from_hex(s: &str) -> Result<Self, Error> {
-        let bad = || Error::InvalidKey(s.to_string());
-        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(bad());
-        }
-        let mut out = [0u8; 32];
-        for (i, byte) in out.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
-        Ok(Self(out))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn every_input_part_changes_the_key() {
-        let base = DocKey::new("m", b"cfg", &[1, 2, 3]);
-        assert_ne!(base, DocKey::new("m2", b"cfg", &[1, 2, 3]));
-        assert_ne!(base, DocKey::new("m", b"cfg2", &[1, 2, 3]));
-        assert_ne!(base, DocKey::new("m", b"cfg", &[1, 2, 4]));
-        // Length prefixes keep a byte moved between parts from colliding.
-        assert_ne!(DocKey::new("ab", b"c", &[]), DocKey::new("a", b"bc", &[]));
-    }
-
-    #[test]
-    fn rejects_malformed_hex() {
-        assert!(DocKey::from_hex("xyz").is_err());
-        assert!(DocKey::from_hex(&"G".repeat(64)).is_err());
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-        #[test]
-        fn hex_round_trips(model in "[a-z]{0,8}", tokens in proptest::collection::vec(any::<u32>(), 0..20)) {
-            let key = DocKey::new(&model, b"", &tokens);
-            prop_assert_eq!(DocKey::from_hex(&key.to_hex()).unwrap(), key);
-        }
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
     }
 }

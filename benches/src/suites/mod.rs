@@ -3,11 +3,14 @@
 
 use crate::harness::Case;
 
+pub mod kvcache;
 pub mod machine;
 
 /// A suite's name, what it measures, and its case builder.
 pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
 
 /// Every suite `squid-bench` knows.
-pub const SUITES: &[SuiteEntry] =
-    &[("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases)];
+pub const SUITES: &[SuiteEntry] = &[
+    ("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases),
+    ("kvcache", "RoPE forward and re-positioning, document cache disk loads", kvcache::cases),
+];

@@ -1,0 +1,400 @@
+//! Private KV (global segments, generated tokens) in fixed-size pages.
+//!
+//! Every layer has its own pool of `num_pages` pages of `page_size` token rows
+//! (`[page_size, kv_heads, head_dim]` each); page `p` means the same slot in every layer, so one
+//! page table per sequence serves all layers. Pages are reference-counted: [`PagedKv::fork`]
+//! gives a new sequence the same page table (the G samples of a GRPO group share their prompt's
+//! pages), and a write to a shared page first copies it (copy on write).
+//!
+//! Attention reads a sequence through a [`PagedKvView`] (page size, page table, the layer's page
+//! storage), page by page, without gathering the sequence into one buffer.
+//!
+//! Every operation checks its input and either completes or returns a typed error having
+//! changed nothing (in particular [`Error::OutOfPages`] is raised before any page is taken).
+
+#[cfg(test)]
+mod tests;
+
+use crate::Error;
+use squid_cuda::Element;
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// Dims and capacity of a page pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagedKvConfig {
+    /// Transformer layers (one pool each).
+    pub layers: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dims per head.
+    pub head_dim: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Pages per layer.
+    pub num_pages: usize,
+}
+
+impl PagedKvConfig {
+    /// Elements of one token row (`kv_heads * head_dim`).
+    pub fn row_len(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Elements of one page of one layer's K (or V).
+    pub fn page_len(&self) -> usize {
+        self.page_size * self.row_len()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let dims = [self.layers, self.kv_heads, self.head_dim, self.page_size, self.num_pages];
+        if dims.contains(&0) {
+            return Err(Error::InvalidConfig(format!("paged kv: every dim must be positive: {self:?}")));
+        }
+        if self.num_pages > u32::MAX as usize {
+            return Err(Error::InvalidConfig(format!("paged kv: {} pages exceed u32 page ids", self.num_pages)));
+        }
+        if dims[1..].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).is_none() {
+            return Err(Error::InvalidConfig(format!("paged kv: pool size overflows: {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// A sequence's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The number inside (ids are never reused by one pool).
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    /// Page ids in token order; always `len.div_ceil(page_size)` of them.
+    pages: Vec<u32>,
+    len: usize,
+}
+
+/// One layer of one sequence, read in place: what an attention op needs to walk the pages.
+///
+/// Token `t` lives in page `page_table[t / page_size]`, row `t % page_size`; a page's K occupies
+/// `k_pages[p * page_len .. (p + 1) * page_len]` (`[page_size, kv_heads, head_dim]`), V likewise.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedKvView<'a, T> {
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dims per head.
+    pub head_dim: usize,
+    /// Tokens of the sequence.
+    pub len: usize,
+    /// The sequence's pages in token order.
+    pub page_table: &'a [u32],
+    /// The layer's whole K pool, `[num_pages, page_size, kv_heads, head_dim]`.
+    pub k_pages: &'a [T],
+    /// The layer's whole V pool, same layout.
+    pub v_pages: &'a [T],
+}
+
+impl<'a, T> PagedKvView<'a, T> {
+    fn row_len(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn offset(&self, pos: usize) -> usize {
+        assert!(pos < self.len, "position {pos} of a {}-token view", self.len);
+        let page = self.page_table[pos / self.page_size] as usize;
+        (page * self.page_size + pos % self.page_size) * self.row_len()
+    }
+
+    /// Token `pos`'s keys, `[kv_heads, head_dim]`. Panics if `pos >= len`.
+    pub fn key(&self, pos: usize) -> &'a [T] {
+        let o = self.offset(pos);
+        &self.k_pages[o..o + self.row_len()]
+    }
+
+    /// Token `pos`'s values, `[kv_heads, head_dim]`. Panics if `pos >= len`.
+    pub fn value(&self, pos: usize) -> &'a [T] {
+        let o = self.offset(pos);
+        &self.v_pages[o..o + self.row_len()]
+    }
+
+    /// The sequence page by page: `(first position, K rows, V rows)`, each chunk
+    /// `[tokens in this page, kv_heads, head_dim]` and contiguous.
+    pub fn chunks(&self) -> impl Iterator<Item = (usize, &'a [T], &'a [T])> + '_ {
+        let row = self.row_len();
+        let page_len = self.page_size * row;
+        self.page_table.iter().enumerate().map(move |(i, &p)| {
+            let start = i * self.page_size;
+            let tokens = self.page_size.min(self.len - start);
+            let o = p as usize * page_len;
+            (start, &self.k_pages[o..o + tokens * row], &self.v_pages[o..o + tokens * row])
+        })
+    }
+}
+
+/// Reference-counted KV pages for many sequences.
+#[derive(Debug, Clone)]
+pub struct PagedKv<T: Element> {
+    config: PagedKvConfig,
+    /// Per layer, `[num_pages, page_size, kv_heads, head_dim]`.
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+    refcount: Vec<u32>,
+    /// Free page ids; the next one handed out is the last.
+    free: Vec<u32>,
+    seqs: BTreeMap<SeqId, Seq>,
+    next_id: u64,
+}
+
+impl<T: Element> PagedKv<T> {
+    /// Allocates the whole pool up front (zeroed).
+    pub fn new(config: PagedKvConfig) -> Result<Self, Error> {
+        config.validate()?;
+        let pool = config
+            .num_pages
+            .checked_mul(config.page_len())
+            .ok_or_else(|| Error::InvalidConfig(format!("paged kv: pool size overflows: {config:?}")))?;
+        Ok(Self {
+            config,
+            k: (0..config.layers).map(|_| vec![T::default(); pool]).collect(),
+            v: (0..config.layers).map(|_| vec![T::default(); pool]).collect(),
+            refcount: vec![0; config.num_pages],
+            free: (0..config.num_pages as u32).rev().collect(),
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &PagedKvConfig {
+        &self.config
+    }
+
+    /// Pages not used by any sequence.
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// How many sequences share page `page` (0 when free).
+    pub fn page_refcount(&self, page: u32) -> u32 {
+        self.refcount.get(page as usize).copied().unwrap_or(0)
+    }
+
+    /// Live sequences.
+    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.keys().copied()
+    }
+
+    /// A new empty sequence (it takes pages as it grows).
+    pub fn allocate(&mut self) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, Seq { pages: Vec::new(), len: 0 });
+        id
+    }
+
+    fn seq(&self, id: SeqId) -> Result<&Seq, Error> {
+        self.seqs.get(&id).ok_or(Error::UnknownSequence(id.0))
+    }
+
+    /// Tokens in the sequence.
+    pub fn len(&self, id: SeqId) -> Result<usize, Error> {
+        Ok(self.seq(id)?.len)
+    }
+
+    /// The sequence's page ids in token order.
+    pub fn page_table(&self, id: SeqId) -> Result<&[u32], Error> {
+        Ok(&self.seq(id)?.pages)
+    }
+
+    /// A new sequence with the same tokens, sharing every page (copy on write).
+    pub fn fork(&mut self, id: SeqId) -> Result<SeqId, Error> {
+        let pages = self.seq(id)?.clone();
+        for &p in &pages.pages {
+            self.refcount[p as usize] += 1;
+        }
+        let new = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(new, pages);
+        Ok(new)
+    }
+
+    /// Ends the sequence; pages no other sequence uses become free.
+    pub fn free(&mut self, id: SeqId) -> Result<(), Error> {
+        let seq = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id.0))?;
+        self.release(&seq.pages);
+        Ok(())
+    }
+
+    fn release(&mut self, pages: &[u32]) {
+        for &p in pages {
+            self.refcount[p as usize] -= 1;
+            if self.refcount[p as usize] == 0 {
+                self.free.push(p);
+            }
+        }
+    }
+
+    /// Shortens the sequence to `len` tokens (e.g. rejected draft tokens); whole pages past the
+    /// end are released.
+    pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<(), Error> {
+        let page_size = self.config.page_size;
+        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id.0))?;
+        if len > seq.len {
+            return Err(Error::OutOfRange(format!("truncate to {len} tokens a {}-token sequence", seq.len)));
+        }
+        let dropped = seq.pages.split_off(len.div_ceil(page_size));
+        seq.len = len;
+        self.release(&dropped);
+        Ok(())
+    }
+
+    fn take_page(&mut self) -> u32 {
+        let p = self.free.pop().expect("free pages were counted before taking");
+        self.refcount[p as usize] = 1;
+        p
+    }
+
+    /// Gives sequence `id` its own copy of its `index`-th page (all layers).
+    fn unshare(&mut self, id: SeqId, index: usize) {
+        let old = self.seqs[&id].pages[index];
+        let new = self.take_page();
+        let n = self.config.page_len();
+        let (src, dst) = (old as usize * n, new as usize * n);
+        for pool in self.k.iter_mut().chain(self.v.iter_mut()) {
+            pool.copy_within(src..src + n, dst);
+        }
+        self.refcount[old as usize] -= 1;
+        self.seqs.get_mut(&id).expect("checked").pages[index] = new;
+    }
+
+    /// Lengthens the sequence by `n` token rows and returns their positions; they must be
+    /// written (by [`PagedKv::write`] for every layer) before they are read. Takes the new pages
+    /// and un-shares a shared last page that the new rows would land in, so that the writes that
+    /// follow never need a page.
+    pub fn grow(&mut self, id: SeqId, n: usize) -> Result<Range<usize>, Error> {
+        let page_size = self.config.page_size;
+        let seq = self.seq(id)?;
+        let (len, have) = (seq.len, seq.pages.len());
+        let new_len = len + n;
+        let new_pages = new_len.div_ceil(page_size) - have;
+        let last_shared = n > 0 && len % page_size != 0 && self.refcount[seq.pages[have - 1] as usize] > 1;
+        let needed = new_pages + usize::from(last_shared);
+        if needed > self.free.len() {
+            return Err(Error::OutOfPages { needed, free: self.free.len() });
+        }
+        if last_shared {
+            self.unshare(id, have - 1);
+        }
+        for _ in 0..new_pages {
+            let p = self.take_page();
+            self.seqs.get_mut(&id).expect("checked").pages.push(p);
+        }
+        self.seqs.get_mut(&id).expect("checked").len = new_len;
+        Ok(len..new_len)
+    }
+
+    fn rows_of(&self, what: &str, k: &[T], v: &[T], per_row: usize) -> Result<usize, Error> {
+        if k.len() != v.len() || k.len() % per_row != 0 {
+            return Err(Error::ShapeMismatch(format!(
+                "{what}: K has {} and V {} elements; both must be whole rows of {per_row}",
+                k.len(),
+                v.len()
+            )));
+        }
+        Ok(k.len() / per_row)
+    }
+
+    /// Writes layer `layer`'s rows for positions `start..start + n` (`k, v: [n, kv_heads,
+    /// head_dim]`), all below the sequence's length. Shared pages among them are copied first.
+    pub fn write(&mut self, id: SeqId, layer: usize, start: usize, k: &[T], v: &[T]) -> Result<(), Error> {
+        let row = self.config.row_len();
+        let page_size = self.config.page_size;
+        let n = self.rows_of("paged write", k, v, row)?;
+        if layer >= self.config.layers {
+            return Err(Error::OutOfRange(format!("layer {layer} of {}", self.config.layers)));
+        }
+        let seq = self.seq(id)?;
+        if start + n > seq.len {
+            return Err(Error::OutOfRange(format!(
+                "write of rows {start}..{} in a {}-token sequence",
+                start + n,
+                seq.len
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let touched = start / page_size..(start + n - 1) / page_size + 1;
+        let shared: Vec<usize> = touched.clone().filter(|&i| self.refcount[seq.pages[i] as usize] > 1).collect();
+        if shared.len() > self.free.len() {
+            return Err(Error::OutOfPages { needed: shared.len(), free: self.free.len() });
+        }
+        for i in shared {
+            self.unshare(id, i);
+        }
+        let pages = &self.seqs[&id].pages;
+        let (kp, vp) = (&mut self.k[layer], &mut self.v[layer]);
+        let mut pos = start;
+        while pos < start + n {
+            let in_page = pos % page_size;
+            let take = (page_size - in_page).min(start + n - pos);
+            let dst = (pages[pos / page_size] as usize * page_size + in_page) * row;
+            let src = (pos - start) * row;
+            kp[dst..dst + take * row].copy_from_slice(&k[src..src + take * row]);
+            vp[dst..dst + take * row].copy_from_slice(&v[src..src + take * row]);
+            pos += take;
+        }
+        Ok(())
+    }
+
+    /// Appends `n` tokens to every layer: `k, v: [layers, n, kv_heads, head_dim]`. Returns their
+    /// positions. All or nothing.
+    pub fn append(&mut self, id: SeqId, k: &[T], v: &[T]) -> Result<Range<usize>, Error> {
+        let layers = self.config.layers;
+        let n = self.rows_of("paged append", k, v, layers * self.config.row_len())?;
+        let positions = self.grow(id, n)?;
+        let per_layer = n * self.config.row_len();
+        for layer in 0..layers {
+            let r = layer * per_layer..(layer + 1) * per_layer;
+            self.write(id, layer, positions.start, &k[r.clone()], &v[r])
+                .expect("grow made every row of the new range writable");
+        }
+        Ok(positions)
+    }
+
+    /// Layer `layer` of sequence `id`, read in place.
+    pub fn view(&self, id: SeqId, layer: usize) -> Result<PagedKvView<'_, T>, Error> {
+        if layer >= self.config.layers {
+            return Err(Error::OutOfRange(format!("layer {layer} of {}", self.config.layers)));
+        }
+        let seq = self.seq(id)?;
+        Ok(PagedKvView {
+            page_size: self.config.page_size,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+            len: seq.len,
+            page_table: &seq.pages,
+            k_pages: &self.k[layer],
+            v_pages: &self.v[layer],
+        })
+    }
+
+    /// Copies layer `layer` of sequence `id` into contiguous `[len, kv_heads, head_dim]` K and V.
+    pub fn gather(&self, id: SeqId, layer: usize) -> Result<(Vec<T>, Vec<T>), Error> {
+        let view = self.view(id, layer)?;
+        let (mut k, mut v) = (Vec::with_capacity(view.len * self.config.row_len()), Vec::new());
+        v.reserve(k.capacity());
+        for (_, kc, vc) in view.chunks() {
+            k.extend_from_slice(kc);
+            v.extend_from_slice(vc);
+        }
+        Ok((k, v))
+    }
+}
