@@ -1,9 +1,21 @@
 #![doc = include_str!("../README.md")]
 
+use std::time::Duration;
+
 use thiserror::Error;
 
+mod communicator;
+mod dtype;
+pub mod local;
+mod reduce;
+pub mod reference;
+
+pub use communicator::Communicator;
+pub use dtype::{DataType, Scalar};
+pub use local::{LocalComm, LocalGroup};
+
 /// What a collective call can fail with.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum Error {
     /// A buffer's length breaks the collective's size rule.
     #[error("{op}: {what} has {got} elements, expected {expected} (world size {world})")]
@@ -22,6 +34,48 @@ pub enum Error {
     /// A world of zero ranks cannot run a collective.
     #[error("world size must be at least 1")]
     EmptyWorld,
+    /// A root or peer that is not a rank of the group (or, for send/recv, is this rank).
+    #[error("{op}: {what} {rank} is not a valid rank (world size {world}, this rank {this})")]
+    InvalidRank {
+        /// The call.
+        op: &'static str,
+        /// `root` or `peer`.
+        what: &'static str,
+        /// The rank given.
+        rank: usize,
+        /// The group's size.
+        world: usize,
+        /// The calling rank.
+        this: usize,
+    },
+    /// The ranks' calls do not match (different collectives, types, lengths, reductions or
+    /// roots, or a peer's buffers broke the size rule). Every rank gets this error from the same
+    /// call and the group stays usable.
+    #[error("{op}: {detail}")]
+    Mismatch {
+        /// The call this rank made.
+        op: &'static str,
+        /// Which rank disagreed, and how.
+        detail: String,
+    },
+    /// A rank left the group: its communicator was dropped, or its thread panicked. Sticky.
+    #[error("rank {rank} left the group ({}); the group is unusable", if *panicked { "panicked" } else { "dropped" })]
+    PeerLost {
+        /// The rank that left.
+        rank: usize,
+        /// Whether it left by panicking.
+        panicked: bool,
+    },
+    /// A rank waited past the group's deadline for peers that did not arrive. Sticky.
+    #[error("rank {waiting} waited {after:?} for rank(s) {missing:?}; the group is unusable")]
+    Timeout {
+        /// The rank whose deadline passed first.
+        waiting: usize,
+        /// The ranks it was waiting for.
+        missing: Vec<usize>,
+        /// The deadline.
+        after: Duration,
+    },
 }
 
 /// The reductions every backend offers.

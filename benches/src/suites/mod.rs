@@ -3,6 +3,7 @@
 
 use crate::harness::Case;
 
+pub mod collectives;
 pub mod kvcache;
 pub mod machine;
 
@@ -13,4 +14,5 @@ pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
 pub const SUITES: &[SuiteEntry] = &[
     ("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases),
     ("kvcache", "RoPE forward and re-positioning, document cache disk loads", kvcache::cases),
+    ("collectives", "local all-reduce/all-gather/reduce-scatter busbw vs gather-to-rank-0", collectives::cases),
 ];
