@@ -2,7 +2,20 @@
 
 use thiserror::Error;
 
-/// What can be wrong with an optimizer or loss call's inputs.
+pub mod adamw;
+pub mod advantage;
+pub mod clip;
+pub mod logprob;
+pub mod math;
+pub mod policy_loss;
+pub mod schedule;
+mod seqs;
+
+pub use adamw::{AdamW, AdamWConfig, StepReport};
+pub use clip::{clip_grad_norm, global_grad_norm};
+pub use schedule::LrSchedule;
+
+/// What can be wrong with an optimizer, advantage or loss call's inputs.
 #[derive(Debug, Error, PartialEq)]
 pub enum Error {
     /// A value that must be finite is NaN or infinite.
@@ -15,34 +28,72 @@ pub enum Error {
         /// The value.
         value: f32,
     },
+    /// Two inputs that must agree in length do not.
+    #[error("{what}: expected length {expected}, got {got}")]
+    Length {
+        /// Which input.
+        what: &'static str,
+        /// The length it must have.
+        expected: usize,
+        /// The length it has.
+        got: usize,
+    },
+    /// Sequence offsets that are not `0 = cu[0] <= cu[1] <= ... <= cu[n] = total`.
+    #[error("bad cu_seqlens: {0}")]
+    CuSeqlens(String),
+    /// A configuration value out of its range.
+    #[error("bad config `{what}`: {why}")]
+    Config {
+        /// Which option.
+        what: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A group with a single sample, whose baseline is undefined, and the config does not say what to do.
+    #[error("group {group} has a single sample (baseline undefined); set SingletonPolicy to allow it")]
+    SingletonGroup {
+        /// The group's position in order of first appearance.
+        group: usize,
+    },
+    /// Whitening needs at least two loss tokens.
+    #[error("whitening needs at least 2 loss tokens, got {0}")]
+    TooFewTokens(usize),
+    /// A target token id outside the vocabulary.
+    #[error("target id {id} at token {index} is outside the vocabulary of {vocab}")]
+    TargetOutOfRange {
+        /// The token row.
+        index: usize,
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// The optimizer was built for another set of parameter shapes or storage type.
+    #[error("parameter mismatch: {0}")]
+    ParamMismatch(String),
+    /// Reading or writing optimizer state failed, or the file is not a valid checkpoint.
+    #[error("checkpoint {path}: {why}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        why: String,
+    },
 }
 
-/// The global L2 norm of a set of gradient buffers, accumulated in f64, as gradient clipping
-/// needs it. A NaN or infinite gradient is an error naming where it is.
-pub fn global_grad_norm(grads: &[&[f32]]) -> Result<f32, Error> {
-    let mut sum = 0.0f64;
-    let mut offset = 0;
-    for g in grads {
-        for (i, &x) in g.iter().enumerate() {
-            if !x.is_finite() {
-                return Err(Error::NonFinite { what: "gradient", index: offset + i, value: x });
-            }
-            sum += f64::from(x) * f64::from(x);
-        }
-        offset += g.len();
+/// Checks that `x` holds no NaN or infinity, naming the first bad element.
+pub(crate) fn check_finite(what: &'static str, x: &[f32]) -> Result<(), Error> {
+    match x.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(Error::NonFinite { what, index, value: x[index] }),
+        None => Ok(()),
     }
-    Ok(sum.sqrt() as f32)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn norm_spans_all_buffers_and_rejects_nan() {
-        assert_eq!(global_grad_norm(&[&[3.0], &[0.0, 4.0]]), Ok(5.0));
-        assert_eq!(global_grad_norm(&[]), Ok(0.0));
-        let err = global_grad_norm(&[&[1.0], &[2.0, f32::NAN]]).unwrap_err();
-        assert!(matches!(err, Error::NonFinite { index: 2, .. }));
+/// Checks a length.
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Error> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::Length { what, expected, got })
     }
 }

@@ -6,6 +6,7 @@ use crate::harness::Case;
 pub mod collectives;
 pub mod kvcache;
 pub mod machine;
+pub mod optim;
 
 /// A suite's name, what it measures, and its case builder.
 pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
@@ -14,5 +15,6 @@ pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
 pub const SUITES: &[SuiteEntry] = &[
     ("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases),
     ("kvcache", "RoPE forward and re-positioning, document cache disk loads", kvcache::cases),
+    ("optim", "policy loss, fused log-softmax/gather, AdamW: GB/s vs unfused", optim::cases),
     ("collectives", "local all-reduce/all-gather/reduce-scatter busbw vs gather-to-rank-0", collectives::cases),
 ];

@@ -1,0 +1,207 @@
+//! AdamW (Loshchilov & Hutter; torch `AdamW` semantics) over many parameter tensors at once, with
+//! f32 master weights behind bf16/f16 parameters, fused global-norm gradient clipping, and state
+//! save/load through safetensors.
+//!
+//! One step, for every element (torch's order of operations):
+//! ```text
+//! g  = grad * clip            clip = min(1, max_norm / (global_norm + 1e-6)) when max_grad_norm is set
+//! p  = p * (1 - lr * weight_decay)                       decoupled weight decay
+//! m  = beta1 m + (1 - beta1) g
+//! v  = beta2 v + (1 - beta2) g^2
+//! v' = max(v'_prev, v) if amsgrad else v
+//! p  = p - lr / (1 - beta1^t) * m / (sqrt(v') / sqrt(1 - beta2^t) + eps)
+//! ```
+//! `p` is the f32 master copy; a bf16/f16 parameter is rewritten from it (round to nearest even)
+//! after each step, so rounding never accumulates in the weights. f32 parameters are their own
+//! master. If the global gradient norm is not finite the step is refused with a typed error and
+//! nothing changes (weights, moments, step count), so one bad batch never corrupts training.
+
+mod cpu;
+pub mod naive;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use squid_cuda::dtype::{DType, Element};
+
+use crate::{check_len, Error};
+
+/// AdamW hyper-parameters (torch defaults except weight decay, which is 0.01 as in torch's AdamW).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Added to the denominator.
+    pub eps: f32,
+    /// Decoupled weight decay (multiplied by the learning rate).
+    pub weight_decay: f32,
+    /// Use the running maximum of the second moment (AMSGrad).
+    pub amsgrad: bool,
+    /// Clip gradients to this global L2 norm before the update.
+    pub max_grad_norm: Option<f32>,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, amsgrad: false, max_grad_norm: None }
+    }
+}
+
+impl AdamWConfig {
+    fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &'static str, v: f32| Err(Error::Config { what, why: format!("{v} is out of range") });
+        for (what, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&b) {
+                return bad(what, b);
+            }
+        }
+        if !(self.eps.is_finite() && self.eps >= 0.0) {
+            return bad("eps", self.eps);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", self.weight_decay);
+        }
+        if let Some(m) = self.max_grad_norm {
+            if !(m.is_finite() && m > 0.0) {
+                return bad("max_grad_norm", m);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Optimizer state of one parameter tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TensorState {
+    /// f32 master weights, when the parameters are stored in bf16/f16.
+    pub master: Option<Vec<f32>>,
+    /// First moment.
+    pub m: Vec<f32>,
+    /// Second moment.
+    pub v: Vec<f32>,
+    /// Running max of the second moment (amsgrad).
+    pub v_max: Option<Vec<f32>>,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Global L2 norm of the gradients before clipping.
+    pub grad_norm: f32,
+    /// The factor the gradients were multiplied by (1 when not clipped).
+    pub clip_scale: f32,
+    /// The learning rate used.
+    pub lr: f32,
+    /// Steps taken so far, this one included.
+    pub step: u64,
+}
+
+/// AdamW over a fixed list of parameter tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamW {
+    config: AdamWConfig,
+    dtype: DType,
+    step: u64,
+    tensors: Vec<TensorState>,
+}
+
+impl AdamW {
+    /// An optimizer for `params` (their current values become the master weights when they are
+    /// bf16/f16). Moments start at 0, the step count at 0.
+    pub fn new<T: Element>(config: AdamWConfig, params: &[&[T]]) -> Result<Self, Error> {
+        config.validate()?;
+        let keep_master = T::DTYPE != DType::F32;
+        let tensors = params
+            .iter()
+            .map(|p| TensorState {
+                master: keep_master.then(|| p.iter().map(|x| x.to_f32()).collect()),
+                m: vec![0.0; p.len()],
+                v: vec![0.0; p.len()],
+                v_max: config.amsgrad.then(|| vec![0.0; p.len()]),
+            })
+            .collect();
+        Ok(Self { config, dtype: T::DTYPE, step: 0, tensors })
+    }
+
+    /// The hyper-parameters.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+
+    /// Steps taken (what [`crate::LrSchedule::lr_at`] takes).
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The f32 master weights of tensor `i` (None for f32 parameters, which are their own master).
+    pub fn master(&self, i: usize) -> Option<&[f32]> {
+        self.tensors.get(i).and_then(|t| t.master.as_deref())
+    }
+
+    /// First and second moments of tensor `i`.
+    pub fn moments(&self, i: usize) -> Option<(&[f32], &[f32])> {
+        self.tensors.get(i).map(|t| (t.m.as_slice(), t.v.as_slice()))
+    }
+
+    fn check_params<T: Element>(&self, lens: impl ExactSizeIterator<Item = usize>) -> Result<(), Error> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::ParamMismatch(format!(
+                "built for {} parameters, given {}",
+                self.dtype.name(),
+                T::DTYPE.name()
+            )));
+        }
+        check_len("parameter tensors", self.tensors.len(), lens.len())?;
+        for (i, (len, t)) in lens.zip(&self.tensors).enumerate() {
+            if len != t.m.len() {
+                return Err(Error::ParamMismatch(format!("tensor {i} has {len} elements, built for {}", t.m.len())));
+            }
+        }
+        Ok(())
+    }
+
+    /// One AdamW step with learning rate `lr`. Gradients may be f32, bf16 or f16. On a non-finite
+    /// gradient norm nothing changes and the error names the first bad element.
+    pub fn step<T: Element, G: Element>(
+        &mut self,
+        params: &mut [&mut [T]],
+        grads: &[&[G]],
+        lr: f32,
+    ) -> Result<StepReport, Error> {
+        self.check_params::<T>(params.iter().map(|p| p.len()))?;
+        check_len("gradient tensors", params.len(), grads.len())?;
+        for (i, (p, g)) in params.iter().zip(grads).enumerate() {
+            if p.len() != g.len() {
+                return Err(Error::ParamMismatch(format!(
+                    "gradient {i} has {} elements, parameter {}",
+                    g.len(),
+                    p.len()
+                )));
+            }
+        }
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(Error::Config { what: "lr", why: format!("{lr} is not a finite value >= 0") });
+        }
+        let grad_norm = cpu::grad_norm(grads)?;
+        let clip_scale = self.config.max_grad_norm.map_or(1.0, |m| crate::clip::clip_scale(grad_norm, m));
+        self.step += 1;
+        let c = &self.config;
+        let bc1 = 1.0 - f64::from(c.beta1).powf(self.step as f64);
+        let bc2 = 1.0 - f64::from(c.beta2).powf(self.step as f64);
+        let k = cpu::StepConsts {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            decay: 1.0 - lr * c.weight_decay,
+            step_size: (f64::from(lr) / bc1) as f32,
+            inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
+            clip: clip_scale,
+        };
+        for ((p, g), st) in params.iter_mut().zip(grads).zip(&mut self.tensors) {
+            cpu::update(&k, p, g, st);
+        }
+        Ok(StepReport { grad_norm, clip_scale, lr, step: self.step })
+    }
+}
