@@ -9,6 +9,7 @@ mod dtype;
 pub mod local;
 mod reduce;
 pub mod reference;
+pub mod tp;
 
 pub use communicator::Communicator;
 pub use dtype::{DataType, Scalar};
