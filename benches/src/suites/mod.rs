@@ -3,6 +3,7 @@
 
 use crate::harness::Case;
 
+pub mod attention;
 pub mod collectives;
 pub mod kvcache;
 pub mod machine;
@@ -14,6 +15,7 @@ pub type SuiteEntry = (&'static str, &'static str, fn(bool) -> Vec<Case>);
 /// Every suite `squid-bench` knows.
 pub const SUITES: &[SuiteEntry] = &[
     ("machine", "f32 matmul GFLOP/s (gemm crate) and copy GB/s: the roofs", machine::cases),
+    ("attention", "dense and NSA attention fwd/bwd/decode: GFLOP/s vs blocked gemm, NSA vs dense", attention::cases),
     ("kvcache", "RoPE forward and re-positioning, document cache disk loads", kvcache::cases),
     ("optim", "policy loss, fused log-softmax/gather, AdamW: GB/s vs unfused", optim::cases),
     ("collectives", "local all-reduce/all-gather/reduce-scatter busbw vs gather-to-rank-0", collectives::cases),

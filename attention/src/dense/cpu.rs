@@ -1,0 +1,796 @@
+//! The CPU path: flash-style tiles with an online softmax, never a `T x T` matrix.
+//!
+//! Keys and values are first packed once per call into f32 tiles of [`BK`] keys per
+//! (sequence, kv head) - transposed where a matrix product wants them so - so the hot loops
+//! are register-tiled f32 multiply-adds ([`kernels::gemm_acc`]) whatever the storage type.
+//! Forward runs one task per (sequence, query head, query block of [`BQ`] rows). Backward runs
+//! one task per (sequence, query head): it walks the query blocks in order, keeps `dq` of the
+//! current block in a tile and accumulates `dk, dv` of that head in a private f32 buffer, so no
+//! two tasks write the same memory; a last pass sums the heads of each GQA group into `dk, dv`.
+
+use rayon::prelude::*;
+use squid_cuda::Element;
+
+use super::{DenseConfig, DenseGrads, DenseOutput, Dims};
+use crate::kernels::{self, dispatch, gemm_acc, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
+use crate::Heads;
+
+/// Query rows per tile.
+pub(crate) const BQ: usize = 64;
+/// Keys per tile.
+pub(crate) const BK: usize = 64;
+
+/// Which keys each query sees: the dense masks, or NSA's compressed-block visibility.
+pub(crate) trait Mask: Sync {
+    /// Keys `lo..hi` seen by query `i` of a sequence with `tq` queries and `tk` keys.
+    fn range(&self, i: usize, tq: usize, tk: usize) -> (usize, usize);
+}
+
+impl Mask for DenseConfig {
+    #[inline(always)]
+    fn range(&self, i: usize, tq: usize, tk: usize) -> (usize, usize) {
+        self.key_range(i, tq, tk)
+    }
+}
+
+/// Fills one tile from (first key row, keys in block, kv head).
+type TileFill<'a> = dyn Fn(&mut [f32], usize, usize, usize) + Sync + 'a;
+
+/// Keys and values of a call in f32 tiles. Tile `t = block * HKV + g`, where `block` counts key
+/// blocks over all sequences (`block_offsets[s]` is sequence `s`'s first).
+pub(crate) struct Packed {
+    pub(crate) hkv: usize,
+    pub(crate) dk: usize,
+    pub(crate) dv: usize,
+    pub(crate) dkp: usize,
+    pub(crate) dvp: usize,
+    pub(crate) block_offsets: Vec<usize>,
+    /// `[Dk][BK]` per tile: keys transposed, for `S = Q K^T`.
+    pub(crate) kt: Vec<f32>,
+    /// `[BK][Dvp]` per tile: values, for `O += P V`.
+    pub(crate) vr: Vec<f32>,
+    /// `[BK][Dkp]` per tile: keys, for `dQ += dS K` (backward only).
+    pub(crate) kr: Vec<f32>,
+    /// `[Dv][BK]` per tile: values transposed, for `dP = dO V^T` (backward only).
+    pub(crate) vt: Vec<f32>,
+}
+
+impl Packed {
+    pub(crate) fn new<T: Element>(h: &Heads, k: &[T], v: &[T], cu_k: &[u32], for_backward: bool) -> Self {
+        let (hkv, dk, dv) = (h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+        let (dkp, dvp) = (round_up(dk, COL_MULTIPLE), round_up(dv, COL_MULTIPLE));
+        let mut block_offsets = vec![0usize];
+        let mut blocks = Vec::new(); // (first key row, keys in block)
+        for w in cu_k.windows(2) {
+            let (start, len) = (w[0] as usize, (w[1] - w[0]) as usize);
+            for b in 0..len.div_ceil(BK) {
+                blocks.push((start + b * BK, (len - b * BK).min(BK)));
+            }
+            block_offsets.push(blocks.len());
+        }
+        let tiles = blocks.len() * hkv;
+        let fill = |buf: &mut Vec<f32>, per_tile: usize, f: &TileFill<'_>| {
+            *buf = vec![0f32; tiles * per_tile];
+            buf.par_chunks_mut(per_tile).enumerate().for_each(|(t, tile)| {
+                let (start, len) = blocks[t / hkv];
+                f(tile, start, len, t % hkv);
+            });
+        };
+        let (mut kt, mut vr, mut kr, mut vt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        fill(&mut kt, dk * BK, &|tile, start, len, g| {
+            for j in 0..len {
+                let row = &k[((start + j) * hkv + g) * dk..][..dk];
+                for (d, x) in row.iter().enumerate() {
+                    tile[d * BK + j] = x.to_f32();
+                }
+            }
+        });
+        fill(&mut vr, BK * dvp, &|tile, start, len, g| {
+            for j in 0..len {
+                let row = &v[((start + j) * hkv + g) * dv..][..dv];
+                for (d, x) in row.iter().enumerate() {
+                    tile[j * dvp + d] = x.to_f32();
+                }
+            }
+        });
+        if for_backward {
+            fill(&mut kr, BK * dkp, &|tile, start, len, g| {
+                for j in 0..len {
+                    let row = &k[((start + j) * hkv + g) * dk..][..dk];
+                    for (d, x) in row.iter().enumerate() {
+                        tile[j * dkp + d] = x.to_f32();
+                    }
+                }
+            });
+            fill(&mut vt, dv * BK, &|tile, start, len, g| {
+                for j in 0..len {
+                    let row = &v[((start + j) * hkv + g) * dv..][..dv];
+                    for (d, x) in row.iter().enumerate() {
+                        tile[d * BK + j] = x.to_f32();
+                    }
+                }
+            });
+        }
+        Self { hkv, dk, dv, dkp, dvp, block_offsets, kt, vr, kr, vt }
+    }
+
+    pub(crate) fn tile(&self, s: usize, b: usize, g: usize) -> usize {
+        (self.block_offsets[s] + b) * self.hkv + g
+    }
+}
+
+/// The keys each row of a query block sees (half-open, sequence coordinates; `lo == hi` for
+/// none), and the key blocks the whole tile touches.
+fn row_ranges<M: Mask>(
+    mask: &M,
+    i0: usize,
+    rows: usize,
+    tq: usize,
+    tk: usize,
+    lo: &mut [usize],
+    hi: &mut [usize],
+) -> Option<(usize, usize)> {
+    let (mut kmin, mut kmax) = (usize::MAX, 0);
+    for r in 0..BQ {
+        let (a, b) = if r < rows { mask.range(i0 + r, tq, tk) } else { (0, 0) };
+        lo[r] = a;
+        hi[r] = b;
+        if a < b {
+            kmin = kmin.min(a);
+            kmax = kmax.max(b);
+        }
+    }
+    (kmin < kmax).then(|| (kmin / BK, kmax.div_ceil(BK)))
+}
+
+/// Masks `s_row` (keys `kstart..kstart+BK`) to `lo..hi`; returns false when no key is left.
+#[inline(always)]
+pub(crate) fn mask_row(s_row: &mut [f32], kstart: usize, lo: usize, hi: usize) -> bool {
+    if hi <= kstart || lo >= kstart + BK {
+        return false;
+    }
+    let (a, b) = (lo.saturating_sub(kstart), (hi - kstart).min(BK));
+    if a > 0 || b < BK {
+        for (c, x) in s_row.iter_mut().enumerate() {
+            if c < a || c >= b {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+    true
+}
+
+#[inline(always)]
+pub(crate) fn row_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    for chunk in x.chunks_exact(16) {
+        for l in 0..16 {
+            lanes[l] = if chunk[l] > lanes[l] { chunk[l] } else { lanes[l] };
+        }
+    }
+    lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `x = exp(x - m)` in place; returns the sum.
+#[inline(always)]
+pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    for chunk in x.chunks_exact_mut(16) {
+        for l in 0..16 {
+            let e = kernels::exp(chunk[l] - m);
+            chunk[l] = e;
+            lanes[l] += e;
+        }
+    }
+    lanes.iter().sum()
+}
+
+struct FwdScratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+    m: [f32; BQ],
+    l: [f32; BQ],
+    lo: [usize; BQ],
+    hi: [usize; BQ],
+}
+
+pub(super) fn forward<T: Element>(
+    cfg: &DenseConfig,
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> DenseOutput<T> {
+    let packed = Packed::new(&cfg.heads, k, v, cu_k, false);
+    let (o, lse) = forward_with(cfg, cfg, dims, q, &packed, cu_q, cu_k);
+    DenseOutput { o, lse }
+}
+
+/// Forward with any mask, output in any storage type: `(o, lse)`.
+pub(crate) fn forward_with<T: Element, R: Element, M: Mask>(
+    cfg: &DenseConfig,
+    mask: &M,
+    dims: Dims,
+    q: &[T],
+    packed: &Packed,
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> (Vec<R>, Vec<f32>) {
+    let h = cfg.heads;
+    let hq = h.num_q_heads;
+    let mut o = vec![R::default(); dims.total_q * hq * h.head_dim_v];
+    let mut lse = vec![f32::NEG_INFINITY; hq * dims.total_q];
+    let mut tasks = Vec::new();
+    for s in 0..dims.num_seqs {
+        let tq = (cu_q[s + 1] - cu_q[s]) as usize;
+        for qb in 0..tq.div_ceil(BQ) {
+            for head in 0..hq {
+                tasks.push((s, head, qb));
+            }
+        }
+    }
+    // Later query blocks see more keys under a causal mask: start them first.
+    tasks.sort_by_key(|&(s, head, qb)| (std::cmp::Reverse(qb), s, head));
+    let (op, lp) = (SyncPtr(o.as_mut_ptr()), SyncPtr(lse.as_mut_ptr()));
+    let (dkp, dvp) = (packed.dkp, packed.dvp);
+    tasks.par_iter().for_each_init(
+        || FwdScratch {
+            q: vec![0.0; BQ * dkp],
+            s: vec![0.0; BQ * BK],
+            o: vec![0.0; BQ * dvp],
+            m: [0.0; BQ],
+            l: [0.0; BQ],
+            lo: [0; BQ],
+            hi: [0; BQ],
+        },
+        |scr, &(s, head, qb)| {
+            dispatch(FwdCall { cfg, mask, dims, pk: packed, q, cu_q, cu_k, o: op, lse: lp, scr, s, head, qb })
+        },
+    );
+    (o, lse)
+}
+
+/// One forward task, as a [`Kernel`] so it is compiled per instruction set.
+struct FwdCall<'a, 'b, T, R, M> {
+    cfg: &'a DenseConfig,
+    mask: &'a M,
+    dims: Dims,
+    pk: &'a Packed,
+    q: &'a [T],
+    cu_q: &'a [u32],
+    cu_k: &'a [u32],
+    o: SyncPtr<R>,
+    lse: SyncPtr<f32>,
+    scr: &'b mut FwdScratch,
+    s: usize,
+    head: usize,
+    qb: usize,
+}
+
+impl<T: Element, R: Element, M: Mask> Kernel for FwdCall<'_, '_, T, R, M> {
+    type Out = ();
+    #[inline(always)]
+    fn run<F: Fma, const W: usize>(self) {
+        let c = self;
+        fwd_task::<T, R, M, F, W>(
+            c.cfg, c.mask, c.dims, c.pk, c.q, c.cu_q, c.cu_k, c.o, c.lse, c.scr, c.s, c.head, c.qb,
+        )
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
+    cfg: &DenseConfig,
+    mask: &M,
+    dims: Dims,
+    pk: &Packed,
+    q: &[T],
+    cu_q: &[u32],
+    cu_k: &[u32],
+    o_out: SyncPtr<R>,
+    lse_out: SyncPtr<f32>,
+    scr: &mut FwdScratch,
+    s: usize,
+    head: usize,
+    qb: usize,
+) {
+    let h = cfg.heads;
+    let (hq, dk, dv, dkp, dvp) = (h.num_q_heads, pk.dk, pk.dv, pk.dkp, pk.dvp);
+    let g = head / h.group();
+    let scale = cfg.softmax_scale();
+    let (q0, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
+    let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+    let i0 = qb * BQ;
+    let rows = (tq - i0).min(BQ);
+    let mr = round_up(rows, TILE_ROWS);
+    let blocks = row_ranges(mask, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi);
+    scr.o[..mr * dvp].fill(0.0);
+    scr.m.fill(f32::NEG_INFINITY);
+    scr.l.fill(0.0);
+    if let Some((b_first, b_end)) = blocks {
+        scr.q.fill(0.0);
+        for r in 0..rows {
+            let src = &q[((q0 + i0 + r) * hq + head) * dk..][..dk];
+            for (dst, x) in scr.q[r * dkp..][..dk].iter_mut().zip(src) {
+                *dst = x.to_f32() * scale;
+            }
+        }
+        for b in b_first..b_end {
+            let kstart = b * BK;
+            let t = pk.tile(s, b, g);
+            let kt = &pk.kt[t * dk * BK..][..dk * BK];
+            let vr = &pk.vr[t * BK * dvp..][..BK * dvp];
+            let sm = &mut scr.s[..mr * BK];
+            sm.fill(0.0);
+            gemm_acc::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, sm, BK);
+            for r in 0..mr {
+                let row = &mut sm[r * BK..][..BK];
+                if r >= rows || !mask_row(row, kstart, scr.lo[r], scr.hi[r]) {
+                    row.fill(0.0);
+                    continue;
+                }
+                let m_new = scr.m[r].max(row_max(row));
+                let alpha = kernels::exp(scr.m[r] - m_new);
+                let sum = exp_sub_sum(row, m_new);
+                scr.l[r] = scr.l[r] * alpha + sum;
+                scr.m[r] = m_new;
+                if alpha != 1.0 {
+                    for x in &mut scr.o[r * dvp..][..dvp] {
+                        *x *= alpha;
+                    }
+                }
+            }
+            let kvalid = (tk - kstart).min(BK);
+            gemm_acc::<F, W>(mr, dvp, kvalid, sm, BK, vr, dvp, &mut scr.o, dvp);
+        }
+    }
+    for r in 0..rows {
+        let i = q0 + i0 + r;
+        let l = scr.l[r];
+        let (inv, lse) = if l > 0.0 { (1.0 / l, scr.m[r] + l.ln()) } else { (0.0, f32::NEG_INFINITY) };
+        let base = (i * hq + head) * dv;
+        for d in 0..dv {
+            // SAFETY: row `i` of head `head` belongs to this task alone.
+            unsafe { o_out.write(base + d, R::from_f32(scr.o[r * dvp + d] * inv)) };
+        }
+        // SAFETY: as above.
+        unsafe { lse_out.write(head * dims.total_q + i, lse) };
+    }
+}
+
+struct BwdScratch {
+    q: Vec<f32>,
+    d_o: Vec<f32>,
+    dq: Vec<f32>,
+    p: Vec<f32>,
+    dp: Vec<f32>,
+    tr: Vec<f32>,
+    delta: [f32; BQ],
+    lse: [f32; BQ],
+    lo: [usize; BQ],
+    hi: [usize; BQ],
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward<T: Element>(
+    cfg: &DenseConfig,
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[f32],
+    d_o: &[T],
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> DenseGrads<T> {
+    let packed = Packed::new(&cfg.heads, k, v, cu_k, true);
+    backward_with(cfg, cfg, dims, q, &packed, o, lse, d_o, cu_q, cu_k)
+}
+
+/// Backward with any mask; `o` and `d_o` in any storage type, gradients in type `R`. `packed`
+/// must hold the backward tiles.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_with<T: Element, O: Element, G: Element, R: Element, M: Mask>(
+    cfg: &DenseConfig,
+    mask: &M,
+    dims: Dims,
+    q: &[T],
+    packed: &Packed,
+    o: &[O],
+    lse: &[f32],
+    d_o: &[G],
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> DenseGrads<R> {
+    let h = cfg.heads;
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let (dkp, dvp) = (packed.dkp, packed.dvp);
+    let total_blocks = *packed.block_offsets.last().unwrap_or(&0);
+    // Per query head, per key block: that head's share of dk and dv, in f32.
+    let mut dk_part = vec![0f32; hq * total_blocks * BK * dkp];
+    let mut dv_part = vec![0f32; hq * total_blocks * BK * dvp];
+    let mut dq = vec![R::default(); q.len()];
+    let mut tasks: Vec<(usize, usize)> = (0..dims.num_seqs).flat_map(|s| (0..hq).map(move |hh| (s, hh))).collect();
+    tasks.sort_by_key(|&(s, hh)| (std::cmp::Reverse(cu_q[s + 1] - cu_q[s]), s, hh));
+    let (dqp, dkpp, dvpp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk_part.as_mut_ptr()), SyncPtr(dv_part.as_mut_ptr()));
+    tasks.par_iter().for_each_init(
+        || BwdScratch {
+            q: vec![0.0; BQ * dkp],
+            d_o: vec![0.0; BQ * dvp],
+            dq: vec![0.0; BQ * dkp],
+            p: vec![0.0; BQ * BK],
+            dp: vec![0.0; BQ * BK],
+            tr: vec![0.0; BK * BQ],
+            delta: [0.0; BQ],
+            lse: [0.0; BQ],
+            lo: [0; BQ],
+            hi: [0; BQ],
+        },
+        |scr, &(s, head)| {
+            let nb = packed.block_offsets[s + 1] - packed.block_offsets[s];
+            let first = head * total_blocks + packed.block_offsets[s];
+            // SAFETY: task (s, head) owns blocks `first..first + nb` of both buffers; the
+            // buffers outlive the parallel loop.
+            let (dk_acc, dv_acc) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(dkpp.ptr().add(first * BK * dkp), nb * BK * dkp),
+                    std::slice::from_raw_parts_mut(dvpp.ptr().add(first * BK * dvp), nb * BK * dvp),
+                )
+            };
+            let ctx = BwdCtx { cfg, mask, dims, pk: packed, q, o, lse, d_o, cu_q, cu_k };
+            dispatch(BwdCall { ctx: &ctx, scr, dk_acc, dv_acc, dq: dqp, s, head })
+        },
+    );
+    // Sum each group's heads into dk, dv.
+    let mut dkk = vec![R::default(); dims.total_k * hkv * dk];
+    let mut dvv = vec![R::default(); dims.total_k * hkv * dv];
+    let group = h.group();
+    let blocks_of_seq: Vec<(usize, usize)> = (0..dims.num_seqs)
+        .flat_map(|s| (0..packed.block_offsets[s + 1] - packed.block_offsets[s]).map(move |b| (s, b)))
+        .collect();
+    let (kout, vout) = (SyncPtr(dkk.as_mut_ptr()), SyncPtr(dvv.as_mut_ptr()));
+    (0..total_blocks * hkv).into_par_iter().for_each(|t| {
+        let (blk, g) = (t / hkv, t % hkv);
+        let (s, b) = blocks_of_seq[blk];
+        let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+        let k0 = cu_k[s] as usize + b * BK;
+        for j in 0..(tk - b * BK).min(BK) {
+            for (out, width, pad, part) in [(kout, dk, dkp, &dk_part), (vout, dv, dvp, &dv_part)] {
+                for d in 0..width {
+                    let mut acc = 0f32;
+                    for hh in g * group..(g + 1) * group {
+                        acc += part[((hh * total_blocks + blk) * BK + j) * pad + d];
+                    }
+                    // SAFETY: key row k0 + j of kv head g belongs to tile t alone.
+                    unsafe { out.write(((k0 + j) * hkv + g) * width + d, R::from_f32(acc)) };
+                }
+            }
+        }
+    });
+    DenseGrads { dq, dk: dkk, dv: dvv }
+}
+
+struct BwdCtx<'a, T, O, G, M> {
+    cfg: &'a DenseConfig,
+    mask: &'a M,
+    dims: Dims,
+    pk: &'a Packed,
+    q: &'a [T],
+    o: &'a [O],
+    lse: &'a [f32],
+    d_o: &'a [G],
+    cu_q: &'a [u32],
+    cu_k: &'a [u32],
+}
+
+/// One backward task, as a [`Kernel`].
+struct BwdCall<'a, 'b, T, O, G, M, R> {
+    ctx: &'a BwdCtx<'a, T, O, G, M>,
+    scr: &'b mut BwdScratch,
+    dk_acc: &'b mut [f32],
+    dv_acc: &'b mut [f32],
+    dq: SyncPtr<R>,
+    s: usize,
+    head: usize,
+}
+
+impl<T: Element, O: Element, G: Element, M: Mask, R: Element> Kernel for BwdCall<'_, '_, T, O, G, M, R> {
+    type Out = ();
+    #[inline(always)]
+    fn run<F: Fma, const W: usize>(self) {
+        bwd_task::<T, O, G, R, M, F, W>(self.ctx, self.scr, self.dk_acc, self.dv_acc, self.dq, self.s, self.head)
+    }
+}
+
+#[inline(always)]
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, lds: usize, dst: &mut [f32], ldd: usize) {
+    for r in 0..rows {
+        for c in 0..cols {
+            dst[c * ldd + r] = src[r * lds + c];
+        }
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, const W: usize>(
+    ctx: &BwdCtx<'_, T, O, G, M>,
+    scr: &mut BwdScratch,
+    dk_acc: &mut [f32],
+    dv_acc: &mut [f32],
+    dq_out: SyncPtr<R>,
+    s: usize,
+    head: usize,
+) {
+    let (cfg, pk) = (ctx.cfg, ctx.pk);
+    let h = cfg.heads;
+    let (hq, dk, dv, dkp, dvp) = (h.num_q_heads, pk.dk, pk.dv, pk.dkp, pk.dvp);
+    let g = head / h.group();
+    let scale = cfg.softmax_scale();
+    let (q0, tq) = (ctx.cu_q[s] as usize, (ctx.cu_q[s + 1] - ctx.cu_q[s]) as usize);
+    let tk = (ctx.cu_k[s + 1] - ctx.cu_k[s]) as usize;
+    for qb in 0..tq.div_ceil(BQ) {
+        let i0 = qb * BQ;
+        let rows = (tq - i0).min(BQ);
+        let mr = round_up(rows, TILE_ROWS);
+        let Some((b_first, b_end)) = row_ranges(ctx.mask, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi) else {
+            for r in 0..rows {
+                for d in 0..dk {
+                    // SAFETY: row q0 + i0 + r of this head belongs to this task alone.
+                    unsafe { dq_out.write(((q0 + i0 + r) * hq + head) * dk + d, R::from_f32(0.0)) };
+                }
+            }
+            continue;
+        };
+        scr.q.fill(0.0);
+        scr.d_o.fill(0.0);
+        scr.dq[..mr * dkp].fill(0.0);
+        for r in 0..rows {
+            let i = q0 + i0 + r;
+            for (dst, x) in scr.q[r * dkp..][..dk].iter_mut().zip(&ctx.q[(i * hq + head) * dk..][..dk]) {
+                *dst = x.to_f32() * scale;
+            }
+            let orow = &ctx.o[(i * hq + head) * dv..][..dv];
+            let mut delta = 0f32;
+            for ((dst, x), y) in
+                scr.d_o[r * dvp..][..dv].iter_mut().zip(&ctx.d_o[(i * hq + head) * dv..][..dv]).zip(orow)
+            {
+                *dst = x.to_f32();
+                delta += *dst * y.to_f32();
+            }
+            scr.delta[r] = delta;
+            scr.lse[r] = ctx.lse[head * ctx.dims.total_q + i];
+        }
+        for b in b_first..b_end {
+            let kstart = b * BK;
+            let kvalid = (tk - kstart).min(BK);
+            let t = pk.tile(s, b, g);
+            let kt = &pk.kt[t * dk * BK..][..dk * BK];
+            let kr = &pk.kr[t * BK * dkp..][..BK * dkp];
+            let vt = &pk.vt[t * dv * BK..][..dv * BK];
+            let p = &mut scr.p[..mr * BK];
+            p.fill(0.0);
+            gemm_acc::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, p, BK);
+            for r in 0..mr {
+                let row = &mut p[r * BK..][..BK];
+                let lse = scr.lse[r];
+                if r >= rows || lse == f32::NEG_INFINITY || !mask_row(row, kstart, scr.lo[r], scr.hi[r]) {
+                    row.fill(0.0);
+                    continue;
+                }
+                for x in row.iter_mut() {
+                    *x = kernels::exp(*x - lse);
+                }
+            }
+            // dV += P^T dO
+            transpose(p, mr, BK, BK, &mut scr.tr, BQ);
+            let dv_tile = &mut dv_acc[b * BK * dvp..][..BK * dvp];
+            gemm_acc::<F, W>(BK, dvp, mr, &scr.tr, BQ, &scr.d_o, dvp, dv_tile, dvp);
+            // dP = dO V^T, dS = P (dP - delta)
+            let dp = &mut scr.dp[..mr * BK];
+            dp.fill(0.0);
+            gemm_acc::<F, W>(mr, BK, dv, &scr.d_o, dvp, vt, BK, dp, BK);
+            for r in 0..mr {
+                let delta = scr.delta[r];
+                for (x, y) in p[r * BK..][..BK].iter_mut().zip(&dp[r * BK..][..BK]) {
+                    *x *= *y - delta;
+                }
+            }
+            // dQ += dS K (scaled at the end); dK += dS^T (scale Q)
+            gemm_acc::<F, W>(mr, dkp, kvalid, p, BK, kr, dkp, &mut scr.dq, dkp);
+            transpose(p, mr, BK, BK, &mut scr.tr, BQ);
+            let dk_tile = &mut dk_acc[b * BK * dkp..][..BK * dkp];
+            gemm_acc::<F, W>(BK, dkp, mr, &scr.tr, BQ, &scr.q, dkp, dk_tile, dkp);
+        }
+        for r in 0..rows {
+            let base = ((q0 + i0 + r) * hq + head) * dk;
+            for d in 0..dk {
+                // SAFETY: row q0 + i0 + r of this head belongs to this task alone.
+                unsafe { dq_out.write(base + d, R::from_f32(scr.dq[r * dkp + d] * scale)) };
+            }
+        }
+    }
+}
+
+struct DecodeRow {
+    m: f32,
+    l: f32,
+    o: Vec<f32>,
+}
+
+pub(super) fn decode<T: Element>(
+    cfg: &DenseConfig,
+    dims: Dims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> DenseOutput<T> {
+    let h = cfg.heads;
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let group = h.group();
+    let scale = cfg.softmax_scale();
+    // Split each (sequence, kv head)'s keys into chunks so that there are several tasks per
+    // thread even for one sequence.
+    let threads = rayon::current_num_threads();
+    let pairs = (dims.num_seqs * hkv).max(1);
+    let chunk = (dims.total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16);
+    let mut tasks = Vec::new(); // (s, g, key start, key end)
+    for s in 0..dims.num_seqs {
+        let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+        for g in 0..hkv {
+            let mut c = 0;
+            loop {
+                tasks.push((s, g, c, (c + chunk).min(tk)));
+                c += chunk;
+                if c >= tk {
+                    break;
+                }
+            }
+        }
+    }
+    let partials: Vec<Vec<DecodeRow>> = tasks
+        .par_iter()
+        .map(|&(s, g, c0, c1)| dispatch(DecodeCall { cfg, q, k, v, cu_q, cu_k, s, g, c0, c1, scale, group }))
+        .collect();
+    let mut o = vec![T::default(); dims.total_q * hq * dv];
+    let mut lse = vec![f32::NEG_INFINITY; hq * dims.total_q];
+    let mut t = 0;
+    let mut acc = vec![0f32; dv];
+    while t < tasks.len() {
+        let (s, g, _, _) = tasks[t];
+        let mut end = t;
+        while end < tasks.len() && tasks[end].0 == s && tasks[end].1 == g {
+            end += 1;
+        }
+        let (q0, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
+        for hh in 0..group {
+            let head = g * group + hh;
+            for i in 0..tq {
+                let row = hh * tq + i;
+                let m = partials[t..end].iter().map(|p| p[row].m).fold(f32::NEG_INFINITY, f32::max);
+                if m == f32::NEG_INFINITY {
+                    continue;
+                }
+                acc.fill(0.0);
+                let mut l = 0f32;
+                for p in &partials[t..end] {
+                    let pr = &p[row];
+                    if pr.m == f32::NEG_INFINITY {
+                        continue;
+                    }
+                    let w = (pr.m - m).exp();
+                    l += w * pr.l;
+                    for (a, x) in acc.iter_mut().zip(&pr.o) {
+                        *a += w * x;
+                    }
+                }
+                let out = &mut o[((q0 + i) * hq + head) * dv..][..dv];
+                for (dst, a) in out.iter_mut().zip(&acc) {
+                    *dst = T::from_f32(a / l);
+                }
+                lse[head * dims.total_q + q0 + i] = m + l.ln();
+            }
+        }
+        t = end;
+    }
+    let _ = dk;
+    DenseOutput { o, lse }
+}
+
+/// One decode chunk, as a [`Kernel`].
+struct DecodeCall<'a, T> {
+    cfg: &'a DenseConfig,
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    cu_q: &'a [u32],
+    cu_k: &'a [u32],
+    s: usize,
+    g: usize,
+    c0: usize,
+    c1: usize,
+    scale: f32,
+    group: usize,
+}
+
+impl<T: Element> Kernel for DecodeCall<'_, T> {
+    type Out = Vec<DecodeRow>;
+    #[inline(always)]
+    fn run<F: Fma, const W: usize>(self) -> Vec<DecodeRow> {
+        let c = self;
+        decode_chunk::<T, F>(c.cfg, c.q, c.k, c.v, c.cu_q, c.cu_k, c.s, c.g, c.c0, c.c1, c.scale, c.group)
+    }
+}
+
+/// One key chunk of one (sequence, kv head): partial softmax state of every query row of every
+/// head of the group, rows ordered `[head in group][query]`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decode_chunk<T: Element, F: Fma>(
+    cfg: &DenseConfig,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    cu_q: &[u32],
+    cu_k: &[u32],
+    s: usize,
+    g: usize,
+    c0: usize,
+    c1: usize,
+    scale: f32,
+    group: usize,
+) -> Vec<DecodeRow> {
+    let h = cfg.heads;
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let (q0, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
+    let (k0, tk) = (cu_k[s] as usize, (cu_k[s + 1] - cu_k[s]) as usize);
+    let n = c1 - c0;
+    let mut kc = vec![0f32; n * dk];
+    let mut vc = vec![0f32; n * dv];
+    for j in 0..n {
+        for (dst, x) in kc[j * dk..][..dk].iter_mut().zip(&k[((k0 + c0 + j) * hkv + g) * dk..][..dk]) {
+            *dst = x.to_f32();
+        }
+        for (dst, x) in vc[j * dv..][..dv].iter_mut().zip(&v[((k0 + c0 + j) * hkv + g) * dv..][..dv]) {
+            *dst = x.to_f32();
+        }
+    }
+    let mut out = Vec::with_capacity(group * tq);
+    let mut qf = vec![0f32; dk];
+    let mut sc = vec![0f32; n];
+    for hh in 0..group {
+        let head = g * group + hh;
+        for i in 0..tq {
+            let (lo, hi) = cfg.key_range(i, tq, tk);
+            let (a, b) = (lo.max(c0), hi.min(c1));
+            let mut row = DecodeRow { m: f32::NEG_INFINITY, l: 0.0, o: vec![0.0; dv] };
+            if a < b {
+                for (dst, x) in qf.iter_mut().zip(&q[((q0 + i) * hq + head) * dk..][..dk]) {
+                    *dst = x.to_f32() * scale;
+                }
+                let scores = &mut sc[..b - a];
+                for (j, sj) in (a..b).zip(scores.iter_mut()) {
+                    *sj = kernels::dot::<F>(&qf, &kc[(j - c0) * dk..][..dk]);
+                }
+                let m = scores.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+                let mut l = 0f32;
+                for (j, sj) in (a..b).zip(scores.iter()) {
+                    let p = kernels::exp(sj - m);
+                    l += p;
+                    kernels::axpy::<F>(p, &vc[(j - c0) * dv..][..dv], &mut row.o);
+                }
+                row.m = m;
+                row.l = l;
+            }
+            out.push(row);
+        }
+    }
+    out
+}

@@ -1,0 +1,331 @@
+//! Small f32 building blocks for the CPU paths: a register-tiled matrix multiply-accumulate,
+//! a vectorisable `exp`, and the run-time choice of instruction set.
+//!
+//! Everything here is `#[inline(always)]` and generic over [`Fma`] and the tile width, so that
+//! each op can write its task body once and instantiate it inside functions compiled with
+//! `#[target_feature(enable = "avx512f,...")]` or `"avx2,fma"`: the bodies then vectorise with
+//! those instructions, chosen at run time, without `-C target-cpu=native`.
+
+use std::sync::OnceLock;
+
+/// How a multiply-add is spelled: fused where the target has FMA, plain otherwise (a fused
+/// multiply-add without hardware support is a slow library call).
+pub(crate) trait Fma {
+    /// `a * b + c`.
+    fn fma(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// Hardware fused multiply-add.
+pub(crate) struct Fused;
+impl Fma for Fused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// Separate multiply and add.
+pub(crate) struct Unfused;
+impl Fma for Unfused {
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// The instruction sets the CPU paths are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512F with FMA: 16-lane vectors, 32 registers.
+    Avx512,
+    /// AVX2 with FMA: 8-lane vectors.
+    Avx2,
+    /// Whatever the build target gives (SSE2 on x86-64, NEON on aarch64).
+    Generic,
+}
+
+/// The best instruction set this machine has, detected once. The environment variable
+/// `SQUID_ATTENTION_ISA=avx2|generic` caps it (read once), so the other code paths can be tested
+/// on a machine that has AVX-512: `SQUID_ATTENTION_ISA=generic cargo test -p squid-attention`.
+pub(crate) fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let detected = detect();
+        match std::env::var("SQUID_ATTENTION_ISA").as_deref() {
+            Ok("generic") => Isa::Generic,
+            Ok("avx2") if detected != Isa::Generic => Isa::Avx2,
+            _ => detected,
+        }
+    })
+}
+
+fn detect() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Generic
+}
+
+/// Rows per register tile of [`gemm_acc`]; `M` must be a multiple of it.
+pub(crate) const TILE_ROWS: usize = 4;
+/// Column granularity: `N` must be a multiple of it (every tile width is).
+pub(crate) const COL_MULTIPLE: usize = 16;
+
+/// Rounds up to a multiple of `m`.
+#[inline(always)]
+pub(crate) fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
+
+/// `C[M x N] += A[M x K] * B[K x N]`, all row-major f32 with leading dimensions `lda`, `ldb`,
+/// `ldc`. `M % 4 == 0` and `N % 16 == 0`. Register tiles of 4 rows x `W` columns: each step
+/// loads one row piece of `B` and broadcasts 4 scalars of `A`, so `W / lanes * 4` independent
+/// accumulators hide the FMA latency.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_acc<F: Fma, const W: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    debug_assert!(m % TILE_ROWS == 0 && n % COL_MULTIPLE == 0);
+    let mut j = 0;
+    while j + W <= n {
+        tile_cols::<F, W>(m, j, k, a, lda, b, ldb, c, ldc);
+        j += W;
+    }
+    while j < n {
+        tile_cols::<F, COL_MULTIPLE>(m, j, k, a, lda, b, ldb, c, ldc);
+        j += COL_MULTIPLE;
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn tile_cols<F: Fma, const W: usize>(
+    m: usize,
+    j: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    for i in (0..m).step_by(TILE_ROWS) {
+        let a0 = &a[i * lda..][..k];
+        let a1 = &a[(i + 1) * lda..][..k];
+        let a2 = &a[(i + 2) * lda..][..k];
+        let a3 = &a[(i + 3) * lda..][..k];
+        let mut acc = [[0f32; W]; TILE_ROWS];
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[(i + r) * ldc + j..][..W]);
+        }
+        for p in 0..k {
+            let bp: &[f32; W] = b[p * ldb + j..][..W].try_into().expect("tile width");
+            let (x0, x1, x2, x3) = (a0[p], a1[p], a2[p], a3[p]);
+            for x in 0..W {
+                acc[0][x] = F::fma(x0, bp[x], acc[0][x]);
+                acc[1][x] = F::fma(x1, bp[x], acc[1][x]);
+                acc[2][x] = F::fma(x2, bp[x], acc[2][x]);
+                acc[3][x] = F::fma(x3, bp[x], acc[3][x]);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[(i + r) * ldc + j..][..W].copy_from_slice(row);
+        }
+    }
+}
+
+/// `e^x` to about 2 ulp, branch-free so that loops over it vectorise: `x = n ln2 + r` with
+/// `|r| <= ln2 / 2`, a degree-6 Taylor polynomial for `e^r`, and `2^n` built in the exponent
+/// bits. Below -87 (and for -inf) it returns 0; above 88 it saturates near `f32::MAX`.
+#[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding and subtracting it rounds to an integer
+    let xc = x.clamp(-87.0, 88.0);
+    // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, so `n`
+    // comes out of the bits without a float-to-int conversion (which blocks vectorising).
+    let biased = xc * LOG2E + ROUND;
+    let n = biased - ROUND;
+    let n_int = biased.to_bits() as i32 - ROUND.to_bits() as i32;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Dot product with 16 independent partial sums (vectorises without reassociating a chain).
+#[inline(always)]
+pub(crate) fn dot<F: Fma>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0f32; 16];
+    let chunks = n / 16;
+    for c in 0..chunks {
+        let x: &[f32; 16] = a[c * 16..][..16].try_into().expect("chunk");
+        let y: &[f32; 16] = b[c * 16..][..16].try_into().expect("chunk");
+        for l in 0..16 {
+            acc[l] = F::fma(x[l], y[l], acc[l]);
+        }
+    }
+    let mut s = 0.0;
+    for i in chunks * 16..n {
+        s = F::fma(a[i], b[i], s);
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `y += a * x`.
+#[inline(always)]
+pub(crate) fn axpy<F: Fma>(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = F::fma(a, *xi, *yi);
+    }
+}
+
+/// A raw pointer that parallel tasks share to write disjoint parts of one output.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+// SAFETY: the pointer is only dereferenced by tasks that each write a disjoint set of indices
+// (every use states which), and the buffer outlives the parallel region.
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+
+impl<T> SyncPtr<T> {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    #[inline(always)]
+    pub(crate) fn ptr(self) -> *mut T {
+        self.0
+    }
+
+    /// Writes `value` at `index`.
+    ///
+    /// # Safety
+    /// `index` is in bounds and no other task touches it during the parallel region.
+    #[inline(always)]
+    pub(crate) unsafe fn write(self, index: usize, value: T) {
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.0.add(index).write(value) }
+    }
+}
+
+/// A piece of work whose body is generic over the multiply-add and the tile width, so that
+/// [`dispatch`] can compile it once per instruction set. `run` must be `#[inline(always)]` (and
+/// so must everything heavy it calls): it is inlined into a `#[target_feature]` function, which
+/// is what makes the body use those instructions. (A closure would not do: it stays a separate
+/// function compiled for the baseline target unless the optimiser happens to inline it.)
+pub(crate) trait Kernel {
+    /// What the work returns.
+    type Out;
+    /// The work, with `F` the multiply-add and `W` the widest register tile.
+    fn run<F: Fma, const W: usize>(self) -> Self::Out;
+}
+
+/// Runs `k` compiled for the best instruction set this machine has.
+#[inline]
+pub(crate) fn dispatch<K: Kernel>(k: K) -> K::Out {
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` found these features on this CPU.
+        Isa::Avx512 => unsafe { run_avx512(k) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { run_avx2(k) },
+        _ => k.run::<Unfused, 16>(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn run_avx512<K: Kernel>(k: K) -> K::Out {
+    k.run::<Fused, 64>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<K: Kernel>(k: K) -> K::Out {
+    k.run::<Fused, 16>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_close_to_std_and_zero_far_below() {
+        let mut worst = 0f32;
+        let mut x = -80.0f32;
+        while x < 80.0 {
+            let rel = ((exp(x) - x.exp()) / x.exp()).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn gemm_acc_matches_a_triple_loop_for_every_isa_tile() {
+        let (m, n, k) = (8, 48, 13);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+        let c0: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+        let mut want = c0.clone();
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    want[i * n + j] += a[i * k + p] * b[p * n + j];
+                }
+            }
+        }
+        struct Mm<'a>(&'a [f32], &'a [f32], &'a mut [f32], usize, usize, usize);
+        impl Kernel for Mm<'_> {
+            type Out = ();
+            #[inline(always)]
+            fn run<F: Fma, const W: usize>(self) {
+                let Mm(a, b, c, m, n, k) = self;
+                gemm_acc::<F, W>(m, n, k, a, k, b, n, c, n)
+            }
+        }
+        let mut c = c0.clone();
+        dispatch(Mm(&a, &b, &mut c, m, n, k));
+        if std::env::var("SQUID_ATTENTION_ISA").as_deref() == Ok("generic") {
+            assert_eq!(isa(), Isa::Generic);
+        }
+        let mut c16 = c0.clone();
+        gemm_acc::<Unfused, 16>(m, n, k, &a, k, &b, n, &mut c16, n);
+        for i in 0..m * n {
+            assert!((c[i] - want[i]).abs() < 1e-4, "{i}: {} vs {}", c[i], want[i]);
+            assert!((c16[i] - want[i]).abs() < 1e-4);
+        }
+        assert!(
+            (dot::<Unfused>(&a[..40], &b[..40]) - a[..40].iter().zip(&b[..40]).map(|(x, y)| x * y).sum::<f32>()).abs()
+                < 1e-4
+        );
+    }
+}

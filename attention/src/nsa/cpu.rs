@@ -1,0 +1,706 @@
+//! NSA on the CPU. The compressed and window branches are dense attentions with their own
+//! masks, so they run on [`crate::dense`]'s tiled kernels (forward and backward). The selected
+//! branch runs one task per (sequence, kv head, run of tokens): for each token it recomputes the
+//! group's compressed probabilities from the compressed branch's `lse` (one more `Q K_cmp^T`),
+//! maps them to selection blocks, chooses, and attends over the chosen blocks' key tiles with
+//! all query heads of the group as the rows of one register-tiled product. Its backward holds
+//! the indices fixed and accumulates `dk, dv` per worker chunk, summed at the end.
+
+use rayon::prelude::*;
+use squid_cuda::Element;
+
+use super::{
+    cmp_offsets, scores_from_cmp, select_blocks_fast, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK,
+};
+use crate::dense::cpu::{backward_with, exp_sub_sum, forward_with, mask_row, row_max, transpose, Mask, Packed, BK};
+use crate::dense::{DenseConfig, DenseGrads, Dims};
+use crate::kernels::{self, dispatch, gemm_acc, round_up, Fma, Kernel, SyncPtr, TILE_ROWS};
+use crate::Heads;
+
+/// The compressed branch's mask: query `t` sees blocks `0..num_cmp_blocks(t + 1)`.
+struct CmpMask(NsaConfig);
+
+impl Mask for CmpMask {
+    #[inline(always)]
+    fn range(&self, i: usize, _tq: usize, tk: usize) -> (usize, usize) {
+        (0, self.0.num_cmp_blocks(i + 1).min(tk))
+    }
+}
+
+fn branch_cfg(cfg: &NsaConfig, h: &Heads, window: Option<usize>) -> DenseConfig {
+    DenseConfig { heads: *h, causal: true, window, scale: Some(cfg.softmax_scale(h)), check_finite: false }
+}
+
+struct Shared<'a, T> {
+    cfg: &'a NsaConfig,
+    h: &'a Heads,
+    dims: NsaDims,
+    q: &'a [T],
+    cu: &'a [u32],
+    cmp: &'a Packed,
+    kv: &'a Packed,
+    lse_cmp: &'a [f32],
+}
+
+/// Query rows (tokens x heads of the group) one selected-branch task handles at most: the tokens
+/// of a task share most chosen blocks, so each block's keys are loaded once for all the rows
+/// that chose it (up to this many), not once per token.
+const ROWS_PER_TASK: usize = 64;
+
+/// Tokens per selected-branch task for a GQA group of `group` heads.
+fn tokens_per_task(group: usize) -> usize {
+    (ROWS_PER_TASK / group).max(1)
+}
+
+/// Per-worker buffers of the selected branch; sizes in rows of `dkp`/`dvp`/`BK` floats.
+struct SlcScratch {
+    /// `[rows + pad][dkp]`: scaled queries of the task, row `ti * group + r`.
+    qa: Vec<f32>,
+    psum: Vec<f32>,
+    scores: Vec<f32>,
+    chosen_one: Vec<u32>,
+    /// `[tokens][n]`: each token's choice, [`NO_BLOCK`]-padded.
+    chosen: Vec<u32>,
+    union: Vec<u32>,
+    /// Task rows that chose the current block, and the end of their visible keys in it.
+    sel: Vec<(usize, usize)>,
+    /// `[mp][dkp]`: the gathered queries of `sel`.
+    qg: Vec<f32>,
+    s: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// `[rows][dvp]` (forward) output accumulators.
+    oacc: Vec<f32>,
+    /// `[mp][max(dkp, dvp)]`: one product before it is added to its rows.
+    part: Vec<f32>,
+    // backward only
+    doa: Vec<f32>,
+    dog: Vec<f32>,
+    dqa: Vec<f32>,
+    dp: Vec<f32>,
+    tr: Vec<f32>,
+    delta: Vec<f32>,
+}
+
+impl SlcScratch {
+    fn new(group: usize, dkp: usize, dvp: usize) -> Self {
+        let rows = tokens_per_task(group) * group;
+        let mp = round_up(rows, TILE_ROWS);
+        let pad = mp + round_up(group, TILE_ROWS);
+        Self {
+            qa: vec![0.0; pad * dkp],
+            psum: Vec::new(),
+            scores: Vec::new(),
+            chosen_one: Vec::new(),
+            chosen: Vec::new(),
+            union: Vec::new(),
+            sel: Vec::new(),
+            qg: vec![0.0; mp * dkp],
+            s: vec![0.0; mp * BK],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+            oacc: vec![0.0; rows * dvp],
+            part: vec![0.0; mp * dkp.max(dvp)],
+            doa: vec![0.0; mp * dvp],
+            dog: vec![0.0; mp * dvp],
+            dqa: vec![0.0; rows * dkp],
+            dp: vec![0.0; mp * BK],
+            tr: vec![0.0; BK * mp],
+            delta: vec![0.0; rows],
+        }
+    }
+}
+
+fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32]) -> Vec<(usize, usize, usize, usize)> {
+    let per = tokens_per_task(h.group());
+    let mut tasks = Vec::new();
+    for s in 0..dims.num_seqs {
+        let len = (cu[s + 1] - cu[s]) as usize;
+        for t0 in (0..len).step_by(per) {
+            for g in 0..h.num_kv_heads {
+                tasks.push((s, g, t0, (t0 + per).min(len)));
+            }
+        }
+    }
+    // Later tokens have more compressed blocks to score: start them first.
+    tasks.sort_by_key(|&(s, g, t0, _)| (std::cmp::Reverse(t0), s, g));
+    tasks
+}
+
+pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: &NsaInputs<'_, T>) -> NsaOutput<T> {
+    let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
+    let total = dims.total;
+    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    // Compressed branch: dense attention over the compressed keys.
+    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
+    let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
+    let (o_cmp, lse_cmp): (Vec<f32>, Vec<f32>) =
+        forward_with(&branch_cfg(cfg, h, None), &CmpMask(*cfg), cmp_dims, x.q, &cmp_packed, x.cu_seqlens, &offs);
+    // Window branch: dense causal attention with a window of w keys.
+    let win_dims = Dims { total_q: total, total_k: total, num_seqs: dims.num_seqs };
+    let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
+    let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, false);
+    let (o_win, lse_win): (Vec<f32>, Vec<f32>) = match (x.k_win, x.v_win) {
+        (Some(kw), Some(vw)) => {
+            let win_packed = Packed::new(h, kw, vw, x.cu_seqlens, false);
+            forward_with(&win_cfg, &win_cfg, win_dims, x.q, &win_packed, x.cu_seqlens, x.cu_seqlens)
+        }
+        _ => forward_with(&win_cfg, &win_cfg, win_dims, x.q, &kv_packed, x.cu_seqlens, x.cu_seqlens),
+    };
+    // Selected branch.
+    let mut o_slc = vec![0f32; total * hq * dv];
+    let mut lse_slc = vec![f32::NEG_INFINITY; hq * total];
+    let mut indices = vec![NO_BLOCK; total * hkv * n];
+    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed, lse_cmp: &lse_cmp };
+    let outs = (SyncPtr(o_slc.as_mut_ptr()), SyncPtr(lse_slc.as_mut_ptr()), SyncPtr(indices.as_mut_ptr()));
+    slc_tasks(h, dims, x.cu_seqlens).par_iter().for_each_init(
+        || SlcScratch::new(h.group(), kv_packed.dkp, kv_packed.dvp),
+        |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, scr, outs, s, g, t0, t1 }),
+    );
+    // Gates.
+    let mut o = vec![T::default(); total * hq * dv];
+    o.par_chunks_mut(hq * dv).enumerate().for_each(|(row, out)| {
+        for head in 0..hq {
+            let gates = &x.gates[(row * hq + head) * 3..][..3];
+            let (gc, gs, gw) = (gates[0].to_f32(), gates[1].to_f32(), gates[2].to_f32());
+            let base = (row * hq + head) * dv;
+            for d in 0..dv {
+                out[head * dv + d] = T::from_f32(gc * o_cmp[base + d] + gs * o_slc[base + d] + gw * o_win[base + d]);
+            }
+        }
+    });
+    let store = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
+    NsaOutput { o, o_cmp: store(o_cmp), o_slc: store(o_slc), o_win: store(o_win), lse_cmp, lse_slc, lse_win, indices }
+}
+
+/// Loads the scaled query rows of group `g` for tokens `t0..t1` of sequence `s` into `scr.qa`
+/// (row `ti * group + r`), zeroing the padding after them.
+#[inline(always)]
+fn load_queries<T: Element>(sh: &Shared<'_, T>, scr: &mut SlcScratch, s: usize, g: usize, t0: usize, t1: usize) {
+    let (hq, dk, group) = (sh.h.num_q_heads, sh.h.head_dim_k, sh.h.group());
+    let dkp = sh.kv.dkp;
+    let scale = sh.cfg.softmax_scale(sh.h);
+    scr.qa.fill(0.0);
+    let start = sh.cu[s] as usize;
+    for ti in 0..t1 - t0 {
+        let row = start + t0 + ti;
+        for r in 0..group {
+            let src = &sh.q[(row * hq + g * group + r) * dk..][..dk];
+            for (dst, v) in scr.qa[(ti * group + r) * dkp..][..dk].iter_mut().zip(src) {
+                *dst = v.to_f32() * scale;
+            }
+        }
+    }
+}
+
+/// Importance of the selection blocks for every token of the task: the compressed scores of
+/// all the task's query rows against each compressed key tile in one product, turned into
+/// probabilities with the compressed branch's `lse`, summed over the group's heads into
+/// `scr.psum` (`[tokens][compressed blocks of the last token]`).
+#[inline(always)]
+fn importance_all<T: Element, F: Fma, const W: usize>(
+    sh: &Shared<'_, T>,
+    scr: &mut SlcScratch,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let (cfg, h) = (sh.cfg, sh.h);
+    let (dk, group) = (h.head_dim_k, h.group());
+    let nt = t1 - t0;
+    let mp = round_up(nt * group, TILE_ROWS);
+    let start = sh.cu[s] as usize;
+    let nc_max = cfg.num_cmp_blocks(t1);
+    scr.psum.clear();
+    scr.psum.resize(nt * nc_max, 0.0);
+    for b in 0..nc_max.div_ceil(BK) {
+        let tile = sh.cmp.tile(s, b, g);
+        let kt = &sh.cmp.kt[tile * dk * BK..][..dk * BK];
+        let sm = &mut scr.s[..mp * BK];
+        sm.fill(0.0);
+        gemm_acc::<F, W>(mp, BK, dk, &scr.qa, sh.cmp.dkp, kt, BK, sm, BK);
+        for ti in 0..nt {
+            let nc = cfg.num_cmp_blocks(t0 + ti + 1);
+            if nc <= b * BK {
+                continue;
+            }
+            let valid = (nc - b * BK).min(BK);
+            let ps = &mut scr.psum[ti * nc_max + b * BK..][..valid];
+            for r in 0..group {
+                let lse = sh.lse_cmp[(g * group + r) * sh.dims.total + start + t0 + ti];
+                for (p, x) in ps.iter_mut().zip(&sm[(ti * group + r) * BK..][..valid]) {
+                    *p += kernels::exp(x - lse);
+                }
+            }
+        }
+    }
+}
+
+/// The sorted union of the task's chosen blocks, from `scr.chosen`.
+fn union_of_choices(scr: &mut SlcScratch) {
+    scr.union.clear();
+    scr.union.extend(scr.chosen.iter().copied().filter(|&j| j != NO_BLOCK));
+    scr.union.sort_unstable();
+    scr.union.dedup();
+}
+
+/// Fills `scr.sel` with the task rows whose token chose block `j` (and where their keys in it
+/// end), gathers their queries into `scr.qg`, and returns `(rows, rows rounded up to 4, the
+/// largest key end)`.
+#[inline(always)]
+fn gather_block(
+    scr: &mut SlcScratch,
+    j: u32,
+    n: usize,
+    group: usize,
+    t0: usize,
+    block_slc: usize,
+    dkp: usize,
+) -> (usize, usize, usize) {
+    scr.sel.clear();
+    let nt = scr.chosen.len() / n;
+    let mut e_max = 0;
+    for ti in 0..nt {
+        if scr.chosen[ti * n..][..n].contains(&j) {
+            let e = ((j as usize + 1) * block_slc).min(t0 + ti + 1);
+            e_max = e_max.max(e);
+            for r in 0..group {
+                scr.sel.push((ti * group + r, e));
+            }
+        }
+    }
+    let m = scr.sel.len();
+    let mp = round_up(m, TILE_ROWS);
+    for (i, &(row, _)) in scr.sel.iter().enumerate() {
+        scr.qg[i * dkp..][..dkp].copy_from_slice(&scr.qa[row * dkp..][..dkp]);
+    }
+    scr.qg[m * dkp..mp * dkp].fill(0.0);
+    (m, mp, e_max)
+}
+
+type SlcOuts = (SyncPtr<f32>, SyncPtr<f32>, SyncPtr<u32>);
+
+/// One selected-branch forward task, as a [`Kernel`].
+struct SlcFwdCall<'a, 'b, T> {
+    sh: &'a Shared<'a, T>,
+    scr: &'b mut SlcScratch,
+    outs: SlcOuts,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+}
+
+impl<T: Element> Kernel for SlcFwdCall<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<F: Fma, const W: usize>(self) {
+        slc_forward_task::<T, F, W>(self.sh, self.scr, self.outs, self.s, self.g, self.t0, self.t1)
+    }
+}
+
+#[inline(always)]
+fn slc_forward_task<T: Element, F: Fma, const W: usize>(
+    sh: &Shared<'_, T>,
+    scr: &mut SlcScratch,
+    (o_out, lse_out, ix_out): SlcOuts,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let (cfg, h) = (sh.cfg, sh.h);
+    let (hq, hkv, dk, dv, group) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, h.group());
+    let (dkp, dvp) = (sh.kv.dkp, sh.kv.dvp);
+    let n = cfg.num_selected;
+    let start = sh.cu[s] as usize;
+    let len = sh.cu[s + 1] as usize - start;
+    let nt = t1 - t0;
+    let rows = nt * group;
+    load_queries(sh, scr, s, g, t0, t1);
+    // Each token's choice.
+    scr.chosen.clear();
+    scr.chosen.resize(nt * n, NO_BLOCK);
+    importance_all::<T, F, W>(sh, scr, s, g, t0, t1);
+    let nc_max = cfg.num_cmp_blocks(t1);
+    for ti in 0..nt {
+        let (t, row) = (t0 + ti, start + t0 + ti);
+        let nc = cfg.num_cmp_blocks(t + 1);
+        scr.scores.clear();
+        scr.scores.resize(t / cfg.block_slc + 1, 0.0);
+        scores_from_cmp(cfg, &scr.psum[ti * nc_max..][..nc], &mut scr.scores);
+        let mut one = std::mem::take(&mut scr.chosen_one);
+        select_blocks_fast(cfg, t, &scr.scores, &mut one);
+        for (slot, &j) in one.iter().enumerate() {
+            scr.chosen[ti * n + slot] = j;
+            // SAFETY: (row, g) belongs to this task alone.
+            unsafe { ix_out.write((row * hkv + g) * n + slot, j) };
+        }
+        scr.chosen_one = one;
+    }
+    // Attention, block by block over the union of the choices.
+    union_of_choices(scr);
+    scr.m[..rows].fill(f32::NEG_INFINITY);
+    scr.l[..rows].fill(0.0);
+    scr.oacc[..rows * dvp].fill(0.0);
+    let union = std::mem::take(&mut scr.union);
+    for &j in &union {
+        let (m, mp, e_max) = gather_block(scr, j, n, group, t0, cfg.block_slc, dkp);
+        let a = j as usize * cfg.block_slc;
+        for b in a / BK..e_max.div_ceil(BK) {
+            let kstart = b * BK;
+            let tile = sh.kv.tile(s, b, g);
+            let kt = &sh.kv.kt[tile * dk * BK..][..dk * BK];
+            let vr = &sh.kv.vr[tile * BK * dvp..][..BK * dvp];
+            let sm = &mut scr.s[..mp * BK];
+            sm.fill(0.0);
+            gemm_acc::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, sm, BK);
+            for i in 0..mp {
+                let srow = &mut sm[i * BK..][..BK];
+                if i >= m || !mask_row(srow, kstart, a, scr.sel[i].1) {
+                    srow.fill(0.0);
+                    continue;
+                }
+                let row = scr.sel[i].0;
+                let m_new = scr.m[row].max(row_max(srow));
+                let alpha = kernels::exp(scr.m[row] - m_new);
+                let sum = exp_sub_sum(srow, m_new);
+                scr.l[row] = scr.l[row] * alpha + sum;
+                scr.m[row] = m_new;
+                if alpha != 1.0 {
+                    for v in &mut scr.oacc[row * dvp..][..dvp] {
+                        *v *= alpha;
+                    }
+                }
+            }
+            let kvalid = (len - kstart).min(BK);
+            let part = &mut scr.part[..mp * dvp];
+            part.fill(0.0);
+            gemm_acc::<F, W>(mp, dvp, kvalid, sm, BK, vr, dvp, part, dvp);
+            for (i, &(row, _)) in scr.sel.iter().enumerate() {
+                for (o, p) in scr.oacc[row * dvp..][..dvp].iter_mut().zip(&part[i * dvp..][..dvp]) {
+                    *o += p;
+                }
+            }
+        }
+    }
+    scr.union = union;
+    for ti in 0..nt {
+        let grow = start + t0 + ti;
+        for r in 0..group {
+            let (row, head) = (ti * group + r, g * group + r);
+            let l = scr.l[row];
+            let (inv, lse) = if l > 0.0 { (1.0 / l, scr.m[row] + l.ln()) } else { (0.0, f32::NEG_INFINITY) };
+            for d in 0..dv {
+                // SAFETY: (token, head) belongs to this task alone.
+                unsafe { o_out.write((grow * hq + head) * dv + d, scr.oacc[row * dvp + d] * inv) };
+            }
+            // SAFETY: as above.
+            unsafe { lse_out.write(head * sh.dims.total + grow, lse) };
+        }
+    }
+}
+
+pub(super) fn backward<T: Element>(
+    cfg: &NsaConfig,
+    h: &Heads,
+    dims: NsaDims,
+    x: &NsaInputs<'_, T>,
+    fwd: &NsaOutput<T>,
+    d_o: &[T],
+) -> NsaGrads<T> {
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let total = dims.total;
+    // Gate gradients and each branch's output gradient g_b * d_o (f32).
+    let mut dgates = vec![T::default(); total * hq * 3];
+    let mut d_branch = [vec![0f32; total * hq * dv], vec![0f32; total * hq * dv], vec![0f32; total * hq * dv]];
+    {
+        let [dc, ds, dw] = &mut d_branch;
+        dgates
+            .par_chunks_mut(3)
+            .zip(dc.par_chunks_mut(dv))
+            .zip(ds.par_chunks_mut(dv))
+            .zip(dw.par_chunks_mut(dv))
+            .enumerate()
+            .for_each(|(rh, (((dg, dc), ds), dw))| {
+                let gates = &x.gates[rh * 3..][..3];
+                let gout = &d_o[rh * dv..][..dv];
+                for (b, (ob, dst)) in
+                    [(&fwd.o_cmp, &mut *dc), (&fwd.o_slc, &mut *ds), (&fwd.o_win, &mut *dw)].into_iter().enumerate()
+                {
+                    let gb = gates[b].to_f32();
+                    let mut acc = 0f32;
+                    for ((d, go), o) in dst.iter_mut().zip(gout).zip(&ob[rh * dv..][..dv]) {
+                        let go = go.to_f32();
+                        acc += go * o.to_f32();
+                        *d = gb * go;
+                    }
+                    dg[b] = T::from_f32(acc);
+                }
+            });
+    }
+    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, true);
+    let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
+    let g_cmp: DenseGrads<f32> = backward_with(
+        &branch_cfg(cfg, h, None),
+        &CmpMask(*cfg),
+        cmp_dims,
+        x.q,
+        &cmp_packed,
+        &fwd.o_cmp,
+        &fwd.lse_cmp,
+        &d_branch[0],
+        x.cu_seqlens,
+        &offs,
+    );
+    let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
+    let win_dims = Dims { total_q: total, total_k: total, num_seqs: dims.num_seqs };
+    let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, true);
+    let g_win: DenseGrads<f32> = match (x.k_win, x.v_win) {
+        (Some(kw), Some(vw)) => {
+            let p = Packed::new(h, kw, vw, x.cu_seqlens, true);
+            backward_with(
+                &win_cfg,
+                &win_cfg,
+                win_dims,
+                x.q,
+                &p,
+                &fwd.o_win,
+                &fwd.lse_win,
+                &d_branch[2],
+                x.cu_seqlens,
+                x.cu_seqlens,
+            )
+        }
+        _ => backward_with(
+            &win_cfg,
+            &win_cfg,
+            win_dims,
+            x.q,
+            &kv_packed,
+            &fwd.o_win,
+            &fwd.lse_win,
+            &d_branch[2],
+            x.cu_seqlens,
+            x.cu_seqlens,
+        ),
+    };
+    // Selected branch: chunks of tasks, each with private dk/dv tiles, then summed.
+    let (dkp, dvp) = (kv_packed.dkp, kv_packed.dvp);
+    let tiles = kv_packed.block_offsets.last().copied().unwrap_or(0) * hkv;
+    let mut dq_slc = vec![0f32; total * hq * dk];
+    let tasks = slc_tasks(h, dims, x.cu_seqlens);
+    let chunks = (rayon::current_num_threads() * 2).max(1);
+    let per_chunk = tasks.len().div_ceil(chunks).max(1);
+    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed, lse_cmp: &fwd.lse_cmp };
+    let dqp = SyncPtr(dq_slc.as_mut_ptr());
+    let bufs = BwdBufs { d_o: &d_branch[1], o: &fwd.o_slc, lse: &fwd.lse_slc, indices: &fwd.indices };
+    let (dk_tiles, dv_tiles) = tasks
+        .par_chunks(per_chunk)
+        .map(|chunk| {
+            let mut dk_acc = vec![0f32; tiles * BK * dkp];
+            let mut dv_acc = vec![0f32; tiles * BK * dvp];
+            let mut scr = SlcScratch::new(h.group(), dkp, dvp);
+            for &(s, g, t0, t1) in chunk {
+                dispatch(SlcBwdCall {
+                    sh: &sh,
+                    bufs: &bufs,
+                    scr: &mut scr,
+                    dk_acc: &mut dk_acc,
+                    dv_acc: &mut dv_acc,
+                    dq: dqp,
+                    s,
+                    g,
+                    t0,
+                    t1,
+                });
+            }
+            (dk_acc, dv_acc)
+        })
+        .reduce_with(|(mut a, mut b), (c, d)| {
+            a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+            b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+            (a, b)
+        })
+        .unwrap_or_else(|| (vec![0f32; tiles * BK * dkp], vec![0f32; tiles * BK * dvp]));
+    // Tiles back to rows, plus the window branch where it shares K/V.
+    let separate_win = x.k_win.is_some();
+    let mut dk_rows = vec![0f32; total * hkv * dk];
+    let mut dv_rows = vec![0f32; total * hkv * dv];
+    for s in 0..dims.num_seqs {
+        let start = x.cu_seqlens[s] as usize;
+        let len = x.cu_seqlens[s + 1] as usize - start;
+        for t in 0..len {
+            for g in 0..hkv {
+                let tile = kv_packed.tile(s, t / BK, g);
+                let j = t % BK;
+                let r = (start + t) * hkv + g;
+                dk_rows[r * dk..][..dk].copy_from_slice(&dk_tiles[(tile * BK + j) * dkp..][..dk]);
+                dv_rows[r * dv..][..dv].copy_from_slice(&dv_tiles[(tile * BK + j) * dvp..][..dv]);
+            }
+        }
+    }
+    if !separate_win {
+        dk_rows.iter_mut().zip(&g_win.dk).for_each(|(a, b)| *a += b);
+        dv_rows.iter_mut().zip(&g_win.dv).for_each(|(a, b)| *a += b);
+    }
+    let store = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
+    let dq: Vec<T> = (0..dq_slc.len()).map(|i| T::from_f32(dq_slc[i] + g_cmp.dq[i] + g_win.dq[i])).collect();
+    NsaGrads {
+        dq,
+        dk: store(&dk_rows),
+        dv: store(&dv_rows),
+        dk_win: separate_win.then(|| store(&g_win.dk)),
+        dv_win: separate_win.then(|| store(&g_win.dv)),
+        dk_cmp: store(&g_cmp.dk),
+        dv_cmp: store(&g_cmp.dv),
+        dgates,
+    }
+}
+
+struct BwdBufs<'a, T> {
+    d_o: &'a [f32],
+    o: &'a [T],
+    lse: &'a [f32],
+    indices: &'a [u32],
+}
+
+/// One selected-branch backward task, as a [`Kernel`].
+struct SlcBwdCall<'a, 'b, T> {
+    sh: &'a Shared<'a, T>,
+    bufs: &'a BwdBufs<'a, T>,
+    scr: &'b mut SlcScratch,
+    dk_acc: &'b mut [f32],
+    dv_acc: &'b mut [f32],
+    dq: SyncPtr<f32>,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+}
+
+impl<T: Element> Kernel for SlcBwdCall<'_, '_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run<F: Fma, const W: usize>(self) {
+        let c = self;
+        slc_backward_task::<T, F, W>(c.sh, c.bufs, c.scr, c.dk_acc, c.dv_acc, c.dq, c.s, c.g, c.t0, c.t1)
+    }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn slc_backward_task<T: Element, F: Fma, const W: usize>(
+    sh: &Shared<'_, T>,
+    bufs: &BwdBufs<'_, T>,
+    scr: &mut SlcScratch,
+    dk_acc: &mut [f32],
+    dv_acc: &mut [f32],
+    dq_out: SyncPtr<f32>,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let (cfg, h) = (sh.cfg, sh.h);
+    let (hq, hkv, dk, dv, group) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, h.group());
+    let (dkp, dvp) = (sh.kv.dkp, sh.kv.dvp);
+    let n = cfg.num_selected;
+    let scale = cfg.softmax_scale(h);
+    let start = sh.cu[s] as usize;
+    let len = sh.cu[s + 1] as usize - start;
+    let nt = t1 - t0;
+    let rows = nt * group;
+    load_queries(sh, scr, s, g, t0, t1);
+    for ti in 0..nt {
+        let grow = start + t0 + ti;
+        for r in 0..group {
+            let (row, rh) = (ti * group + r, grow * hq + g * group + r);
+            let mut delta = 0f32;
+            for ((dst, go), o) in
+                scr.doa[row * dvp..][..dvp].iter_mut().zip(&bufs.d_o[rh * dv..][..dv]).zip(&bufs.o[rh * dv..][..dv])
+            {
+                *dst = *go;
+                delta += go * o.to_f32();
+            }
+            scr.delta[row] = delta;
+            scr.m[row] = bufs.lse[(g * group + r) * sh.dims.total + grow];
+        }
+    }
+    scr.chosen.clear();
+    for ti in 0..nt {
+        let grow = start + t0 + ti;
+        scr.chosen.extend_from_slice(&bufs.indices[(grow * hkv + g) * n..][..n]);
+    }
+    union_of_choices(scr);
+    scr.dqa[..rows * dkp].fill(0.0);
+    let union = std::mem::take(&mut scr.union);
+    for &j in &union {
+        let (m, mp, e_max) = gather_block(scr, j, n, group, t0, cfg.block_slc, dkp);
+        for (i, &(row, _)) in scr.sel.iter().enumerate() {
+            scr.dog[i * dvp..][..dvp].copy_from_slice(&scr.doa[row * dvp..][..dvp]);
+        }
+        scr.dog[m * dvp..mp * dvp].fill(0.0);
+        let a = j as usize * cfg.block_slc;
+        for b in a / BK..e_max.div_ceil(BK) {
+            let kstart = b * BK;
+            let kvalid = (len - kstart).min(BK);
+            let tile = sh.kv.tile(s, b, g);
+            let kt = &sh.kv.kt[tile * dk * BK..][..dk * BK];
+            let kr = &sh.kv.kr[tile * BK * dkp..][..BK * dkp];
+            let vt = &sh.kv.vt[tile * dv * BK..][..dv * BK];
+            let p = &mut scr.s[..mp * BK];
+            p.fill(0.0);
+            gemm_acc::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, p, BK);
+            for i in 0..mp {
+                let prow = &mut p[i * BK..][..BK];
+                let lse = if i < m { scr.m[scr.sel[i].0] } else { f32::NEG_INFINITY };
+                if lse == f32::NEG_INFINITY || !mask_row(prow, kstart, a, scr.sel[i].1) {
+                    prow.fill(0.0);
+                    continue;
+                }
+                for v in prow.iter_mut() {
+                    *v = kernels::exp(*v - lse);
+                }
+            }
+            // dV += P^T dO
+            transpose(p, mp, BK, BK, &mut scr.tr, mp);
+            gemm_acc::<F, W>(BK, dvp, mp, &scr.tr, mp, &scr.dog, dvp, &mut dv_acc[tile * BK * dvp..][..BK * dvp], dvp);
+            // dS = P (dO V^T - delta)
+            let dp = &mut scr.dp[..mp * BK];
+            dp.fill(0.0);
+            gemm_acc::<F, W>(mp, BK, dv, &scr.dog, dvp, vt, BK, dp, BK);
+            for i in 0..m {
+                let delta = scr.delta[scr.sel[i].0];
+                for (x, y) in p[i * BK..][..BK].iter_mut().zip(&dp[i * BK..][..BK]) {
+                    *x *= *y - delta;
+                }
+            }
+            // dQ rows += dS K ; dK += dS^T (scaled Q)
+            let part = &mut scr.part[..mp * dkp];
+            part.fill(0.0);
+            gemm_acc::<F, W>(mp, dkp, kvalid, p, BK, kr, dkp, part, dkp);
+            for (i, &(row, _)) in scr.sel.iter().enumerate() {
+                for (d, x) in scr.dqa[row * dkp..][..dkp].iter_mut().zip(&part[i * dkp..][..dkp]) {
+                    *d += x;
+                }
+            }
+            transpose(p, mp, BK, BK, &mut scr.tr, mp);
+            gemm_acc::<F, W>(BK, dkp, mp, &scr.tr, mp, &scr.qg, dkp, &mut dk_acc[tile * BK * dkp..][..BK * dkp], dkp);
+        }
+    }
+    scr.union = union;
+    for ti in 0..nt {
+        let grow = start + t0 + ti;
+        for r in 0..group {
+            let row = ti * group + r;
+            let base = (grow * hq + g * group + r) * dk;
+            for d in 0..dk {
+                // SAFETY: (token, head) belongs to this task alone.
+                unsafe { dq_out.write(base + d, scr.dqa[row * dkp + d] * scale) };
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! Native Sparse Attention (DeepSeek, arXiv 2502.11089): per query token and head, three
+//! attentions over the keys before it - compressed blocks, selected blocks, a sliding window -
+//! mixed by per-token gates: `o = g_cmp o_cmp + g_slc o_slc + g_win o_win`.
+//!
+//! Layout (packed, as [`crate::dense`]): `q [total, HQ, Dk]`; the selected branch's `k
+//! [total, HKV, Dk]`, `v [total, HKV, Dv]` (also the window branch's unless it gets its own);
+//! compressed `k_cmp [total_cmp, HKV, Dk]`, `v_cmp [total_cmp, HKV, Dv]` packed per sequence in
+//! the order of [`cmp_offsets`]; `gates [total, HQ, 3]` (cmp, slc, win).
+//!
+//! Conventions, all positions counted inside a sequence from 0:
+//! - Compressed block `i` covers keys `[i d, i d + l)` and exists once the sequence holds all of
+//!   them; query `t` sees blocks with `i d + l - 1 <= t`. A token with no complete block yet
+//!   (`t < l - 1`) gets `o_cmp = 0` and `lse_cmp = -inf`.
+//! - Selection block `j` covers keys `[j l', (j + 1) l')`. Its importance for query `t` is the
+//!   sum, over the query heads of the GQA group, of the compressed probabilities of the
+//!   compressed blocks overlapping it, each weighted by its overlap length in units of `d`
+//!   ([`overlap_weight`]; the paper's Eq. 9 with `+ m` where it prints `- m`).
+//! - Forced blocks: block 0 and the local blocks `t / l'` (the current one) and `t / l' - 1`,
+//!   counted in `n`. A block starting after `t` is never chosen. The rest of the `n` slots go
+//!   to the highest importance, ties to the lower block index. Chosen blocks are listed in
+//!   ascending order, the unused slots hold [`NO_BLOCK`]. The whole GQA group shares the choice.
+//! - The selected branch attends to the chosen blocks' keys up to `t` (causal inside the current
+//!   block); the window branch to the last `w` keys including `t` (flash-attn's `(w - 1, 0)`).
+//! - Gradients flow through the three attentions and the gates, never through the choice:
+//!   backward takes the forward's indices and holds them fixed.
+
+use squid_cuda::Element;
+
+use crate::layout::{check_finite, expect_len, rows_of, seq_lens, validate_cu_seqlens};
+use crate::{Error, Heads};
+
+mod cpu;
+mod decode;
+pub mod naive;
+#[cfg(test)]
+mod tests;
+
+pub use decode::{NsaCache, NsaDecodeOutput};
+
+/// Marks an unused slot of the chosen-block list.
+pub const NO_BLOCK: u32 = u32::MAX;
+
+/// NSA block sizes and counts. [`Default`] gives the paper's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NsaConfig {
+    /// Compression block length `l`.
+    pub block_cmp: usize,
+    /// Compression stride `d`; divides `l` and `l'`.
+    pub stride_cmp: usize,
+    /// Selection block length `l'`; `l <= l'`.
+    pub block_slc: usize,
+    /// Selected blocks per query `n`, the 1 initial and 2 local forced blocks included (>= 3).
+    pub num_selected: usize,
+    /// Sliding window `w`: keys seen by the window branch, the current one included.
+    pub window: usize,
+    /// Softmax scale of all three branches; `None` means `1 / sqrt(Dk)`.
+    pub scale: Option<f32>,
+    /// Reject NaN and infinities in the inputs with [`Error::NonFinite`].
+    pub check_finite: bool,
+}
+
+impl Default for NsaConfig {
+    /// `l = 32, d = 16, l' = 64, n = 16, w = 512` (the paper's).
+    fn default() -> Self {
+        Self {
+            block_cmp: 32,
+            stride_cmp: 16,
+            block_slc: 64,
+            num_selected: 16,
+            window: 512,
+            scale: None,
+            check_finite: false,
+        }
+    }
+}
+
+/// Blocks forced into every selection: the first and the two local ones.
+pub const FORCED_BLOCKS: usize = 3;
+
+impl NsaConfig {
+    /// Checks the sizes: all non-zero, `d | l`, `d | l'`, `l <= l'`, `n >= 3`, a finite scale.
+    pub fn validate(&self) -> Result<(), Error> {
+        let named = [
+            ("block_cmp (l)", self.block_cmp),
+            ("stride_cmp (d)", self.stride_cmp),
+            ("block_slc (l')", self.block_slc),
+            ("num_selected (n)", self.num_selected),
+            ("window (w)", self.window),
+        ];
+        if let Some((name, _)) = named.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("{name} is 0")));
+        }
+        let (l, d, ls) = (self.block_cmp, self.stride_cmp, self.block_slc);
+        if l % d != 0 {
+            return Err(Error::Config(format!("stride d = {d} does not divide l = {l}")));
+        }
+        if ls % d != 0 {
+            return Err(Error::Config(format!("stride d = {d} does not divide l' = {ls}")));
+        }
+        if l > ls {
+            return Err(Error::Config(format!("l = {l} exceeds l' = {ls}")));
+        }
+        if self.num_selected < FORCED_BLOCKS {
+            return Err(Error::Config(format!(
+                "n = {} cannot hold the {FORCED_BLOCKS} forced blocks (1 initial + 2 local)",
+                self.num_selected
+            )));
+        }
+        if let Some(s) = self.scale {
+            if !s.is_finite() || s == 0.0 {
+                return Err(Error::Config(format!("softmax scale {s} must be finite and non-zero")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Compressed blocks of a sequence of `len` tokens (complete blocks only).
+    pub fn num_cmp_blocks(&self, len: usize) -> usize {
+        if len >= self.block_cmp {
+            (len - self.block_cmp) / self.stride_cmp + 1
+        } else {
+            0
+        }
+    }
+
+    /// Selection blocks of a sequence of `len` tokens (the last one may be partial).
+    pub fn num_slc_blocks(&self, len: usize) -> usize {
+        len.div_ceil(self.block_slc)
+    }
+
+    /// The softmax scale in use for heads `h`.
+    pub fn softmax_scale(&self, h: &Heads) -> f32 {
+        self.scale.unwrap_or_else(|| h.default_scale())
+    }
+}
+
+/// Offsets of each sequence's compressed blocks in `k_cmp`/`v_cmp` (`[num_seqs + 1]`).
+pub fn cmp_offsets(cfg: &NsaConfig, cu_seqlens: &[u32]) -> Vec<u32> {
+    let mut out = vec![0u32];
+    for len in seq_lens(cu_seqlens) {
+        out.push(out.last().copied().unwrap_or(0) + cfg.num_cmp_blocks(len) as u32);
+    }
+    out
+}
+
+/// How much compressed block `i` counts toward selection block `j`: the number of pairs
+/// `(m, n)`, `m < l'/d`, `n < l/d`, with `i = (l'/d) j + m - n` (the corrected Eq. 9). It equals
+/// the length of the overlap of `[i d, i d + l)` and `[j l', (j + 1) l')` divided by `d`: the
+/// paper's settings give weights 1, 2, 2, 2, 1 to blocks `4j - 1 ..= 4j + 3`.
+pub fn overlap_weight(cfg: &NsaConfig, j: usize, i: usize) -> usize {
+    let (a, b) = (cfg.block_slc / cfg.stride_cmp, cfg.block_cmp / cfg.stride_cmp);
+    let mut count = 0;
+    for m in 0..a {
+        for n in 0..b {
+            if (a * j + m) as i64 - n as i64 == i as i64 {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// Maps group-summed compressed probabilities `p_cmp` (blocks `0..len`) to the importance of
+/// selection blocks `0..scores.len()`: block `i` spans stride pieces `i .. i + l/d`, each piece
+/// lies in selection block `piece / (l'/d)`, and `i` adds its probability once per shared
+/// piece. Equal to [`overlap_weight`]-weighted sums (tested), in `O(len * l/d)`.
+pub(crate) fn scores_from_cmp(cfg: &NsaConfig, p_cmp: &[f32], scores: &mut [f32]) {
+    scores.fill(0.0);
+    let pieces_per_slc = cfg.block_slc / cfg.stride_cmp;
+    let pieces_per_cmp = cfg.block_cmp / cfg.stride_cmp;
+    // l <= l': a compressed block's pieces fall in at most two selection blocks.
+    for (i, &p) in p_cmp.iter().enumerate() {
+        let j = i / pieces_per_slc;
+        let in_first = pieces_per_cmp.min((j + 1) * pieces_per_slc - i);
+        if let Some(s) = scores.get_mut(j) {
+            *s += p * in_first as f32;
+        }
+        if in_first < pieces_per_cmp {
+            if let Some(s) = scores.get_mut(j + 1) {
+                *s += p * (pieces_per_cmp - in_first) as f32;
+            }
+        }
+    }
+}
+
+/// A score type with a total order (`f32` on the CPU path, `f64` in [`naive`]).
+pub trait Score: Copy + Default {
+    /// `total_cmp`.
+    fn total(&self, other: &Self) -> std::cmp::Ordering;
+}
+impl Score for f32 {
+    fn total(&self, other: &Self) -> std::cmp::Ordering {
+        self.total_cmp(other)
+    }
+}
+impl Score for f64 {
+    fn total(&self, other: &Self) -> std::cmp::Ordering {
+        self.total_cmp(other)
+    }
+}
+
+/// The forced blocks of query `t`, ascending: 0, `t / l' - 1` and `t / l'` where they exist.
+fn push_forced(cfg: &NsaConfig, t: usize, out: &mut Vec<u32>) {
+    let cur = t / cfg.block_slc;
+    out.push(0);
+    if cur >= 2 {
+        out.push((cur - 1) as u32);
+    }
+    if cur >= 1 {
+        out.push(cur as u32);
+    }
+}
+
+/// Chooses the selection blocks of query `t` from the importance `scores` of blocks
+/// `0..=t / l'` (missing scores count as 0; later ones are ignored): the forced blocks, then the
+/// highest scores, ties to the lower index. Writes them ascending into `out` (cleared first).
+/// A full sort: this is the reference; the CPU path's faster choice must agree exactly.
+pub fn select_blocks<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mut Vec<u32>) {
+    out.clear();
+    let cur = t / cfg.block_slc;
+    push_forced(cfg, t, out);
+    let score = |j: usize| scores.get(j).copied().unwrap_or_default();
+    let mut rest: Vec<usize> = (0..=cur).filter(|j| !out.contains(&(*j as u32))).collect();
+    rest.sort_by(|&x, &y| score(y).total(&score(x)).then(x.cmp(&y)));
+    let free = cfg.num_selected - out.len();
+    out.extend(rest.iter().take(free).map(|&j| j as u32));
+    out.sort_unstable();
+}
+
+/// [`select_blocks`] without sorting every candidate: keeps the best `n - forced` in a small
+/// sorted list. Same order (score descending by `total_cmp`, then index ascending).
+pub(crate) fn select_blocks_fast<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mut Vec<u32>) {
+    out.clear();
+    let cur = t / cfg.block_slc;
+    push_forced(cfg, t, out);
+    let free = cfg.num_selected - out.len();
+    let is_forced = |j: usize| j == 0 || j == cur || j + 1 == cur;
+    if free > 0 {
+        let mut best: Vec<(S, usize)> = Vec::with_capacity(free + 1);
+        for j in 1..=cur {
+            if is_forced(j) {
+                continue;
+            }
+            let s = scores.get(j).copied().unwrap_or_default();
+            if best.len() == free {
+                // Only a strictly higher score displaces the worst kept (equal keeps the lower index).
+                if s.total(&best[free - 1].0) != std::cmp::Ordering::Greater {
+                    continue;
+                }
+                best.pop();
+            }
+            let pos = best.partition_point(|(bs, _)| bs.total(&s) != std::cmp::Ordering::Less);
+            best.insert(pos, (s, j));
+        }
+        out.extend(best.iter().map(|&(_, j)| j as u32));
+    }
+    out.sort_unstable();
+}
+
+/// The inputs of one NSA call, in storage type `E` (`f64` for [`naive`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NsaInputs<'a, E> {
+    /// `[total, HQ, Dk]`.
+    pub q: &'a [E],
+    /// Keys of the selected branch (and of the window branch when `k_win` is `None`).
+    pub k: &'a [E],
+    /// Values of the selected branch (and of the window branch when `v_win` is `None`).
+    pub v: &'a [E],
+    /// The window branch's own keys, if it has them (the paper gives each branch its own).
+    pub k_win: Option<&'a [E]>,
+    /// The window branch's own values (given together with `k_win`).
+    pub v_win: Option<&'a [E]>,
+    /// Compressed keys `[total_cmp, HKV, Dk]` (e.g. from [`compress_mean`]).
+    pub k_cmp: &'a [E],
+    /// Compressed values `[total_cmp, HKV, Dv]`.
+    pub v_cmp: &'a [E],
+    /// Branch gates `[total, HQ, 3]`: cmp, slc, win.
+    pub gates: &'a [E],
+    /// Sequence offsets `[num_seqs + 1]`.
+    pub cu_seqlens: &'a [u32],
+}
+
+/// Forward result of the CPU path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsaOutput<T> {
+    /// The gated output `[total, HQ, Dv]`.
+    pub o: Vec<T>,
+    /// Compressed branch output `[total, HQ, Dv]` (kept for the gate gradients).
+    pub o_cmp: Vec<T>,
+    /// Selected branch output.
+    pub o_slc: Vec<T>,
+    /// Window branch output.
+    pub o_win: Vec<T>,
+    /// Per-branch log-sum-exp `[HQ, total]`.
+    pub lse_cmp: Vec<f32>,
+    /// Selected branch log-sum-exp.
+    pub lse_slc: Vec<f32>,
+    /// Window branch log-sum-exp.
+    pub lse_win: Vec<f32>,
+    /// Chosen selection blocks `[total, HKV, n]`, ascending, [`NO_BLOCK`]-padded.
+    pub indices: Vec<u32>,
+}
+
+/// Backward result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsaGrads<E> {
+    /// `[total, HQ, Dk]`.
+    pub dq: Vec<E>,
+    /// Selected branch keys (plus the window branch's when it shares them).
+    pub dk: Vec<E>,
+    /// Selected branch values (plus the window branch's when it shares them).
+    pub dv: Vec<E>,
+    /// The window branch's own keys, when given separately.
+    pub dk_win: Option<Vec<E>>,
+    /// The window branch's own values, when given separately.
+    pub dv_win: Option<Vec<E>>,
+    /// `[total_cmp, HKV, Dk]`.
+    pub dk_cmp: Vec<E>,
+    /// `[total_cmp, HKV, Dv]`.
+    pub dv_cmp: Vec<E>,
+    /// `[total, HQ, 3]`.
+    pub dgates: Vec<E>,
+}
+
+/// Sizes of a validated call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NsaDims {
+    pub total: usize,
+    pub total_cmp: usize,
+    pub num_seqs: usize,
+}
+
+pub(crate) fn validate_lens<E>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, E>) -> Result<NsaDims, Error> {
+    cfg.validate()?;
+    h.validate()?;
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let total = rows_of("q", x.q.len(), hq, dk)?;
+    let num_seqs = validate_cu_seqlens(x.cu_seqlens, total)?;
+    expect_len("k", x.k.len(), total * hkv * dk, "[total, HKV, Dk]")?;
+    expect_len("v", x.v.len(), total * hkv * dv, "[total, HKV, Dv]")?;
+    match (x.k_win, x.v_win) {
+        (Some(kw), Some(vw)) => {
+            expect_len("k_win", kw.len(), total * hkv * dk, "[total, HKV, Dk]")?;
+            expect_len("v_win", vw.len(), total * hkv * dv, "[total, HKV, Dv]")?;
+        }
+        (None, None) => {}
+        _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
+    }
+    let total_cmp = *cmp_offsets(cfg, x.cu_seqlens).last().unwrap_or(&0) as usize;
+    expect_len("k_cmp", x.k_cmp.len(), total_cmp * hkv * dk, "[total_cmp, HKV, Dk]")?;
+    expect_len("v_cmp", x.v_cmp.len(), total_cmp * hkv * dv, "[total_cmp, HKV, Dv]")?;
+    expect_len("gates", x.gates.len(), total * hq * 3, "[total, HQ, 3]")?;
+    Ok(NsaDims { total, total_cmp, num_seqs })
+}
+
+fn validate<T: Element>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, T>) -> Result<NsaDims, Error> {
+    let dims = validate_lens(cfg, h, x)?;
+    if cfg.check_finite {
+        for (name, t) in
+            [("q", x.q), ("k", x.k), ("v", x.v), ("k_cmp", x.k_cmp), ("v_cmp", x.v_cmp), ("gates", x.gates)]
+        {
+            check_finite(name, t)?;
+        }
+        for (name, t) in [("k_win", x.k_win), ("v_win", x.v_win)] {
+            if let Some(t) = t {
+                check_finite(name, t)?;
+            }
+        }
+    }
+    Ok(dims)
+}
+
+/// NSA forward on the CPU.
+pub fn forward<T: Element>(cfg: &NsaConfig, heads: &Heads, x: &NsaInputs<'_, T>) -> Result<NsaOutput<T>, Error> {
+    let dims = validate(cfg, heads, x)?;
+    Ok(cpu::forward(cfg, heads, dims, x))
+}
+
+/// NSA backward on the CPU, with the forward's chosen blocks held fixed. `d_o [total, HQ, Dv]`.
+pub fn backward<T: Element>(
+    cfg: &NsaConfig,
+    heads: &Heads,
+    x: &NsaInputs<'_, T>,
+    fwd: &NsaOutput<T>,
+    d_o: &[T],
+) -> Result<NsaGrads<T>, Error> {
+    let dims = validate(cfg, heads, x)?;
+    let h = heads;
+    let o_len = dims.total * h.num_q_heads * h.head_dim_v;
+    let lse_len = dims.total * h.num_q_heads;
+    expect_len("d_o", d_o.len(), o_len, "[total, HQ, Dv]")?;
+    for (name, t) in [("o_cmp", &fwd.o_cmp), ("o_slc", &fwd.o_slc), ("o_win", &fwd.o_win)] {
+        expect_len(name, t.len(), o_len, "[total, HQ, Dv]")?;
+    }
+    for (name, t) in [("lse_cmp", &fwd.lse_cmp), ("lse_slc", &fwd.lse_slc), ("lse_win", &fwd.lse_win)] {
+        expect_len(name, t.len(), lse_len, "[HQ, total]")?;
+    }
+    expect_len("indices", fwd.indices.len(), dims.total * h.num_kv_heads * cfg.num_selected, "[total, HKV, n]")?;
+    if cfg.check_finite {
+        check_finite("d_o", d_o)?;
+    }
+    Ok(cpu::backward(cfg, heads, dims, x, fwd, d_o))
+}
+
+/// Mean pooling over compression blocks: `x [total, H, D] -> [total_cmp, H, D]`, block `i` of
+/// a sequence the mean of its rows `i d .. i d + l`. Accumulates in f32.
+pub fn compress_mean<T: Element>(
+    cfg: &NsaConfig,
+    heads: usize,
+    dim: usize,
+    x: &[T],
+    cu_seqlens: &[u32],
+) -> Result<Vec<T>, Error> {
+    cfg.validate()?;
+    let total = rows_of("x", x.len(), heads, dim)?;
+    validate_cu_seqlens(cu_seqlens, total)?;
+    let offs = cmp_offsets(cfg, cu_seqlens);
+    let row = heads * dim;
+    let mut out = vec![T::default(); *offs.last().unwrap_or(&0) as usize * row];
+    let inv = 1.0 / cfg.block_cmp as f32;
+    let mut acc = vec![0f32; row];
+    for (s, w) in cu_seqlens.windows(2).enumerate() {
+        let start = w[0] as usize;
+        for i in 0..(offs[s + 1] - offs[s]) as usize {
+            acc.fill(0.0);
+            for t in i * cfg.stride_cmp..i * cfg.stride_cmp + cfg.block_cmp {
+                for (a, v) in acc.iter_mut().zip(&x[(start + t) * row..][..row]) {
+                    *a += v.to_f32();
+                }
+            }
+            let dst = &mut out[(offs[s] as usize + i) * row..][..row];
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = T::from_f32(a * inv);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Backward of [`compress_mean`]: `dx[t] = sum over blocks i containing t of dx_cmp[i] / l`.
+pub fn compress_mean_backward<T: Element>(
+    cfg: &NsaConfig,
+    heads: usize,
+    dim: usize,
+    dx_cmp: &[T],
+    cu_seqlens: &[u32],
+) -> Result<Vec<T>, Error> {
+    cfg.validate()?;
+    let total = *cu_seqlens.last().ok_or_else(|| Error::CuSeqlens("empty".into()))? as usize;
+    validate_cu_seqlens(cu_seqlens, total)?;
+    let offs = cmp_offsets(cfg, cu_seqlens);
+    let row = heads * dim;
+    expect_len("dx_cmp", dx_cmp.len(), *offs.last().unwrap_or(&0) as usize * row, "[total_cmp, H, D]")?;
+    let mut acc = vec![0f32; total * row];
+    let inv = 1.0 / cfg.block_cmp as f32;
+    for (s, w) in cu_seqlens.windows(2).enumerate() {
+        let start = w[0] as usize;
+        for i in 0..(offs[s + 1] - offs[s]) as usize {
+            let src = &dx_cmp[(offs[s] as usize + i) * row..][..row];
+            for t in i * cfg.stride_cmp..i * cfg.stride_cmp + cfg.block_cmp {
+                for (a, g) in acc[(start + t) * row..][..row].iter_mut().zip(src) {
+                    *a += g.to_f32() * inv;
+                }
+            }
+        }
+    }
+    Ok(acc.into_iter().map(T::from_f32).collect())
+}
