@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod tiny_model;
+
 /// The workspace root (the folder holding the root `Cargo.toml`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()

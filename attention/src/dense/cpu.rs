@@ -20,15 +20,16 @@ pub(crate) const BQ: usize = 64;
 /// Keys per tile.
 pub(crate) const BK: usize = 64;
 
-/// Which keys each query sees: the dense masks, or NSA's compressed-block visibility.
+/// Which keys each query sees: the dense masks, NSA's compressed-block visibility, or squid's
+/// per-segment ranges.
 pub(crate) trait Mask: Sync {
-    /// Keys `lo..hi` seen by query `i` of a sequence with `tq` queries and `tk` keys.
-    fn range(&self, i: usize, tq: usize, tk: usize) -> (usize, usize);
+    /// Keys `lo..hi` seen by query `i` of sequence `s`, which has `tq` queries and `tk` keys.
+    fn range(&self, s: usize, i: usize, tq: usize, tk: usize) -> (usize, usize);
 }
 
 impl Mask for DenseConfig {
     #[inline(always)]
-    fn range(&self, i: usize, tq: usize, tk: usize) -> (usize, usize) {
+    fn range(&self, _s: usize, i: usize, tq: usize, tk: usize) -> (usize, usize) {
         self.key_range(i, tq, tk)
     }
 }
@@ -121,8 +122,10 @@ impl Packed {
 
 /// The keys each row of a query block sees (half-open, sequence coordinates; `lo == hi` for
 /// none), and the key blocks the whole tile touches.
+#[allow(clippy::too_many_arguments)]
 fn row_ranges<M: Mask>(
     mask: &M,
+    s: usize,
     i0: usize,
     rows: usize,
     tq: usize,
@@ -132,7 +135,7 @@ fn row_ranges<M: Mask>(
 ) -> Option<(usize, usize)> {
     let (mut kmin, mut kmax) = (usize::MAX, 0);
     for r in 0..BQ {
-        let (a, b) = if r < rows { mask.range(i0 + r, tq, tk) } else { (0, 0) };
+        let (a, b) = if r < rows { mask.range(s, i0 + r, tq, tk) } else { (0, 0) };
         lo[r] = a;
         hi[r] = b;
         if a < b {
@@ -307,7 +310,7 @@ fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
     let i0 = qb * BQ;
     let rows = (tq - i0).min(BQ);
     let mr = round_up(rows, TILE_ROWS);
-    let blocks = row_ranges(mask, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi);
+    let blocks = row_ranges(mask, s, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi);
     scr.o[..mr * dvp].fill(0.0);
     scr.m.fill(f32::NEG_INFINITY);
     scr.l.fill(0.0);
@@ -538,7 +541,7 @@ fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, con
         let i0 = qb * BQ;
         let rows = (tq - i0).min(BQ);
         let mr = round_up(rows, TILE_ROWS);
-        let Some((b_first, b_end)) = row_ranges(ctx.mask, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi) else {
+        let Some((b_first, b_end)) = row_ranges(ctx.mask, s, i0, rows, tq, tk, &mut scr.lo, &mut scr.hi) else {
             for r in 0..rows {
                 for d in 0..dk {
                     // SAFETY: row q0 + i0 + r of this head belongs to this task alone.

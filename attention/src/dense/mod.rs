@@ -125,7 +125,7 @@ pub(crate) fn validate_lens(
     Ok(Dims { total_q, total_k, num_seqs })
 }
 
-fn validate<T: Element>(
+pub(crate) fn validate<T: Element>(
     cfg: &DenseConfig,
     q: &[T],
     k: &[T],
@@ -140,6 +140,26 @@ fn validate<T: Element>(
         check_finite("v", v)?;
     }
     Ok(dims)
+}
+
+/// Checks the forward's outputs and the output gradient that a backward takes.
+pub(crate) fn validate_backward_inputs<T: Element>(
+    cfg: &DenseConfig,
+    dims: Dims,
+    o: &[T],
+    lse: &[f32],
+    d_o: &[T],
+) -> Result<(), Error> {
+    let h = cfg.heads;
+    let o_len = dims.total_q * h.num_q_heads * h.head_dim_v;
+    expect_len("o", o.len(), o_len, "[total_q, HQ, Dv]")?;
+    expect_len("d_o", d_o.len(), o_len, "[total_q, HQ, Dv]")?;
+    expect_len("lse", lse.len(), dims.total_q * h.num_q_heads, "[HQ, total_q]")?;
+    if cfg.check_finite {
+        check_finite("d_o", d_o)?;
+        check_finite("o", o)?;
+    }
+    Ok(())
 }
 
 /// Attention forward on the CPU (flash-style tiles, rayon over sequence x head x query block).
@@ -170,15 +190,7 @@ pub fn backward<T: Element>(
     cu_seqlens_k: &[u32],
 ) -> Result<DenseGrads<T>, Error> {
     let dims = validate(cfg, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let h = cfg.heads;
-    let o_len = dims.total_q * h.num_q_heads * h.head_dim_v;
-    expect_len("o", o.len(), o_len, "[total_q, HQ, Dv]")?;
-    expect_len("d_o", d_o.len(), o_len, "[total_q, HQ, Dv]")?;
-    expect_len("lse", lse.len(), dims.total_q * h.num_q_heads, "[HQ, total_q]")?;
-    if cfg.check_finite {
-        check_finite("d_o", d_o)?;
-        check_finite("o", o)?;
-    }
+    validate_backward_inputs(cfg, dims, o, lse, d_o)?;
     Ok(cpu::backward(cfg, dims, q, k, v, o, lse, d_o, cu_seqlens_q, cu_seqlens_k))
 }
 

@@ -35,6 +35,20 @@ pub fn forward(
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
 ) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    forward_masked(cfg, q, k, v, cu_seqlens_q, cu_seqlens_k, |_, i, j, tq, tk| visible(cfg, i, j, tq, tk))
+}
+
+/// [`forward`] with any mask: `visible(s, i, j, tq, tk)` says whether query `i` of sequence
+/// `s` (of `tq` queries, `tk` keys) sees key `j`. `cfg`'s own mask fields are not used.
+pub fn forward_masked(
+    cfg: &DenseConfig,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    visible: impl Fn(usize, usize, usize, usize, usize) -> bool,
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
     let dims = validate_lens(cfg, q.len(), k.len(), v.len(), cu_seqlens_q, cu_seqlens_k)?;
     if cfg.check_finite {
         check_finite_f64("q", q)?;
@@ -53,7 +67,7 @@ pub fn forward(
             let g = head / group;
             for i in 0..tq {
                 let qi = &q[((q0 + i) * hq + head) * dk..][..dk];
-                let keys: Vec<usize> = (0..tk).filter(|&j| visible(cfg, i, j, tq, tk)).collect();
+                let keys: Vec<usize> = (0..tk).filter(|&j| visible(s, i, j, tq, tk)).collect();
                 if keys.is_empty() {
                     continue;
                 }
@@ -94,6 +108,21 @@ pub fn backward(
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
 ) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), Error> {
+    backward_masked(cfg, q, k, v, d_o, cu_seqlens_q, cu_seqlens_k, |_, i, j, tq, tk| visible(cfg, i, j, tq, tk))
+}
+
+/// [`backward`] with any mask, as [`forward_masked`].
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn backward_masked(
+    cfg: &DenseConfig,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    d_o: &[f64],
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    visible: impl Fn(usize, usize, usize, usize, usize) -> bool,
+) -> Result<(Vec<f64>, Vec<f64>, Vec<f64>), Error> {
     let dims = validate_lens(cfg, q.len(), k.len(), v.len(), cu_seqlens_q, cu_seqlens_k)?;
     let h = cfg.heads;
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
@@ -110,7 +139,7 @@ pub fn backward(
             for i in 0..tq {
                 let qrow = ((q0 + i) * hq + head) * dk;
                 let orow = ((q0 + i) * hq + head) * dv;
-                let keys: Vec<usize> = (0..tk).filter(|&j| visible(cfg, i, j, tq, tk)).collect();
+                let keys: Vec<usize> = (0..tk).filter(|&j| visible(s, i, j, tq, tk)).collect();
                 if keys.is_empty() {
                     continue;
                 }

@@ -22,7 +22,7 @@ struct CmpMask(NsaConfig);
 
 impl Mask for CmpMask {
     #[inline(always)]
-    fn range(&self, i: usize, _tq: usize, tk: usize) -> (usize, usize) {
+    fn range(&self, _s: usize, i: usize, _tq: usize, tk: usize) -> (usize, usize) {
         (0, self.0.num_cmp_blocks(i + 1).min(tk))
     }
 }
