@@ -91,6 +91,13 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The simulated device refused a launch or found a fault while running it (an
+    /// out-of-bounds or misaligned access, a shared-memory race or uninitialised read, a
+    /// barrier that cannot complete, the step budget...), reported with kernel, PTX line,
+    /// block and thread.
+    #[cfg(feature = "cuda")]
+    #[error("simulated device: {0}")]
+    Simulated(#[from] squid_ptxsim::Error),
     /// File-system trouble, with the path it happened on.
     #[error("I/O error on {}: {source}", path.display())]
     Io {

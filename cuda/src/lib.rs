@@ -4,8 +4,10 @@
 //! - [`arch`], [`registry`], [`cache`], [`ptxas`]: plain Rust, in every build.
 //! - [`nvrtc`], [`device`], [`launch`]: the CUDA paths. Without the `cuda` feature they
 //!   compile to typed [`Error::CudaFeatureDisabled`] answers; with it they load NVRTC and the
-//!   driver at run time through cudarc, so no build needs a CUDA install. All `unsafe` of the
-//!   crate lives in [`nvrtc`] and [`launch`], right above cudarc's `sys`/`result` layers.
+//!   driver at run time through cudarc, so no build needs a CUDA install. The same feature
+//!   brings the simulated device (`launch::Gpu::simulator`, squid-ptxsim), so a kernel
+//!   test runs on a GPU when present and on the CPU otherwise. All `unsafe` of the crate
+//!   lives in [`nvrtc`] and [`launch`], right above cudarc's `sys`/`result` layers.
 
 pub mod arch;
 pub mod cache;
@@ -28,9 +30,13 @@ pub use error::Error;
 pub use nvrtc::{compile, compile_cached, CompileOptions, Ptx};
 pub use ptxas::{ResourceUsage, PTXAS_ENV};
 pub use registry::{KernelRegistry, KernelSource};
+/// The PTX simulator behind [`launch::Gpu::simulator`] (its options, faults and errors).
+#[cfg(feature = "cuda")]
+pub use squid_ptxsim as ptxsim;
 
 /// The kernels this crate ships (test subjects for the whole workspace).
-pub static KERNELS: &[KernelSource] = &[ops::axpy::KERNEL, ops::softmax::KERNEL];
+pub static KERNELS: &[KernelSource] =
+    &[ops::axpy::KERNEL, ops::softmax::KERNEL, ops::logsumexp::KERNEL, ops::gemm::KERNEL];
 
 /// The environment variable that turns "NVRTC not found, skipped" into a failure in tests.
 pub const REQUIRE_NVRTC_ENV: &str = "SQUID_REQUIRE_NVRTC";
