@@ -6,6 +6,7 @@ pub mod dense;
 mod kernels;
 mod layout;
 pub mod nsa;
+pub mod paged;
 pub mod segments;
 
 pub use layout::{validate_cu_seqlens, Heads, MAX_HEAD_DIM};

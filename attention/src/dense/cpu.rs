@@ -8,6 +8,8 @@
 //! current block in a tile and accumulates `dk, dv` of that head in a private f32 buffer, so no
 //! two tasks write the same memory; a last pass sums the heads of each GQA group into `dk, dv`.
 
+use std::marker::PhantomData;
+
 use rayon::prelude::*;
 use squid_cuda::Element;
 
@@ -626,6 +628,62 @@ struct DecodeRow {
     o: Vec<f32>,
 }
 
+/// Where decode reads each sequence's cached keys and values: one contiguous packed buffer, or
+/// pages (read in place).
+pub(crate) trait KvRows<T>: Sync {
+    /// Cached tokens of sequence `s`.
+    fn seq_len(&self, s: usize) -> usize;
+    /// Keys of token `pos` of sequence `s`, kv head `g` (`Dk` values).
+    fn key(&self, s: usize, pos: usize, g: usize) -> &[T];
+    /// Values of token `pos` of sequence `s`, kv head `g` (`Dv` values).
+    fn value(&self, s: usize, pos: usize, g: usize) -> &[T];
+}
+
+/// The packed layout: `k [total_k, HKV, Dk]`, `v [total_k, HKV, Dv]`, offsets `cu_k`.
+pub(crate) struct PackedRows<'a, T> {
+    pub(crate) k: &'a [T],
+    pub(crate) v: &'a [T],
+    pub(crate) cu_k: &'a [u32],
+    pub(crate) hkv: usize,
+    pub(crate) dk: usize,
+    pub(crate) dv: usize,
+}
+
+impl<T: Sync> KvRows<T> for PackedRows<'_, T> {
+    #[inline(always)]
+    fn seq_len(&self, s: usize) -> usize {
+        (self.cu_k[s + 1] - self.cu_k[s]) as usize
+    }
+    #[inline(always)]
+    fn key(&self, s: usize, pos: usize, g: usize) -> &[T] {
+        &self.k[((self.cu_k[s] as usize + pos) * self.hkv + g) * self.dk..][..self.dk]
+    }
+    #[inline(always)]
+    fn value(&self, s: usize, pos: usize, g: usize) -> &[T] {
+        &self.v[((self.cu_k[s] as usize + pos) * self.hkv + g) * self.dv..][..self.dv]
+    }
+}
+
+/// Validated paged views, one per sequence (see [`crate::paged::PagedKvView::validate`]).
+pub(crate) struct PagedRows<'a, 'v, T>(pub(crate) &'a [crate::paged::PagedKvView<'v, T>]);
+
+impl<T: Sync> KvRows<T> for PagedRows<'_, '_, T> {
+    #[inline(always)]
+    fn seq_len(&self, s: usize) -> usize {
+        self.0[s].len
+    }
+    #[inline(always)]
+    fn key(&self, s: usize, pos: usize, g: usize) -> &[T] {
+        let view = &self.0[s];
+        &view.key(pos)[g * view.head_dim..][..view.head_dim]
+    }
+    #[inline(always)]
+    fn value(&self, s: usize, pos: usize, g: usize) -> &[T] {
+        let view = &self.0[s];
+        &view.value(pos)[g * view.head_dim..][..view.head_dim]
+    }
+}
+
 pub(super) fn decode<T: Element>(
     cfg: &DenseConfig,
     dims: Dims,
@@ -636,17 +694,33 @@ pub(super) fn decode<T: Element>(
     cu_k: &[u32],
 ) -> DenseOutput<T> {
     let h = cfg.heads;
+    let rows = PackedRows { k, v, cu_k, hkv: h.num_kv_heads, dk: h.head_dim_k, dv: h.head_dim_v };
+    decode_rows(cfg, dims.num_seqs, dims.total_q, q, &rows, cu_q)
+}
+
+/// Decode against any [`KvRows`]: split-K over (sequence, kv head, key chunk), combined by
+/// log-sum-exp.
+pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
+    cfg: &DenseConfig,
+    num_seqs: usize,
+    total_q: usize,
+    q: &[T],
+    kv: &K,
+    cu_q: &[u32],
+) -> DenseOutput<T> {
+    let h = cfg.heads;
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let group = h.group();
     let scale = cfg.softmax_scale();
     // Split each (sequence, kv head)'s keys into chunks so that there are several tasks per
     // thread even for one sequence.
     let threads = rayon::current_num_threads();
-    let pairs = (dims.num_seqs * hkv).max(1);
-    let chunk = (dims.total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16);
+    let pairs = (num_seqs * hkv).max(1);
+    let total_k: usize = (0..num_seqs).map(|s| kv.seq_len(s)).sum();
+    let chunk = (total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16);
     let mut tasks = Vec::new(); // (s, g, key start, key end)
-    for s in 0..dims.num_seqs {
-        let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+    for s in 0..num_seqs {
+        let tk = kv.seq_len(s);
         for g in 0..hkv {
             let mut c = 0;
             loop {
@@ -660,10 +734,10 @@ pub(super) fn decode<T: Element>(
     }
     let partials: Vec<Vec<DecodeRow>> = tasks
         .par_iter()
-        .map(|&(s, g, c0, c1)| dispatch(DecodeCall { cfg, q, k, v, cu_q, cu_k, s, g, c0, c1, scale, group }))
+        .map(|&(s, g, c0, c1)| dispatch(DecodeCall { cfg, q, kv, cu_q, s, g, c0, c1, scale, group, _t: PhantomData }))
         .collect();
-    let mut o = vec![T::default(); dims.total_q * hq * dv];
-    let mut lse = vec![f32::NEG_INFINITY; hq * dims.total_q];
+    let mut o = vec![T::default(); total_q * hq * dv];
+    let mut lse = vec![f32::NEG_INFINITY; hq * total_q];
     let mut t = 0;
     let mut acc = vec![0f32; dv];
     while t < tasks.len() {
@@ -698,7 +772,7 @@ pub(super) fn decode<T: Element>(
                 for (dst, a) in out.iter_mut().zip(&acc) {
                     *dst = T::from_f32(a / l);
                 }
-                lse[head * dims.total_q + q0 + i] = m + l.ln();
+                lse[head * total_q + q0 + i] = m + l.ln();
             }
         }
         t = end;
@@ -708,27 +782,26 @@ pub(super) fn decode<T: Element>(
 }
 
 /// One decode chunk, as a [`Kernel`].
-struct DecodeCall<'a, T> {
+struct DecodeCall<'a, T, K> {
     cfg: &'a DenseConfig,
     q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
+    kv: &'a K,
     cu_q: &'a [u32],
-    cu_k: &'a [u32],
     s: usize,
     g: usize,
     c0: usize,
     c1: usize,
     scale: f32,
     group: usize,
+    _t: PhantomData<T>,
 }
 
-impl<T: Element> Kernel for DecodeCall<'_, T> {
+impl<T: Element, K: KvRows<T>> Kernel for DecodeCall<'_, T, K> {
     type Out = Vec<DecodeRow>;
     #[inline(always)]
     fn run<F: Fma, const W: usize>(self) -> Vec<DecodeRow> {
         let c = self;
-        decode_chunk::<T, F>(c.cfg, c.q, c.k, c.v, c.cu_q, c.cu_k, c.s, c.g, c.c0, c.c1, c.scale, c.group)
+        decode_chunk::<T, K, F>(c.cfg, c.q, c.kv, c.cu_q, c.s, c.g, c.c0, c.c1, c.scale, c.group)
     }
 }
 
@@ -736,13 +809,11 @@ impl<T: Element> Kernel for DecodeCall<'_, T> {
 /// head of the group, rows ordered `[head in group][query]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn decode_chunk<T: Element, F: Fma>(
+fn decode_chunk<T: Element, K: KvRows<T>, F: Fma>(
     cfg: &DenseConfig,
     q: &[T],
-    k: &[T],
-    v: &[T],
+    kv: &K,
     cu_q: &[u32],
-    cu_k: &[u32],
     s: usize,
     g: usize,
     c0: usize,
@@ -751,17 +822,17 @@ fn decode_chunk<T: Element, F: Fma>(
     group: usize,
 ) -> Vec<DecodeRow> {
     let h = cfg.heads;
-    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let (hq, dk, dv) = (h.num_q_heads, h.head_dim_k, h.head_dim_v);
     let (q0, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
-    let (k0, tk) = (cu_k[s] as usize, (cu_k[s + 1] - cu_k[s]) as usize);
+    let tk = kv.seq_len(s);
     let n = c1 - c0;
     let mut kc = vec![0f32; n * dk];
     let mut vc = vec![0f32; n * dv];
     for j in 0..n {
-        for (dst, x) in kc[j * dk..][..dk].iter_mut().zip(&k[((k0 + c0 + j) * hkv + g) * dk..][..dk]) {
+        for (dst, x) in kc[j * dk..][..dk].iter_mut().zip(kv.key(s, c0 + j, g)) {
             *dst = x.to_f32();
         }
-        for (dst, x) in vc[j * dv..][..dv].iter_mut().zip(&v[((k0 + c0 + j) * hkv + g) * dv..][..dv]) {
+        for (dst, x) in vc[j * dv..][..dv].iter_mut().zip(kv.value(s, c0 + j, g)) {
             *dst = x.to_f32();
         }
     }

@@ -211,6 +211,39 @@ pub fn decode<T: Element>(
     Ok(cpu::decode(cfg, dims, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k))
 }
 
+/// Decode against paged KV: `views[s]` is sequence `s`'s cache (one layer), read page by page
+/// in place, with no gather into a contiguous buffer. `q [total_q, HQ, Dk]` holds each
+/// sequence's new queries (`cu_seqlens_q`), the last `Tq` of its `view.len` cached positions
+/// (bottom-right aligned, as [`decode`]). Paged KV stores one head dim for K and V, so this
+/// needs `Dk == Dv == view.head_dim` and `HKV == view.kv_heads`.
+pub fn decode_paged<T: Element>(
+    cfg: &DenseConfig,
+    q: &[T],
+    views: &[crate::paged::PagedKvView<'_, T>],
+    cu_seqlens_q: &[u32],
+) -> Result<DenseOutput<T>, Error> {
+    cfg.validate()?;
+    let h = cfg.heads;
+    let total_q = rows_of("q", q.len(), h.num_q_heads, h.head_dim_k)?;
+    let num_seqs = validate_cu_seqlens(cu_seqlens_q, total_q)?;
+    if views.len() != num_seqs {
+        return Err(Error::Shape(format!("{} paged views for {num_seqs} sequences in cu_seqlens_q", views.len())));
+    }
+    for (s, view) in views.iter().enumerate() {
+        view.validate()?;
+        if view.kv_heads != h.num_kv_heads || view.head_dim != h.head_dim_k || view.head_dim != h.head_dim_v {
+            return Err(Error::Shape(format!(
+                "sequence {s}: paged view has {} kv heads of dim {}, the call expects {} of Dk {} / Dv {}",
+                view.kv_heads, view.head_dim, h.num_kv_heads, h.head_dim_k, h.head_dim_v
+            )));
+        }
+    }
+    if cfg.check_finite {
+        check_finite("q", q)?;
+    }
+    Ok(cpu::decode_rows(cfg, num_seqs, total_q, q, &cpu::PagedRows(views), cu_seqlens_q))
+}
+
 /// Multiply-adds of a forward pass (count each as 2 FLOPs): `sum over queries and heads of
 /// visible keys x (Dk + Dv)`. For benchmarks and planning.
 pub fn forward_flops(cfg: &DenseConfig, cu_seqlens_q: &[u32], cu_seqlens_k: &[u32]) -> f64 {

@@ -276,3 +276,102 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(backward(&cfg, &q, &k, &v, &out.o, &out.lse, &d_o[1..], &c.cu_q, &c.cu_k), Err(Error::Shape(_))));
     assert!(matches!(decode(&cfg, &q, &k, &v, &c.cu_q, &[0, 5]), Err(Error::CuSeqlens(_))));
 }
+
+/// Scatters packed `[tokens, HKV, D]` rows of one sequence into pages of `page` tokens placed
+/// in a shuffled order of a larger pool: `(pool, page_table)`.
+fn paginate<T: Copy + Default>(
+    rows: &[T],
+    row_len: usize,
+    page: usize,
+    extra_pages: usize,
+    seed: u64,
+) -> (Vec<T>, Vec<u32>) {
+    let tokens = rows.len() / row_len;
+    let needed = tokens.div_ceil(page);
+    let total = needed + extra_pages;
+    // A fixed permutation of the pool's pages.
+    let mut order: Vec<u32> = (0..total as u32).collect();
+    let mut x = seed | 1;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let table: Vec<u32> = order[..needed].to_vec();
+    let mut pool = vec![T::default(); total * page * row_len];
+    for t in 0..tokens {
+        let p = table[t / page] as usize;
+        let dst = (p * page + t % page) * row_len;
+        pool[dst..dst + row_len].copy_from_slice(&rows[t * row_len..(t + 1) * row_len]);
+    }
+    (pool, table)
+}
+
+#[test]
+fn paged_decode_reads_pages_in_place_and_equals_contiguous_decode() {
+    use crate::paged::PagedKvView;
+    for (hq, hkv, d, page, lens_k, tq) in [
+        (4usize, 2usize, 16usize, 16usize, vec![1usize, 40, 300], 1usize),
+        (6, 3, 8, 7, vec![9, 64, 5], 2),
+        (2, 2, 32, 64, vec![129], 3),
+    ] {
+        let cfg = DenseConfig::causal(Heads::new(hq, hkv, d, d));
+        let lens_q: Vec<usize> = lens_k.iter().map(|&l| tq.min(l)).collect();
+        let case = make_case(cfg, &lens_q, &lens_k, 17 + page as u64);
+        let (q, k, v) = (to::<f32>(&case.q), to::<f32>(&case.k), to::<f32>(&case.v));
+        let expect = decode(&cfg, &q, &k, &v, &case.cu_q, &case.cu_k).unwrap();
+        let row = hkv * d;
+        let pools: Vec<_> = (0..lens_k.len())
+            .map(|s| {
+                let (a, b) = (case.cu_k[s] as usize * row, case.cu_k[s + 1] as usize * row);
+                let (kp, table) = paginate(&k[a..b], row, page, 2, s as u64 + 3);
+                let (vp, _) = paginate(&v[a..b], row, page, 2, s as u64 + 3);
+                (kp, vp, table)
+            })
+            .collect();
+        let views: Vec<PagedKvView<'_, f32>> = pools
+            .iter()
+            .zip(&lens_k)
+            .map(|((kp, vp, table), &len)| PagedKvView {
+                page_size: page,
+                kv_heads: hkv,
+                head_dim: d,
+                len,
+                page_table: table,
+                k_pages: kp,
+                v_pages: vp,
+            })
+            .collect();
+        let got = decode_paged(&cfg, &q, &views, &case.cu_q).unwrap();
+        assert_eq!(got, expect, "same keys in the same order: identical results");
+        // And against the f64 reference.
+        let (o_ref, _) = naive::forward(&cfg, &back(&q), &back(&k), &back(&v), &case.cu_q, &case.cu_k).unwrap();
+        assert!(rel_err(&back(&got.o), &o_ref) <= 2e-4);
+    }
+}
+
+#[test]
+fn paged_decode_rejects_bad_views() {
+    use crate::paged::PagedKvView;
+    let cfg = DenseConfig::causal(Heads::new(2, 1, 4, 4));
+    let q = vec![0.5f32; 2 * 4];
+    let pool = vec![0.0f32; 2 * 4 * 4]; // 2 pages of 4 tokens
+    let good = PagedKvView {
+        page_size: 4,
+        kv_heads: 1,
+        head_dim: 4,
+        len: 6,
+        page_table: &[1, 0],
+        k_pages: &pool,
+        v_pages: &pool,
+    };
+    assert!(decode_paged(&cfg, &q, &[good], &[0, 1]).is_ok());
+    let short_table = PagedKvView { page_table: &[1], ..good };
+    let outside = PagedKvView { page_table: &[0, 2], ..good };
+    let wrong_heads = PagedKvView { kv_heads: 2, head_dim: 2, ..good };
+    for bad in [short_table, outside, wrong_heads] {
+        assert!(decode_paged(&cfg, &q, &[bad], &[0, 1]).is_err());
+    }
+    assert!(matches!(decode_paged(&cfg, &q, &[good, good], &[0, 1]), Err(Error::Shape(_))));
+}

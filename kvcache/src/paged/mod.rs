@@ -79,64 +79,8 @@ struct Seq {
     len: usize,
 }
 
-/// One layer of one sequence, read in place: what an attention op needs to walk the pages.
-///
-/// Token `t` lives in page `page_table[t / page_size]`, row `t % page_size`; a page's K occupies
-/// `k_pages[p * page_len .. (p + 1) * page_len]` (`[page_size, kv_heads, head_dim]`), V likewise.
-#[derive(Debug, Clone, Copy)]
-pub struct PagedKvView<'a, T> {
-    /// Tokens per page.
-    pub page_size: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Dims per head.
-    pub head_dim: usize,
-    /// Tokens of the sequence.
-    pub len: usize,
-    /// The sequence's pages in token order.
-    pub page_table: &'a [u32],
-    /// The layer's whole K pool, `[num_pages, page_size, kv_heads, head_dim]`.
-    pub k_pages: &'a [T],
-    /// The layer's whole V pool, same layout.
-    pub v_pages: &'a [T],
-}
-
-impl<'a, T> PagedKvView<'a, T> {
-    fn row_len(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
-
-    fn offset(&self, pos: usize) -> usize {
-        assert!(pos < self.len, "position {pos} of a {}-token view", self.len);
-        let page = self.page_table[pos / self.page_size] as usize;
-        (page * self.page_size + pos % self.page_size) * self.row_len()
-    }
-
-    /// Token `pos`'s keys, `[kv_heads, head_dim]`. Panics if `pos >= len`.
-    pub fn key(&self, pos: usize) -> &'a [T] {
-        let o = self.offset(pos);
-        &self.k_pages[o..o + self.row_len()]
-    }
-
-    /// Token `pos`'s values, `[kv_heads, head_dim]`. Panics if `pos >= len`.
-    pub fn value(&self, pos: usize) -> &'a [T] {
-        let o = self.offset(pos);
-        &self.v_pages[o..o + self.row_len()]
-    }
-
-    /// The sequence page by page: `(first position, K rows, V rows)`, each chunk
-    /// `[tokens in this page, kv_heads, head_dim]` and contiguous.
-    pub fn chunks(&self) -> impl Iterator<Item = (usize, &'a [T], &'a [T])> + '_ {
-        let row = self.row_len();
-        let page_len = self.page_size * row;
-        self.page_table.iter().enumerate().map(move |(i, &p)| {
-            let start = i * self.page_size;
-            let tokens = self.page_size.min(self.len - start);
-            let o = p as usize * page_len;
-            (start, &self.k_pages[o..o + tokens * row], &self.v_pages[o..o + tokens * row])
-        })
-    }
-}
+// The read view is defined by the consumer, squid-attention (see docs/ARCHITECTURE.md).
+pub use squid_attention::paged::PagedKvView;
 
 /// Reference-counted KV pages for many sequences.
 #[derive(Debug, Clone)]

@@ -256,3 +256,41 @@ proptest! {
         }
     }
 }
+
+/// A GRPO group: one prompt prefilled once, forked to 3 samples that each append their own
+/// tokens (copy on write of the shared partial page). squid-attention's paged decode over the
+/// samples' views, read in place, equals dense decode over gathered contiguous copies.
+#[test]
+fn attention_decodes_forked_sequences_through_their_pages() {
+    use squid_attention::dense::{decode, decode_paged, DenseConfig};
+    use squid_attention::Heads;
+
+    let c = PagedKvConfig { layers: 2, kv_heads: 2, head_dim: 8, page_size: 5, num_pages: 64 };
+    let mut kv = PagedKv::<f32>::new(c).unwrap();
+    let value =
+        |i: usize, seed: u32| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 20) as f32 / 2048.0 - 1.0;
+    let block = |n: usize, seed: u32| -> Vec<f32> { (0..c.layers * n * c.row_len()).map(|i| value(i, seed)).collect() };
+    let prompt = kv.allocate();
+    kv.append(prompt, &block(13, 1), &block(13, 2)).unwrap();
+    let samples: Vec<SeqId> = (0..3).map(|_| kv.fork(prompt).unwrap()).collect();
+    for (i, &s) in samples.iter().enumerate() {
+        let n = 2 + 3 * i;
+        kv.append(s, &block(n, 10 + i as u32), &block(n, 20 + i as u32)).unwrap();
+    }
+    let cfg = DenseConfig::causal(Heads::new(4, 2, 8, 8));
+    let q: Vec<f32> = (0..samples.len() * 4 * 8).map(|i| value(i, 99)).collect();
+    let cu_q: Vec<u32> = (0..=samples.len() as u32).collect();
+    for layer in 0..c.layers {
+        let views: Vec<_> = samples.iter().map(|&s| kv.view(s, layer).unwrap()).collect();
+        let got = decode_paged(&cfg, &q, &views, &cu_q).unwrap();
+        let (mut k, mut v, mut cu_k) = (Vec::new(), Vec::new(), vec![0u32]);
+        for &s in &samples {
+            let (ks, vs) = kv.gather(s, layer).unwrap();
+            cu_k.push(cu_k.last().unwrap() + (ks.len() / c.row_len()) as u32);
+            k.extend(ks);
+            v.extend(vs);
+        }
+        let expect = decode(&cfg, &q, &k, &v, &cu_q, &cu_k).unwrap();
+        assert_eq!(got, expect, "layer {layer}");
+    }
+}
