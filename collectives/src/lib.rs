@@ -7,6 +7,8 @@ use thiserror::Error;
 mod communicator;
 mod dtype;
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 mod reduce;
 pub mod reference;
 pub mod tp;
@@ -77,6 +79,16 @@ pub enum Error {
         /// The deadline.
         after: Duration,
     },
+    /// The backend's library (MPI) reported an error or cannot run the call (for example a
+    /// block too large for MPI's `int` counts, or MPI initialised twice). An error MPI reported
+    /// during a call is sticky: MPI's state is then undefined and the group is unusable.
+    #[error("{op}: {detail}")]
+    Backend {
+        /// The call.
+        op: &'static str,
+        /// What the library said.
+        detail: String,
+    },
 }
 
 /// The reductions every backend offers.
@@ -109,7 +121,7 @@ pub enum Collective {
 }
 
 impl Collective {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::AllReduce => "all_reduce",
             Self::AllGather => "all_gather",
