@@ -67,6 +67,17 @@ struct BarState {
     waiters: Vec<usize>,
 }
 
+/// Deepest call nesting a thread may reach before it is reported as a runaway recursion.
+pub const MAX_CALL_DEPTH: usize = 4096;
+
+/// One active call of a device function.
+struct Frame {
+    /// The `call` instruction.
+    call_pc: u32,
+    /// The caller's frame base in local memory.
+    caller_base: u64,
+}
+
 enum Stop {
     Exit,
     Barrier,
@@ -86,8 +97,14 @@ pub struct Block<'a> {
     steps: Vec<u64>,
     shared: Vec<u8>,
     shadow: Vec<Shadow>,
-    local: Vec<u8>,
-    local_size: usize,
+    /// Each thread's local memory: the entry's frame, then one frame per active call.
+    local: Vec<Vec<u8>>,
+    /// Each thread's current frame base in its local memory.
+    frame_base: Vec<u64>,
+    /// Each thread's active calls.
+    frames: Vec<Vec<Frame>>,
+    /// Each thread's saved register windows of the functions it is inside (one per call).
+    saved: Vec<Vec<u64>>,
     epoch: u32,
     wepoch: Vec<u32>,
     bars: Vec<BarState>,
@@ -112,7 +129,6 @@ impl<'a> Block<'a> {
         let n = (ctx.block[0] * ctx.block[1] * ctx.block[2]) as usize;
         let nregs = ctx.f.num_regs as usize;
         let shared_bytes = (ctx.f.dynamic_shared_offset + ctx.dynamic_shared) as usize;
-        let local_size = ctx.f.local_bytes as usize;
         Self {
             ctx,
             ctaid,
@@ -125,8 +141,10 @@ impl<'a> Block<'a> {
             steps: vec![0; n],
             shared: vec![0; shared_bytes],
             shadow: if ctx.check_shared { vec![Shadow::default(); shared_bytes] } else { Vec::new() },
-            local: vec![0; n * local_size],
-            local_size,
+            local: vec![vec![0; ctx.f.local_bytes as usize]; n],
+            frame_base: vec![0; n],
+            frames: (0..n).map(|_| Vec::new()).collect(),
+            saved: (0..n).map(|_| Vec::new()).collect(),
             epoch: 1,
             wepoch: vec![1; n.div_ceil(32)],
             bars: vec![BarState { red: (BarRedOp::Popc, 0, 0), expected: 0, arrived: 0, waiters: Vec::new() }; 16],
@@ -194,6 +212,7 @@ impl<'a> Block<'a> {
             Operand::Reg(r) => self.regs[t * self.nregs + *r as usize],
             Operand::Imm(v) => *v,
             Operand::Special(s) => self.special(t, *s),
+            Operand::Frame(o) => self.frame_base[t] + o,
             // A one-element vector in a predicate position is `!p`.
             Operand::Vec(v) if v.len() == 1 => u64::from(self.rd(t, &v[0]) == 0),
             _ => 0,
@@ -242,6 +261,7 @@ impl<'a> Block<'a> {
                 let base = match a.base {
                     AddrBase::Reg(r) => self.regs[t * self.nregs + r as usize],
                     AddrBase::Abs(v) => v,
+                    AddrBase::Frame(o) => self.frame_base[t] + o,
                 };
                 base.wrapping_add(a.offset as u64)
             }
@@ -391,11 +411,11 @@ impl<'a> Block<'a> {
                 Ok(le(&self.shared[off..off + size as usize]))
             }
             Space::Local => {
-                if a + size > self.local_size as u64 {
-                    return Err(self.oob(t, "local", false, a, size, self.local_size as u64));
+                let len = self.local[t].len() as u64;
+                if a.checked_add(size).is_none_or(|e| e > len) {
+                    return Err(self.oob(t, "local", false, a, size, len));
                 }
-                let off = t * self.local_size + a as usize;
-                Ok(le(&self.local[off..off + size as usize]))
+                Ok(le(&self.local[t][a as usize..(a + size) as usize]))
             }
             Space::Param => {
                 let p = self.ctx.params;
@@ -428,11 +448,11 @@ impl<'a> Block<'a> {
                 Ok(())
             }
             Space::Local => {
-                if a + size > self.local_size as u64 {
-                    return Err(self.oob(t, "local", true, a, size, self.local_size as u64));
+                let len = self.local[t].len() as u64;
+                if a.checked_add(size).is_none_or(|e| e > len) {
+                    return Err(self.oob(t, "local", true, a, size, len));
                 }
-                let off = t * self.local_size + a as usize;
-                put_le(&mut self.local[off..off + size as usize], v);
+                put_le(&mut self.local[t][a as usize..(a + size) as usize], v);
                 Ok(())
             }
             Space::Const | Space::Param => Err(self.fault(
@@ -687,7 +707,18 @@ impl<'a> Block<'a> {
                         continue;
                     }
                 }
-                Op::Ret | Op::Exit => return Ok(Stop::Exit),
+                Op::Ret => {
+                    if self.frames[t].is_empty() {
+                        return Ok(Stop::Exit);
+                    }
+                    self.ret(t)?;
+                    continue;
+                }
+                Op::Call { callee, nret } => {
+                    self.call(t, *callee, usize::from(*nret))?;
+                    continue;
+                }
+                Op::Exit => return Ok(Stop::Exit),
                 Op::Trap => return Err(self.fault(t, FaultKind::Trap)),
                 Op::Nop => {}
                 Op::ActiveMask => {
@@ -774,6 +805,69 @@ impl<'a> Block<'a> {
             }
             self.pc[t] += 1;
         }
+    }
+
+    /// `call`: a new frame in the thread's local memory, the arguments copied into it, the
+    /// callee's registers saved (a recursive call reuses them), and a jump to the callee.
+    fn call(&mut self, t: usize, callee: u32, nret: usize) -> R<()> {
+        let f: &'a Function = self.ctx.f;
+        let pc = self.pc[t];
+        let c = &f.callees[callee as usize];
+        if self.frames[t].len() >= MAX_CALL_DEPTH {
+            return Err(self.fault(t, FaultKind::CallDepth { limit: MAX_CALL_DEPTH }));
+        }
+        let caller_base = self.frame_base[t];
+        let base = (self.local[t].len() as u64).next_multiple_of(c.frame_align.max(16));
+        self.local[t].resize((base + c.frame_bytes) as usize, 0);
+        let args = &f.insts[pc as usize].args[nret..];
+        for (arg, &(off, size)) in args.iter().zip(&c.params) {
+            let from = self.rd(t, arg);
+            let from_end = from.checked_add(size).filter(|&e| e <= base);
+            let Some(from_end) = from_end else {
+                self.local[t].truncate(base as usize);
+                return Err(self.oob(t, "local", false, from, size, base));
+            };
+            let to = (base + off) as usize;
+            self.local[t].copy_within(from as usize..from_end as usize, to);
+        }
+        let r0 = (t * self.nregs) + c.reg_offset as usize;
+        let window = r0..r0 + c.reg_count as usize;
+        self.saved[t].extend_from_slice(&self.regs[window]);
+        self.frames[t].push(Frame { call_pc: pc, caller_base });
+        self.frame_base[t] = base;
+        self.pc[t] = c.start;
+        Ok(())
+    }
+
+    /// `ret` inside a device function: return values copied to the caller's variables, the
+    /// callee's registers restored, its frame freed.
+    fn ret(&mut self, t: usize) -> R<()> {
+        let f: &'a Function = self.ctx.f;
+        let frame = self.frames[t].pop().expect("a frame");
+        let call = &f.insts[frame.call_pc as usize];
+        let Op::Call { callee, nret } = call.op else { unreachable!("frames are pushed by calls") };
+        let c = &f.callees[callee as usize];
+        let base = self.frame_base[t];
+        for (dst, &(off, size)) in call.args[..usize::from(nret)].iter().zip(&c.rets) {
+            let to = match dst {
+                Operand::Frame(o) => frame.caller_base + o,
+                _ => unreachable!("call operands are frame variables"),
+            };
+            let from = (base + off) as usize;
+            if to + size > base {
+                return Err(self.oob(t, "local", true, to, size, base));
+            }
+            self.local[t].copy_within(from..from + size as usize, to as usize);
+        }
+        let r0 = (t * self.nregs) + c.reg_offset as usize;
+        let n = c.reg_count as usize;
+        let keep = self.saved[t].len() - n;
+        self.regs[r0..r0 + n].copy_from_slice(&self.saved[t][keep..]);
+        self.saved[t].truncate(keep);
+        self.local[t].truncate(base as usize);
+        self.frame_base[t] = frame.caller_base;
+        self.pc[t] = frame.call_pc + 1;
+        Ok(())
     }
 
     fn exec_mov(&mut self, t: usize, ty: Ty, a: &[Operand]) {

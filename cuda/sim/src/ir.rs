@@ -183,6 +183,10 @@ pub enum Operand {
     Sink,
     /// A branch target (instruction index).
     Label(usize),
+    /// The address of a variable in the current call frame's local memory (`.local` variables,
+    /// `.func` parameters and return values, the `.param` variables of a call sequence): the
+    /// frame's base plus this offset.
+    Frame(u64),
 }
 
 /// The base of an address expression.
@@ -192,6 +196,8 @@ pub enum AddrBase {
     Reg(u32),
     /// An absolute address (the variable's address in its space, or a literal).
     Abs(u64),
+    /// A variable of the current call frame (see [`Operand::Frame`]).
+    Frame(u64),
 }
 
 /// `[base + offset]`.
@@ -534,6 +540,15 @@ pub enum Op {
     Redux(AtomOp, Ty),
     /// `match.{any,all}.sync.type d[|p], a, membermask` (all when true)
     Match(bool, Ty),
+    /// `call{.uni} (rets), func, (args)`: operands are the caller-frame addresses
+    /// ([`Operand::Frame`]) of the return-value variables (the first `nret`) and the arguments.
+    Call {
+        /// Index into the linked entry's [`Function::callees`] (before linking: into the
+        /// function's own [`Function::call_names`]).
+        callee: u32,
+        /// How many of the operands are return values.
+        nret: u8,
+    },
     /// `bar.red.{popc,and,or}` / `barrier.red...`: d, a{, b}, {!}c
     BarRed(BarRedOp),
     /// f16/bf16 (scalar or x2) add/sub/mul/min/max, and fma when the op is `Mul` with 3 sources.
@@ -596,7 +611,31 @@ pub struct Param {
     pub offset: u64,
 }
 
-/// One `.entry` function.
+/// A device function reachable from an entry, as linked into the entry's instructions.
+#[derive(Debug, Clone)]
+pub struct Callee {
+    /// Its name.
+    pub name: String,
+    /// Index of its first instruction in the entry's instructions.
+    pub start: u32,
+    /// Its registers: `reg_count` registers from `reg_offset` in the thread's register file.
+    pub reg_offset: u32,
+    /// How many registers it declares.
+    pub reg_count: u32,
+    /// Bytes of its call frame in local memory (return values, parameters, `.local`
+    /// variables and the `.param` variables of its own call sequences).
+    pub frame_bytes: u64,
+    /// Alignment of its frame.
+    pub frame_align: u64,
+    /// Frame offset and size of each parameter.
+    pub params: Vec<(u64, u64)>,
+    /// Frame offset and size of each return value.
+    pub rets: Vec<(u64, u64)>,
+}
+
+/// An `.entry` function, or a `.func` device function. An entry as stored in
+/// [`Module::entries`] is linked: the device functions it calls (transitively) are appended to
+/// its instructions and registers, and listed in `callees`.
 #[derive(Debug, Clone)]
 pub struct Function {
     /// Its name.
@@ -624,6 +663,15 @@ pub struct Function {
     pub insts: Vec<Inst>,
     /// `.reqntid`/`.maxntid` if given.
     pub max_threads: Option<u32>,
+    /// Return values of a `.func` (frame offsets), in order.
+    pub rets: Vec<Param>,
+    /// Largest alignment of a variable in the call frame.
+    pub frame_align: u64,
+    /// The names the function's `call` instructions name, indexed by their `callee` before
+    /// linking.
+    pub call_names: Vec<String>,
+    /// After linking (entries only): the device functions reachable from the entry.
+    pub callees: Vec<Callee>,
 }
 
 /// A parsed module.
@@ -633,8 +681,10 @@ pub struct Module {
     pub version: String,
     /// `.target`
     pub target: String,
-    /// Entry functions by name.
+    /// Entry functions by name, linked with the device functions they call.
     pub entries: HashMap<String, Function>,
+    /// Device functions (`.func` with a body) by name, unlinked.
+    pub funcs: HashMap<String, Function>,
     /// Module `.global` and `.const` variables: space, variable, address.
     pub globals: Vec<(Space, Var, u64)>,
 }

@@ -136,6 +136,12 @@ pub enum FaultKind {
         /// The budget.
         limit: u64,
     },
+    /// A thread nested more calls than the simulator allows (a runaway recursion).
+    #[error("call depth limit of {limit} nested calls exceeded (runaway recursion?)")]
+    CallDepth {
+        /// The limit.
+        limit: usize,
+    },
     /// `trap` executed.
     #[error("trap")]
     Trap,

@@ -283,6 +283,8 @@ struct ModuleSyms {
     /// Module global/const variable addresses.
     globals: HashMap<String, u64>,
     next_global: u64,
+    /// Device functions declared or defined so far.
+    funcs: std::collections::HashSet<String>,
 }
 
 /// Parses PTX text.
@@ -324,7 +326,132 @@ pub fn parse_module(text: &str, global_base: u64) -> Result<Module, Error> {
             t => return Err(perr(line, format!("unexpected {t:?} at module level"))),
         }
     }
+    let Module { entries, funcs, .. } = &mut module;
+    for entry in entries.values_mut() {
+        link(entry, funcs)?;
+    }
     Ok(module)
+}
+
+/// The device functions linked into one entry so far.
+struct Linker<'a> {
+    funcs: &'a HashMap<String, Function>,
+    callees: Vec<Callee>,
+    index: HashMap<String, u32>,
+    /// Callees whose instructions are not yet appended.
+    pending: Vec<u32>,
+}
+
+impl Linker<'_> {
+    /// Resolves a `call` of `name` to its index in the callee table (adding it when new).
+    fn resolve(&mut self, name: &str, line: u32, nargs: usize, nret: usize) -> Result<u32, Error> {
+        let f = self.funcs.get(name).ok_or_else(|| {
+            unsupported(
+                &format!("call to {name}, which has no body in this module (external functions are not simulated)"),
+                line,
+            )
+        })?;
+        if nargs != f.params.len() || nret > f.rets.len() {
+            return Err(perr(
+                line,
+                format!(
+                    "call to {name} with {nargs} arguments and {nret} return values; it takes {} and returns {}",
+                    f.params.len(),
+                    f.rets.len()
+                ),
+            ));
+        }
+        if let Some(&i) = self.index.get(name) {
+            return Ok(i);
+        }
+        let i = self.callees.len() as u32;
+        self.callees.push(Callee {
+            name: name.to_string(),
+            start: 0,
+            reg_offset: 0,
+            reg_count: f.num_regs,
+            frame_bytes: f.local_bytes,
+            frame_align: f.frame_align,
+            params: f.params.iter().map(|p| (p.offset, p.size)).collect(),
+            rets: f.rets.iter().map(|p| (p.offset, p.size)).collect(),
+        });
+        self.index.insert(name.to_string(), i);
+        self.pending.push(i);
+        Ok(i)
+    }
+
+    /// Points a `call` (whose callee indexes `names`) at the callee table.
+    fn fix_call(&mut self, inst: &mut Inst, names: &[String]) -> Result<(), Error> {
+        if let Op::Call { callee, nret } = &mut inst.op {
+            let n = usize::from(*nret);
+            *callee = self.resolve(&names[*callee as usize], inst.line, inst.args.len() - n, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Appends every device function an entry calls (transitively) to the entry's instructions,
+/// with its registers after the entry's, so one thread's registers hold one frame of each
+/// function; a recursive call saves the callee's registers on the thread's call stack.
+fn link(entry: &mut Function, funcs: &HashMap<String, Function>) -> Result<(), Error> {
+    let mut linker = Linker { funcs, callees: Vec::new(), index: HashMap::new(), pending: Vec::new() };
+    let names = std::mem::take(&mut entry.call_names);
+    for inst in &mut entry.insts {
+        linker.fix_call(inst, &names)?;
+    }
+    let dyn_base = entry.dynamic_shared_offset;
+    // The end of a body returns (an entry exits) rather than running into the next function.
+    let end = |f: &Function, op: Op| Inst {
+        line: f.insts.last().map_or(f.line, |i| i.line),
+        guard: None,
+        op,
+        args: Vec::new(),
+        vec: 1,
+        pdst: None,
+    };
+    if !linker.pending.is_empty() {
+        entry.insts.push(end(entry, Op::Exit));
+    }
+    while let Some(i) = linker.pending.pop() {
+        let f = &funcs[&linker.callees[i as usize].name];
+        let start = entry.insts.len() as u32;
+        let roff = entry.reg_bits.len() as u32;
+        entry.reg_bits.extend_from_slice(&f.reg_bits);
+        entry.reg_names.extend(f.reg_names.iter().map(|r| format!("{}:{r}", f.name)));
+        for inst in &f.insts {
+            let mut inst = inst.clone();
+            if let Some((p, _)) = &mut inst.guard {
+                *p += roff;
+            }
+            if let Some(p) = &mut inst.pdst {
+                *p += roff;
+            }
+            for a in &mut inst.args {
+                relocate(a, roff, start as usize, dyn_base);
+            }
+            linker.fix_call(&mut inst, &f.call_names)?;
+            entry.insts.push(inst);
+        }
+        entry.insts.push(end(f, Op::Ret));
+        let c = &mut linker.callees[i as usize];
+        c.start = start;
+        c.reg_offset = roff;
+    }
+    entry.num_regs = entry.reg_bits.len() as u32;
+    entry.callees = linker.callees;
+    Ok(())
+}
+
+/// Moves a device function's operand into the entry: registers after `roff`, branch targets
+/// after `start`, the dynamic shared base at the entry's.
+fn relocate(o: &mut Operand, roff: u32, start: usize, dyn_base: u64) {
+    match o {
+        Operand::Reg(r) => *r += roff,
+        Operand::Addr(Addr { base: AddrBase::Reg(r), .. }) => *r += roff,
+        Operand::Label(l) => *l += start,
+        Operand::Vec(v) => v.iter_mut().for_each(|x| relocate(x, roff, start, dyn_base)),
+        _ => patch_dyn(o, dyn_base),
+    }
 }
 
 fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Result<(), Error> {
@@ -343,7 +470,7 @@ fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Resu
             }
             ".entry" => {
                 c.pos += 1;
-                let f = parse_function(c, syms, true)?;
+                let (_, f) = parse_function(c, syms, true)?;
                 if let Some(f) = f {
                     module.entries.insert(f.name.clone(), f);
                 }
@@ -351,9 +478,16 @@ fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Resu
             }
             ".func" => {
                 c.pos += 1;
-                // Device functions: skipped. NVRTC inlines `__forceinline__` helpers; a `call`
-                // to one is reported as unsupported when the caller is decoded.
-                skip_function(c)?;
+                // A device function: a prototype (`;`, e.g. an `.extern` one such as vprintf) is
+                // skipped; a body is decoded and linked into the entries that call it.
+                let (name, f) = parse_function(c, syms, false)?;
+                syms.funcs.insert(name);
+                if let Some(f) = f {
+                    if module.funcs.contains_key(&f.name) {
+                        return Err(perr(f.line, format!("function {} is defined twice", f.name)));
+                    }
+                    module.funcs.insert(f.name.clone(), f);
+                }
                 return Ok(());
             }
             ".global" | ".const" | ".shared" => {
@@ -388,26 +522,6 @@ fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Resu
     }
 }
 
-fn skip_function(c: &mut Cursor) -> Result<(), Error> {
-    // Skip to the body (or the ';' of a prototype), then to its matching '}'.
-    loop {
-        match c.next()? {
-            Tok::Punct(';') => return Ok(()),
-            Tok::Punct('{') => break,
-            _ => {}
-        }
-    }
-    let mut depth = 1;
-    while depth > 0 {
-        match c.next()? {
-            Tok::Punct('{') => depth += 1,
-            Tok::Punct('}') => depth -= 1,
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Per-function decoding state.
 struct FnCtx<'a> {
     syms: &'a ModuleSyms,
@@ -419,6 +533,15 @@ struct FnCtx<'a> {
     labels: HashMap<String, usize>,
     fixups: Vec<(usize, usize, String, u32)>,
     insts: Vec<Inst>,
+    /// Variables of the call frame (local memory): name -> frame offset.
+    frame: HashMap<String, u64>,
+    /// Bytes of the frame so far, and its largest alignment.
+    frame_bytes: u64,
+    frame_align: u64,
+    /// An `.entry` (else a `.func`).
+    entry: bool,
+    /// Names called by `call` instructions, indexed by their `callee`.
+    call_names: Vec<String>,
 }
 
 impl FnCtx<'_> {
@@ -430,6 +553,14 @@ impl FnCtx<'_> {
     }
     fn reg(&self, name: &str) -> Option<u32> {
         self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+    }
+    /// Allocates a variable in the call frame.
+    fn frame_var(&mut self, name: String, size: u64, align: u64) -> u64 {
+        let off = align_up(self.frame_bytes, align);
+        self.frame_bytes = off + size;
+        self.frame_align = self.frame_align.max(align);
+        self.frame.insert(name, off);
+        off
     }
     fn symbol(&self, name: &str) -> Option<u64> {
         if let Some(v) = self.locals.get(name) {
@@ -445,18 +576,18 @@ impl FnCtx<'_> {
     }
 }
 
-fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Option<Function>, Error> {
-    let line = c.line();
-    let name = c.ident()?;
+/// A parameter list `( .param .ty name, ... )` (the '(' already read): (param, alignment).
+fn parse_params(c: &mut Cursor) -> Result<Vec<(Param, u64)>, Error> {
     let mut params = Vec::new();
-    let mut param_bytes = 0u64;
-    c.expect_punct('(')?;
     while !c.eat_punct(')') {
         if c.eat_punct(',') {
             continue;
         }
         let pl = c.line();
         let kw = c.ident()?;
+        if kw == ".reg" {
+            return Err(unsupported(".reg parameters of a .func", pl));
+        }
         if kw != ".param" {
             return Err(perr(pl, format!("expected .param, found {kw}")));
         }
@@ -472,9 +603,8 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
                 align = Some(c.int()? as u64);
             } else if let Some(t) = Ty::parse(&s[1..]) {
                 ty = Some(t);
-            } else if s == ".ptr" || s.starts_with(".global") || s.starts_with(".shared") || s.starts_with(".const") {
-                // `.ptr.global.align 4`: pointer annotations
             }
+            // `.ptr.global.align 4` and the like: pointer annotations, ignored.
         }
         let ty = ty.ok_or_else(|| perr(pl, "parameter without a type"))?;
         let pname = c.ident()?;
@@ -484,9 +614,51 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
             c.expect_punct(']')?;
         }
         let size = ty.bytes() * count;
-        let offset = align_up(param_bytes, align.unwrap_or(ty.bytes()));
-        param_bytes = offset + size;
-        params.push(Param { name: pname, ty, size, offset });
+        params.push((Param { name: pname, ty, size, offset: 0 }, align.unwrap_or(ty.bytes()).max(1)));
+    }
+    Ok(params)
+}
+
+/// A function: its name, and its decoded body (None for a prototype).
+fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(String, Option<Function>), Error> {
+    let line = c.line();
+    // A `.func` may name its return values first: `.func (.param .b32 func_retval0) name(...)`.
+    let ret_list = if !entry && c.eat_punct('(') { parse_params(c)? } else { Vec::new() };
+    let name = c.ident()?;
+    let param_list = if c.eat_punct('(') { parse_params(c)? } else { Vec::new() };
+    let mut f = FnCtx {
+        syms,
+        scopes: vec![HashMap::new()],
+        reg_bits: Vec::new(),
+        reg_names: Vec::new(),
+        locals: HashMap::new(),
+        labels: HashMap::new(),
+        fixups: Vec::new(),
+        insts: Vec::new(),
+        frame: HashMap::new(),
+        frame_bytes: 0,
+        frame_align: 1,
+        entry,
+        call_names: Vec::new(),
+    };
+    // An entry's parameters are the launch's parameter block; a `.func`'s return values and
+    // parameters live in its call frame (local memory), where `call` copies them.
+    let mut params = Vec::new();
+    let mut rets = Vec::new();
+    let mut param_bytes = 0u64;
+    for (mut p, align) in ret_list {
+        p.offset = f.frame_var(p.name.clone(), p.size, align);
+        rets.push(p);
+    }
+    for (mut p, align) in param_list {
+        if entry {
+            p.offset = align_up(param_bytes, align);
+            param_bytes = p.offset + p.size;
+            f.locals.insert(p.name.clone(), p.offset);
+        } else {
+            p.offset = f.frame_var(p.name.clone(), p.size, align);
+        }
+        params.push(p);
     }
     let mut max_threads = None;
     // Performance directives before the body.
@@ -495,7 +667,7 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
             Some(Tok::Punct('{')) => break,
             Some(Tok::Punct(';')) => {
                 c.pos += 1;
-                return Ok(None); // a prototype
+                return Ok((name, None)); // a prototype
             }
             Some(Tok::Ident(s)) if s == ".maxntid" || s == ".reqntid" => {
                 c.pos += 1;
@@ -515,21 +687,7 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
         }
     }
     c.expect_punct('{')?;
-    let mut f = FnCtx {
-        syms,
-        scopes: vec![HashMap::new()],
-        reg_bits: Vec::new(),
-        reg_names: Vec::new(),
-        locals: HashMap::new(),
-        labels: HashMap::new(),
-        fixups: Vec::new(),
-        insts: Vec::new(),
-    };
-    for p in &params {
-        f.locals.insert(p.name.clone(), p.offset);
-    }
     let mut shared_bytes = syms.shared_bytes;
-    let mut local_bytes = 0u64;
     let mut depth = 1;
     while depth > 0 {
         let sl = c.line();
@@ -566,7 +724,10 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
                             }
                         }
                     }
-                    ".shared" | ".local" => {
+                    ".shared" | ".local" | ".param" => {
+                        if s == ".shared" && !entry {
+                            return Err(unsupported(".shared declared inside a .func", sl));
+                        }
                         let d = parse_decl(c)?;
                         for i in 0..d.names.len() {
                             let v = var_from_decl(&d, i, sl)?;
@@ -575,17 +736,16 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
                                 shared_bytes = off + v.size;
                                 f.locals.insert(v.name, off);
                             } else {
-                                let off = align_up(local_bytes, v.align);
-                                local_bytes = off + v.size;
-                                f.locals.insert(v.name, off);
+                                // `.local` variables and the `.param` variables of a call
+                                // sequence: per call frame.
+                                f.frame_var(v.name, v.size, v.align);
                             }
                         }
                     }
-                    ".pragma" | ".loc" | ".param" | ".maxnreg" => {
-                        if s == ".param" {
-                            // A call sequence: `call` is not simulated.
-                            return Err(unsupported(".param (a call sequence)", sl));
-                        }
+                    ".callprototype" => {
+                        return Err(unsupported(".callprototype (indirect calls are not simulated)", sl));
+                    }
+                    ".pragma" | ".loc" | ".maxnreg" => {
                         if s == ".loc" {
                             c.skip_line(sl);
                         } else {
@@ -613,25 +773,35 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, _entry: bool) -> Result<Opt
     }
     let dyn_align = syms.dynamic.iter().map(|(_, a)| *a).max().unwrap_or(16).max(16);
     let dynamic_shared_offset = align_up(shared_bytes, dyn_align);
-    for inst in &mut f.insts {
-        for a in &mut inst.args {
-            patch_dyn(a, dynamic_shared_offset);
+    // A `.func`'s dynamic shared base is the calling entry's: patched when linked.
+    if entry {
+        for inst in &mut f.insts {
+            for a in &mut inst.args {
+                patch_dyn(a, dynamic_shared_offset);
+            }
         }
     }
-    Ok(Some(Function {
-        name,
-        line,
-        params,
-        param_bytes,
-        num_regs: f.reg_bits.len() as u32,
-        reg_bits: f.reg_bits,
-        reg_names: f.reg_names,
-        static_shared: shared_bytes,
-        dynamic_shared_offset,
-        local_bytes,
-        insts: f.insts,
-        max_threads,
-    }))
+    Ok((
+        name.clone(),
+        Some(Function {
+            name,
+            line,
+            params,
+            param_bytes,
+            num_regs: f.reg_bits.len() as u32,
+            reg_bits: f.reg_bits,
+            reg_names: f.reg_names,
+            static_shared: shared_bytes,
+            dynamic_shared_offset,
+            local_bytes: f.frame_bytes,
+            insts: f.insts,
+            max_threads,
+            rets,
+            frame_align: f.frame_align,
+            call_names: f.call_names,
+            callees: Vec::new(),
+        }),
+    ))
 }
 
 fn patch_dyn(a: &mut Operand, base: u64) {
@@ -743,13 +913,23 @@ impl FnCtx<'_> {
                     Operand::Reg(r)
                 } else if let Some(s) = special(n) {
                     Operand::Special(s)
+                } else if let Some(&o) = self.frame.get(n) {
+                    Operand::Frame(o)
                 } else if let Some(a) = self.symbol(n) {
                     Operand::Imm(a)
+                } else if self.syms.funcs.contains(n) {
+                    return Err(unsupported(
+                        &format!("the address of the function {n} (indirect calls are not simulated)"),
+                        line,
+                    ));
                 } else {
                     return Err(perr(line, format!("unknown name {n}")));
                 }
             }
             Raw::NameOff(n, off) => {
+                if let Some(&o) = self.frame.get(n) {
+                    return Ok(Operand::Frame(o.wrapping_add(*off as u64)));
+                }
                 let a = self.symbol(n).ok_or_else(|| perr(line, format!("unknown symbol {n}")))?;
                 Operand::Imm(a.wrapping_add(*off as u64))
             }
@@ -759,6 +939,7 @@ impl FnCtx<'_> {
                     None => AddrBase::Abs(0),
                     Some(n) => match self.reg(n) {
                         Some(r) => AddrBase::Reg(r),
+                        None if self.frame.contains_key(n) => AddrBase::Frame(self.frame[n]),
                         None => AddrBase::Abs(
                             self.symbol(n).ok_or_else(|| perr(line, format!("unknown name {n} in an address")))?,
                         ),
@@ -790,6 +971,9 @@ fn parse_inst(c: &mut Cursor, f: &mut FnCtx<'_>) -> Result<(), Error> {
         guard = Some((r, neg));
     }
     let opcode = c.ident()?;
+    if opcode == "call" || opcode.starts_with("call.") {
+        return parse_call(c, f, guard, line, &opcode);
+    }
     let mut raws = Vec::new();
     let mut pdst_raw = None;
     while !c.eat_punct(';') {
@@ -814,6 +998,89 @@ fn parse_inst(c: &mut Cursor, f: &mut FnCtx<'_>) -> Result<(), Error> {
         }
     }
     f.insts.push(Inst { line, guard, op, args, vec, pdst });
+    Ok(())
+}
+
+/// The names of a `( a, b, ... )` list (the '(' already read) as call-frame operands.
+fn call_operands(c: &mut Cursor, f: &FnCtx<'_>, line: u32) -> Result<Vec<Operand>, Error> {
+    let mut out = Vec::new();
+    while !c.eat_punct(')') {
+        if c.eat_punct(',') {
+            continue;
+        }
+        let l = c.line();
+        let name = match c.next()? {
+            Tok::Ident(n) => n,
+            t => {
+                return Err(unsupported(
+                    &format!("call with the operand {t:?} (only .param variables are supported)"),
+                    l,
+                ))
+            }
+        };
+        match f.frame.get(&name) {
+            Some(&o) => out.push(Operand::Frame(o)),
+            None if f.reg(&name).is_some() => {
+                return Err(unsupported(
+                    &format!("call with the register operand {name} (only .param variables)"),
+                    line,
+                ))
+            }
+            None => return Err(perr(line, format!("unknown call operand {name}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// `call{.uni} {(rets),} func{, (args)}{, prototype};`
+fn parse_call(
+    c: &mut Cursor,
+    f: &mut FnCtx<'_>,
+    guard: Option<(u32, bool)>,
+    line: u32,
+    opcode: &str,
+) -> Result<(), Error> {
+    let rets = if c.eat_punct('(') {
+        let r = call_operands(c, f, line)?;
+        c.expect_punct(',')?;
+        r
+    } else {
+        Vec::new()
+    };
+    let target = c.ident()?;
+    if f.reg(&target).is_some() {
+        return Err(unsupported(
+            &format!("{opcode} through the register {target} (indirect calls are not simulated)"),
+            line,
+        ));
+    }
+    let mut args = Vec::new();
+    if c.eat_punct(',') {
+        if c.eat_punct('(') {
+            args = call_operands(c, f, line)?;
+        }
+        if c.eat_punct(',') || !c.is_punct(';') {
+            return Err(unsupported(
+                &format!("{opcode} with a prototype or target list (indirect calls are not simulated)"),
+                line,
+            ));
+        }
+    }
+    c.expect_punct(';')?;
+    if rets.len() > usize::from(u8::MAX) {
+        return Err(perr(line, "too many return values"));
+    }
+    let callee = match f.call_names.iter().position(|n| *n == target) {
+        Some(i) => i,
+        None => {
+            f.call_names.push(target);
+            f.call_names.len() - 1
+        }
+    } as u32;
+    let nret = rets.len() as u8;
+    let mut operands = rets;
+    operands.extend(args);
+    f.insts.push(Inst { line, guard, op: Op::Call { callee, nret }, args: operands, vec: 1, pdst: None });
     Ok(())
 }
 
@@ -939,8 +1206,19 @@ fn decode(f: &FnCtx<'_>, opcode: &str, raws: &[Raw], line: u32) -> Result<Decode
             let space = mods.iter().find_map(|m| space_of(m)).unwrap_or(Space::Generic);
             let vec = mods.iter().find_map(|m| m.strip_prefix('v').and_then(|n| n.parse::<u8>().ok())).unwrap_or(1);
             let ty = op_ty?;
+            need(2)?;
+            // `.param` variables of a call sequence and a `.func`'s parameters and return
+            // values live in the call frame: local memory.
+            let mut space = space;
+            if space == Space::Param {
+                let a = if name == "st" { &raws[0] } else { &raws[1] };
+                if let Operand::Addr(Addr { base, .. }) = f.src(a, u32t, line)? {
+                    if matches!(base, AddrBase::Frame(_)) || (!f.entry && matches!(base, AddrBase::Reg(_))) {
+                        space = Space::Local;
+                    }
+                }
+            }
             if name == "st" {
-                need(2)?;
                 let addr = f.src(&raws[0], u32t, line)?;
                 let val = f.src(&raws[1], ty, line)?;
                 (Op::St { space, ty }, vec![addr, val], vec)
