@@ -54,12 +54,23 @@ impl TinyConfig {
 /// `c[m, n] = a[m, k] @ b[k, n]`, row-major, through the `gemm` crate on all threads.
 pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     let mut c = vec![0.0f32; m * n];
-    assert!(a.len() == m * k && b.len() == k * n, "matmul shapes");
-    if m * n * k == 0 {
-        return c;
+    matmul_into(a, b, &mut c, m, k, n, gemm::Parallelism::Rayon(0));
+    c
+}
+
+/// `c = a @ b` for row-major `a: [m, k]`, `b: [k, n]`, `c: [m, n]` (overwritten), with the
+/// given parallelism. Panics if the lengths do not match the shape (a caller's bug).
+pub fn matmul_into(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, parallelism: gemm::Parallelism) {
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "matmul shapes");
+    if m * n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
     }
     // SAFETY: the buffers hold exactly the elements the row-major strides address, and `c` is a
-    // fresh allocation that aliases neither input.
+    // unique borrow, so it aliases neither input.
     unsafe {
         gemm::gemm(
             m,
@@ -80,10 +91,9 @@ pub fn matmul(a: &[f32], b: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            parallelism,
         )
     };
-    c
 }
 
 struct Block {

@@ -7,35 +7,8 @@ use rayon::prelude::*;
 
 use crate::harness::{Case, Work};
 
-/// `c = a @ b` for row-major `a: [m, k]`, `b: [k, n]`, `c: [m, n]` through `gemm`.
-pub fn matmul_f32(a: &[f32], b: &[f32], c: &mut [f32], m: usize, k: usize, n: usize, parallelism: Parallelism) {
-    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n, "matmul shapes");
-    // SAFETY: the three buffers have exactly the lengths the row-major strides address, and
-    // `c` does not alias `a` or `b` (it is a unique borrow).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
+/// The matmul the roofs are measured with (shared with the test model).
+pub use squid_tests::tiny_model::matmul_into as matmul_f32;
 
 fn filled(len: usize, seed: u32) -> Vec<f32> {
     (0..len)
