@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod env;
 pub mod kernels;
 
 /// What the `squid` binary can fail with.
