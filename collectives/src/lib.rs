@@ -9,6 +9,8 @@ mod dtype;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod reduce;
 pub mod reference;
 pub mod tp;
@@ -79,9 +81,20 @@ pub enum Error {
         /// The deadline.
         after: Duration,
     },
-    /// The backend's library (MPI) reported an error or cannot run the call (for example a
-    /// block too large for MPI's `int` counts, or MPI initialised twice). An error MPI reported
-    /// during a call is sticky: MPI's state is then undefined and the group is unusable.
+    /// The backend cannot run on this machine: its library (libnccl, libcuda) cannot be loaded,
+    /// lacks a function this crate needs, is too old, or there is no GPU. Nothing was started.
+    #[error("{backend} is unavailable: {detail}")]
+    Unavailable {
+        /// The backend (`nccl`).
+        backend: &'static str,
+        /// What is missing and what was tried.
+        detail: String,
+    },
+    /// The backend's library (MPI, NCCL, the CUDA driver) reported an error or cannot run the
+    /// call (for example a block too large for MPI's `int` counts, MPI initialised twice, an
+    /// NCCL async error, a device buffer on another GPU). An error the library reported during
+    /// a call is sticky: its state is then undefined and the group is unusable (an NCCL
+    /// communicator is aborted).
     #[error("{op}: {detail}")]
     Backend {
         /// The call.
