@@ -20,12 +20,13 @@
 //! `Error::Timeout` naming rank 1 (and again from its next call), prints `TIMEOUT-OK`, and the
 //! watchdog then aborts the whole job: `mpirun` must exit non-zero.
 
+use squid_collectives::reference::{seeded_inputs, SeededValue};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use half::{bf16, f16};
 use squid_collectives::mpi::{MpiComm, MpiOptions};
-use squid_collectives::{reference, Communicator, Error, LocalGroup, ReduceOp, Scalar};
+use squid_collectives::{reference, Communicator, Error, LocalGroup, ReduceOp};
 
 /// The tp tests' 2-layer transformer block (`src/tp/two_layer_model.rs`), sharded over any
 /// communicator.
@@ -49,8 +50,9 @@ mod two_layer {
     pub fn run<C: Communicator>(comm: &C) -> Result<(Vec<f32>, f32, Vec<f32>), TpError> {
         let p = model_params();
         let mut state = 7u64;
-        let full: Vec<f32> =
-            (0..p.len).map(|_| (super::splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5).collect();
+        let full: Vec<f32> = (0..p.len)
+            .map(|_| (squid_collectives::reference::splitmix(&mut state) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
         let tokens = *MODEL_SEQS.last().expect("sequences") as usize;
         let ids: Vec<u32> = (0..tokens).map(|i| ((i * 7 + 3) % VOCAB) as u32).collect();
         let targets: Vec<u32> = (0..tokens).map(|i| ids[(i + 1) % tokens]).collect();
@@ -59,52 +61,6 @@ mod two_layer {
 }
 
 const OPS: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min, ReduceOp::Prod];
-
-/// Inputs made from a seed: floats in [-4, 4) rounded to the type, integers over their whole
-/// range (so sums and products wrap).
-trait TestValue: Scalar {
-    fn from_seed(bits: u64) -> Self;
-}
-
-impl TestValue for f32 {
-    fn from_seed(bits: u64) -> Self {
-        (bits >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
-    }
-}
-impl TestValue for bf16 {
-    fn from_seed(bits: u64) -> Self {
-        bf16::from_f32(<f32 as TestValue>::from_seed(bits))
-    }
-}
-impl TestValue for f16 {
-    fn from_seed(bits: u64) -> Self {
-        f16::from_f32(<f32 as TestValue>::from_seed(bits))
-    }
-}
-impl TestValue for i32 {
-    fn from_seed(bits: u64) -> Self {
-        (bits >> 32) as i32
-    }
-}
-impl TestValue for i64 {
-    fn from_seed(bits: u64) -> Self {
-        bits as i64
-    }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// Every rank's input (each rank makes all of them from the same seed, to know the answer).
-fn inputs<T: TestValue>(world: usize, len: usize, seed: u64) -> Vec<Vec<T>> {
-    let mut state = seed;
-    (0..world).map(|_| (0..len).map(|_| T::from_seed(splitmix(&mut state))).collect()).collect()
-}
 
 /// Records a failed check.
 struct Checks {
@@ -134,12 +90,12 @@ impl Checks {
     }
 }
 
-fn collectives<T: TestValue>(comm: &MpiComm, checks: &mut Checks) {
+fn collectives<T: SeededValue>(comm: &MpiComm, checks: &mut Checks) {
     let (rank, world) = (comm.rank(), comm.world_size());
     let dtype = T::DTYPE;
     for (i, len) in [0usize, 1, 2, 3, 7, 64, 513, 4099, 100_003].into_iter().enumerate() {
         let seed = 1000 * i as u64 + dtype.size_bytes() as u64 + 17 * dtype.name().len() as u64;
-        let ar_in = inputs::<T>(world, len, seed);
+        let ar_in = seeded_inputs::<T>(world, len, seed);
         for op in OPS {
             let mut out = vec![T::default(); len];
             let got = comm.all_reduce(&ar_in[rank], &mut out, op).map(|()| out);
@@ -151,7 +107,7 @@ fn collectives<T: TestValue>(comm: &MpiComm, checks: &mut Checks) {
             format!("all_reduce_in_place {dtype} len {len}")
         });
 
-        let bc_in = inputs::<T>(world, len, seed ^ 3);
+        let bc_in = seeded_inputs::<T>(world, len, seed ^ 3);
         for root in 0..world {
             let mut buf = bc_in[rank].clone();
             let got = comm.broadcast(&mut buf, root).map(|()| buf);
@@ -160,11 +116,11 @@ fn collectives<T: TestValue>(comm: &MpiComm, checks: &mut Checks) {
     }
     for (i, block) in [0usize, 1, 5, 1000, 33_333].into_iter().enumerate() {
         let seed = 77 + i as u64 * 31 + dtype.size_bytes() as u64;
-        let ag_in = inputs::<T>(world, block, seed);
+        let ag_in = seeded_inputs::<T>(world, block, seed);
         let mut out = vec![T::default(); block * world];
         let got = comm.all_gather(&ag_in[rank], &mut out).map(|()| out);
         checks.equal(got, reference::all_gather(&ag_in), || format!("all_gather {dtype} block {block}"));
-        let rs_in = inputs::<T>(world, block * world, seed ^ 2);
+        let rs_in = seeded_inputs::<T>(world, block * world, seed ^ 2);
         for op in OPS {
             let mut out = vec![T::default(); block];
             let got = comm.reduce_scatter(&rs_in[rank], &mut out, op).map(|()| out);
@@ -176,7 +132,7 @@ fn collectives<T: TestValue>(comm: &MpiComm, checks: &mut Checks) {
     if world > 1 {
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
         let messages = |from: usize| -> Vec<Vec<T>> {
-            (0..4).map(|k| inputs::<T>(1, k * 37 + from, 9 + k as u64).remove(0)).collect()
+            (0..4).map(|k| seeded_inputs::<T>(1, k * 37 + from, 9 + k as u64).remove(0)).collect()
         };
         for m in messages(rank) {
             if let Err(e) = comm.send(&m, next) {

@@ -54,3 +54,31 @@ pub trait Communicator {
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<(), Error>;
 }
+
+/// Runs `f` on one scoped thread per communicator (named `{prefix}-{rank}`, rank = index) and
+/// returns each thread's outcome in rank order (a panicking rank gives `Err` with its payload).
+/// Shared by the thread-group backends.
+pub(crate) fn run_per_rank<C, R, F>(comms: Vec<C>, prefix: &str, f: F) -> Vec<std::thread::Result<R>>
+where
+    C: Send,
+    R: Send,
+    F: Fn(C) -> R + Sync,
+{
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .enumerate()
+            .map(|(rank, comm)| {
+                std::thread::Builder::new().name(format!("{prefix}-{rank}")).spawn_scoped(scope, move || f(comm))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join(),
+                Err(e) => Err(Box::new(e) as Box<dyn std::any::Any + Send>),
+            })
+            .collect()
+    })
+}

@@ -50,3 +50,52 @@ pub fn reduce_scatter<T: Scalar>(inputs: &[Vec<T>], op: ReduceOp) -> Vec<Vec<T>>
     let block = full.len() / world;
     (0..world).map(|r| full[r * block..(r + 1) * block].to_vec()).collect()
 }
+
+/// Test inputs made from a seed, the same on every rank and every backend: floats in [-4, 4)
+/// (rounded to the type), integers over their whole range (so sums and products wrap).
+pub trait SeededValue: Scalar {
+    /// The value for 64 random bits.
+    fn from_seed(bits: u64) -> Self;
+}
+
+impl SeededValue for f32 {
+    fn from_seed(bits: u64) -> Self {
+        (bits >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
+    }
+}
+impl SeededValue for half::bf16 {
+    fn from_seed(bits: u64) -> Self {
+        half::bf16::from_f32(<f32 as SeededValue>::from_seed(bits))
+    }
+}
+impl SeededValue for half::f16 {
+    fn from_seed(bits: u64) -> Self {
+        half::f16::from_f32(<f32 as SeededValue>::from_seed(bits))
+    }
+}
+impl SeededValue for i32 {
+    fn from_seed(bits: u64) -> Self {
+        (bits >> 32) as i32
+    }
+}
+impl SeededValue for i64 {
+    fn from_seed(bits: u64) -> Self {
+        bits as i64
+    }
+}
+
+/// SplitMix64: the next 64 random bits of `state`.
+pub fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `world` inputs of `len` values each, from `seed` (every rank can make all of them, so it
+/// knows the answer).
+pub fn seeded_inputs<T: SeededValue>(world: usize, len: usize, seed: u64) -> Vec<Vec<T>> {
+    let mut state = seed;
+    (0..world).map(|_| (0..len).map(|_| T::from_seed(splitmix(&mut state))).collect()).collect()
+}

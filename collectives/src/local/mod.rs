@@ -87,25 +87,7 @@ impl LocalGroup {
         R: Send,
         F: Fn(LocalComm) -> R + Sync,
     {
-        let f = &f;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .comms
-                .into_iter()
-                .map(|comm| {
-                    std::thread::Builder::new()
-                        .name(format!("squid-rank-{}", comm.rank))
-                        .spawn_scoped(scope, move || f(comm))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h {
-                    Ok(h) => h.join(),
-                    Err(e) => Err(Box::new(e) as Box<dyn std::any::Any + Send>),
-                })
-                .collect()
-        })
+        crate::communicator::run_per_rank(self.comms, "squid-rank", f)
     }
 }
 

@@ -5,6 +5,7 @@
 //! Results are compared bit for bit: the backend documents that it reduces in rank order in
 //! `Scalar::Acc` and rounds once, and the reference does exactly that.
 
+use crate::reference::{seeded_inputs, SeededValue};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,52 +22,6 @@ const SHORT: Duration = Duration::from_millis(200);
 /// machine).
 const LONG: Duration = Duration::from_secs(10);
 
-/// Test inputs made from a seed: floats in [-4, 4) (rounded to the type), integers over their
-/// whole range so sums and products wrap.
-trait TestValue: Scalar {
-    fn from_seed(bits: u64) -> Self;
-}
-
-impl TestValue for f32 {
-    fn from_seed(bits: u64) -> Self {
-        (bits >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0
-    }
-}
-impl TestValue for bf16 {
-    fn from_seed(bits: u64) -> Self {
-        bf16::from_f32(<f32 as TestValue>::from_seed(bits))
-    }
-}
-impl TestValue for f16 {
-    fn from_seed(bits: u64) -> Self {
-        f16::from_f32(<f32 as TestValue>::from_seed(bits))
-    }
-}
-impl TestValue for i32 {
-    fn from_seed(bits: u64) -> Self {
-        (bits >> 32) as i32
-    }
-}
-impl TestValue for i64 {
-    fn from_seed(bits: u64) -> Self {
-        bits as i64
-    }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// `world` inputs of `len` values each.
-fn inputs<T: TestValue>(world: usize, len: usize, seed: u64) -> Vec<Vec<T>> {
-    let mut state = seed;
-    (0..world).map(|_| (0..len).map(|_| T::from_seed(splitmix(&mut state))).collect()).collect()
-}
-
 const OPS: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min, ReduceOp::Prod];
 
 /// What one rank received from every collective of [`run_all`].
@@ -81,11 +36,11 @@ struct Received<T> {
 
 /// Runs every collective on a fresh group of `world` threads and checks each rank's results
 /// against the reference.
-fn run_all<T: TestValue>(world: usize, len: usize, block: usize, rs_op: ReduceOp, root: usize, seed: u64) {
-    let ar_in = inputs::<T>(world, len, seed);
-    let ag_in = inputs::<T>(world, block, seed ^ 1);
-    let rs_in = inputs::<T>(world, block * world, seed ^ 2);
-    let bc_in = inputs::<T>(world, len, seed ^ 3);
+fn run_all<T: SeededValue>(world: usize, len: usize, block: usize, rs_op: ReduceOp, root: usize, seed: u64) {
+    let ar_in = seeded_inputs::<T>(world, len, seed);
+    let ag_in = seeded_inputs::<T>(world, block, seed ^ 1);
+    let rs_in = seeded_inputs::<T>(world, block * world, seed ^ 2);
+    let bc_in = seeded_inputs::<T>(world, len, seed ^ 3);
 
     let outcomes = LocalGroup::new(world).unwrap().run(|comm| {
         let r = comm.rank();
@@ -206,9 +161,9 @@ fn half_sums_accumulate_in_f32() {
 fn half_sums_are_within_one_rounding_of_exact() {
     // Against an f64 sum: |out - exact| <= u(T) |exact| + world * eps(f32) * sum |x| (one final
     // rounding to the storage type plus f32 accumulation over `world` terms).
-    fn check<T: TestValue<Acc = f32>>(u: f64) {
+    fn check<T: SeededValue<Acc = f32>>(u: f64) {
         let (world, len) = (4, 3001);
-        let ins = inputs::<T>(world, len, 11);
+        let ins = seeded_inputs::<T>(world, len, 11);
         let results = LocalGroup::new(world).unwrap().run(|comm| {
             let mut out = vec![T::default(); len];
             comm.all_reduce(&ins[comm.rank()], &mut out, ReduceOp::Sum).unwrap();

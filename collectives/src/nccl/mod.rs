@@ -1157,25 +1157,7 @@ impl NcclGroup {
         R: Send,
         F: Fn(NcclComm) -> R + Sync,
     {
-        let f = &f;
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .comms
-                .into_iter()
-                .map(|comm| {
-                    std::thread::Builder::new()
-                        .name(format!("squid-nccl-rank-{}", comm.rank))
-                        .spawn_scoped(scope, move || f(comm))
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| match h {
-                    Ok(h) => h.join(),
-                    Err(e) => Err(Box::new(e) as Box<dyn std::any::Any + Send>),
-                })
-                .collect()
-        })
+        crate::communicator::run_per_rank(self.comms, "squid-nccl-rank", f)
     }
 }
 
