@@ -39,6 +39,37 @@ impl Mask for DenseConfig {
 /// Fills one tile from (first key row, keys in block, kv head).
 type TileFill<'a> = dyn Fn(&mut [f32], usize, usize, usize) + Sync + 'a;
 
+/// How a tile holds its `BK` rows of one kv head.
+#[derive(Clone, Copy)]
+enum TileLayout {
+    /// `[dim][BK]`: row `j`'s element `d` at `d * BK + j` (for products that want it transposed).
+    Transposed,
+    /// `[BK][ld]`: row `j`'s element `d` at `j * ld + d`.
+    Rows(usize),
+}
+
+/// A [`TileFill`] copying rows `start..start + len` of kv head `g` of `src` (`[.., hkv, dim]`)
+/// into a tile as f32, in `layout`.
+fn tile_packer<T: Element>(
+    src: &[T],
+    hkv: usize,
+    dim: usize,
+    layout: TileLayout,
+) -> impl Fn(&mut [f32], usize, usize, usize) + Sync + '_ {
+    move |tile, start, len, g| {
+        for j in 0..len {
+            let row = &src[((start + j) * hkv + g) * dim..][..dim];
+            for (d, x) in row.iter().enumerate() {
+                let at = match layout {
+                    TileLayout::Transposed => d * BK + j,
+                    TileLayout::Rows(ld) => j * ld + d,
+                };
+                tile[at] = x.to_f32();
+            }
+        }
+    }
+}
+
 /// Keys and values of a call in f32 tiles. Tile `t = block * HKV + g`, where `block` counts key
 /// blocks over all sequences (`block_offsets[s]` is sequence `s`'s first).
 pub(crate) struct Packed {
@@ -80,39 +111,11 @@ impl Packed {
             });
         };
         let (mut kt, mut vr, mut kr, mut vt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        fill(&mut kt, dk * BK, &|tile, start, len, g| {
-            for j in 0..len {
-                let row = &k[((start + j) * hkv + g) * dk..][..dk];
-                for (d, x) in row.iter().enumerate() {
-                    tile[d * BK + j] = x.to_f32();
-                }
-            }
-        });
-        fill(&mut vr, BK * dvp, &|tile, start, len, g| {
-            for j in 0..len {
-                let row = &v[((start + j) * hkv + g) * dv..][..dv];
-                for (d, x) in row.iter().enumerate() {
-                    tile[j * dvp + d] = x.to_f32();
-                }
-            }
-        });
+        fill(&mut kt, dk * BK, &tile_packer(k, hkv, dk, TileLayout::Transposed));
+        fill(&mut vr, BK * dvp, &tile_packer(v, hkv, dv, TileLayout::Rows(dvp)));
         if for_backward {
-            fill(&mut kr, BK * dkp, &|tile, start, len, g| {
-                for j in 0..len {
-                    let row = &k[((start + j) * hkv + g) * dk..][..dk];
-                    for (d, x) in row.iter().enumerate() {
-                        tile[j * dkp + d] = x.to_f32();
-                    }
-                }
-            });
-            fill(&mut vt, dv * BK, &|tile, start, len, g| {
-                for j in 0..len {
-                    let row = &v[((start + j) * hkv + g) * dv..][..dv];
-                    for (d, x) in row.iter().enumerate() {
-                        tile[d * BK + j] = x.to_f32();
-                    }
-                }
-            });
+            fill(&mut kr, BK * dkp, &tile_packer(k, hkv, dk, TileLayout::Rows(dkp)));
+            fill(&mut vt, dv * BK, &tile_packer(v, hkv, dv, TileLayout::Transposed));
         }
         Self { hkv, dk, dv, dkp, dvp, block_offsets, kt, vr, kr, vt }
     }
