@@ -2,6 +2,7 @@
 
 pub mod env;
 pub mod kernels;
+pub mod policy;
 
 /// What the `squid` binary can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -15,4 +16,41 @@ pub enum Error {
         /// How many (kernel, arch) pairs failed or spilled.
         failed: usize,
     },
+    /// From squid-attention.
+    #[error(transparent)]
+    Attention(#[from] squid_attention::Error),
+    /// From squid-kvcache.
+    #[error(transparent)]
+    KvCache(#[from] squid_kvcache::Error),
+    /// From squid-collectives.
+    #[error(transparent)]
+    Collectives(#[from] squid_collectives::Error),
+    /// From squid-optim.
+    #[error(transparent)]
+    Optim(#[from] squid_optim::Error),
+    /// A model, tokenizer or run configuration that cannot work (says which value and why).
+    #[error("bad configuration: {0}")]
+    Config(String),
+    /// Tensors or token sequences whose shapes do not fit together.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A checkpoint that cannot be read, is corrupt, or belongs to another model.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A file or directory that cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A context handle the policy does not know.
+    #[error("unknown context {0}")]
+    UnknownContext(u64),
 }
