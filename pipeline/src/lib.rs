@@ -2,7 +2,12 @@
 
 pub mod env;
 pub mod kernels;
+pub mod model;
 pub mod policy;
+pub mod rollout;
+pub mod tokenizer;
+pub mod traces;
+pub mod train;
 
 /// What the `squid` binary can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -53,4 +58,10 @@ pub enum Error {
     /// A context handle the policy does not know.
     #[error("unknown context {0}")]
     UnknownContext(u64),
+    /// A vocabulary that is malformed or foreign, or program text it cannot encode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A logits row that cannot be sampled (NaN, +inf, every entry -inf, or the wrong length).
+    #[error("bad logits: {0}")]
+    BadLogits(String),
 }

@@ -1,12 +1,16 @@
 //! `squid`: the reference RL-for-code pipeline's command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use squid_cuda::check::format_table;
 use squid_cuda::{ptxas, Arch, Device};
+use squid_pipeline::env::RewardMode;
 use squid_pipeline::kernels::{check_all, workspace_registry};
+use squid_pipeline::model::{AttentionKind, NsaParams};
+use squid_pipeline::train::{experiment, train, RunOptions, RunSummary, TrainConfig};
 use squid_pipeline::Error;
 
 #[derive(Parser)]
@@ -25,6 +29,141 @@ enum Command {
     },
     /// List the GPUs this machine has (or say why there are none).
     Devices,
+    /// Train the reference policy: supervised warm-up, then GRPO with tool calls; writes
+    /// runs/<timestamp>/ (config, metrics.jsonl, curves.png, checkpoints, summary, report).
+    Train(TrainArgs),
+    /// Controlled experiments built on `train`.
+    Experiment {
+        #[command(subcommand)]
+        which: ExperimentKind,
+    },
+}
+
+#[derive(Subcommand)]
+enum ExperimentKind {
+    /// Partial-credit vs all-or-nothing reward from one warm-up with the same compute.
+    RewardShaping(TrainArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct TrainArgs {
+    /// Seed of tasks, initialisation and sampling.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where new run directories go.
+    #[arg(long, default_value = "runs")]
+    out: PathBuf,
+    /// Run directory name (default: UTC time stamp and seed).
+    #[arg(long)]
+    name: Option<String>,
+    /// Continue the run in this directory from its newest checkpoint (its config.json wins).
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+    /// Tensor-parallel ranks (threads).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Attention of the policy.
+    #[arg(long, value_enum, default_value_t = AttentionArg::Segments)]
+    attention: AttentionArg,
+    /// Reward of the GRPO phase.
+    #[arg(long, value_enum, default_value_t = RewardArg::Partial)]
+    reward: RewardArg,
+    /// Warm-up steps.
+    #[arg(long)]
+    sft_steps: Option<u64>,
+    /// GRPO steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Tasks per GRPO step.
+    #[arg(long)]
+    tasks_per_step: Option<usize>,
+    /// Samples per task.
+    #[arg(long)]
+    group_size: Option<usize>,
+    /// GRPO learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// KL coefficient to the warm-up policy (0 = off).
+    #[arg(long)]
+    kl_beta: Option<f32>,
+    /// Held-out tasks per level.
+    #[arg(long)]
+    eval_tasks: Option<usize>,
+    /// Evaluate pass@1 every N GRPO steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// A small, fast configuration (about a minute): checks the whole loop, proves nothing.
+    #[arg(long)]
+    quick: bool,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum AttentionArg {
+    Dense,
+    Segments,
+    Nsa,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum RewardArg {
+    Partial,
+    AllOrNothing,
+}
+
+impl TrainArgs {
+    fn config(&self) -> TrainConfig {
+        let mut c = if self.quick { TrainConfig::quick() } else { TrainConfig::default() };
+        c.seed = self.seed;
+        c.tp = self.tp;
+        c.model.attention = match self.attention {
+            AttentionArg::Dense => AttentionKind::Dense,
+            AttentionArg::Segments => AttentionKind::Segments,
+            AttentionArg::Nsa => AttentionKind::Nsa(NsaParams::default()),
+        };
+        c.grpo.reward = match self.reward {
+            RewardArg::Partial => RewardMode::PartialCredit,
+            RewardArg::AllOrNothing => RewardMode::AllOrNothing,
+        };
+        if let Some(v) = self.sft_steps {
+            c.sft.steps = v;
+        }
+        if let Some(v) = self.steps {
+            c.grpo.steps = v;
+        }
+        if let Some(v) = self.tasks_per_step {
+            c.grpo.tasks_per_step = v;
+        }
+        if let Some(v) = self.group_size {
+            c.grpo.group_size = v;
+        }
+        if let Some(v) = self.lr {
+            c.grpo.lr = v;
+        }
+        if let Some(v) = self.kl_beta {
+            c.grpo.kl_beta = v;
+        }
+        if let Some(v) = self.eval_tasks {
+            c.eval.tasks_per_level = v;
+        }
+        if let Some(v) = self.eval_every {
+            c.eval.every = v;
+        }
+        c
+    }
+
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            runs_dir: self.out.clone(),
+            name: self.name.clone(),
+            resume: self.resume.clone(),
+            progress: !self.no_progress,
+            stop_after: None,
+            warm_start: None,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -76,7 +215,36 @@ fn run(cli: Cli) -> Result<(), Error> {
             }
             Ok(())
         }
+        Command::Train(args) => {
+            let summary = train(args.config(), &args.options())?;
+            print_summary(&summary);
+            Ok(())
+        }
+        Command::Experiment { which: ExperimentKind::RewardShaping(args) } => {
+            let result = experiment::reward_shaping(args.config(), &args.options())?;
+            println!("experiment: {}", result.dir.display());
+            print_summary(&result.partial);
+            print_summary(&result.sparse);
+            Ok(())
+        }
     }
+}
+
+fn print_summary(s: &RunSummary) {
+    println!("run: {}", s.dir.display());
+    println!(
+        "held-out pass@1: warm-up {:.1}% -> after GRPO {:.1}% ({:+.1} points); pass@{}: {} -> {}",
+        100.0 * s.before.pass_at_1,
+        100.0 * s.after.pass_at_1,
+        100.0 * (s.after.pass_at_1 - s.before.pass_at_1),
+        s.after.k,
+        s.before.pass_at_k.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+        s.after.pass_at_k.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+    );
+    println!(
+        "rollout {:.0} tokens/s, training {:.0} tokens/s; GRPO step {:.2} s rollout / {:.3} s reward / {:.2} s train; {:.0} s",
+        s.rollout_tokens_per_s, s.train_tokens_per_s, s.step_seconds[0], s.step_seconds[1], s.step_seconds[2], s.wall_s
+    );
 }
 
 fn list_kernels() -> Result<(), Error> {

@@ -1,0 +1,228 @@
+//! The run configuration (`config.json`): every knob of warm-up, GRPO and evaluation. Defaults
+//! are sized so `squid train` with no flags is a complete run in about ten minutes on 2 cores.
+
+use serde::{Deserialize, Serialize};
+
+use crate::env::RewardMode;
+use crate::model::{AttentionKind, ModelConfig};
+use crate::Error;
+
+/// Supervised warm-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SftConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Traces per step.
+    pub batch: usize,
+    /// Peak learning rate (linear warm-up over the first tenth, cosine to a tenth of it).
+    pub lr: f32,
+    /// Fraction of traces that show the repair loop (write, run, read the failure, fix, submit).
+    pub repair_fraction: f64,
+}
+
+/// GRPO.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GrpoConfig {
+    /// Optimizer steps (one rollout batch each).
+    pub steps: u64,
+    /// Tasks per step (B).
+    pub tasks_per_step: usize,
+    /// Samples per task (G).
+    pub group_size: usize,
+    /// Constant learning rate.
+    pub lr: f32,
+    /// Minibatches each rollout batch is split into (one optimizer step each, so later ones
+    /// see ratios away from 1 and the clip acts).
+    pub minibatches: usize,
+    /// PPO clip (both sides).
+    pub clip: f32,
+    /// KL to the warm-up policy (k3, as verl's `low_var_kl`); 0 turns the reference pass off.
+    pub kl_beta: f32,
+    /// Partial credit or all-or-nothing.
+    #[serde(with = "reward_mode_serde")]
+    pub reward: RewardMode,
+    /// Sampling temperature of the rollouts.
+    pub temperature: f32,
+    /// Nucleus mass of the rollouts.
+    pub top_p: f32,
+    /// Gradient clipping norm.
+    pub max_grad_norm: f32,
+}
+
+/// Held-out evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    /// Held-out tasks per level.
+    pub tasks_per_level: usize,
+    /// Evaluate greedy pass@1 every this many GRPO steps (and before the first, after the last).
+    pub every: u64,
+    /// k of pass@k (evaluated before and after GRPO).
+    pub k: usize,
+    /// Sampled attempts per task for pass@k (>= k).
+    pub samples: usize,
+    /// Temperature of the pass@k samples.
+    pub temperature: f32,
+}
+
+/// Episode limits shared by rollouts and evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpisodeLimits {
+    /// Turns (model writes a program, then runs or submits it).
+    pub max_turns: usize,
+    /// Tokens a turn may generate.
+    pub max_new_tokens: usize,
+    /// Tokens a context may hold.
+    pub max_context: usize,
+}
+
+/// Everything a run needs; written to `runs/<timestamp>/config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Seed of task draws, initialisation and sampling.
+    pub seed: u64,
+    /// Tensor-parallel ranks (threads of this process).
+    pub tp: usize,
+    /// The policy's shape (its `vocab` is the tokenizer's).
+    pub model: ModelConfig,
+    /// Warm-up.
+    pub sft: SftConfig,
+    /// GRPO.
+    pub grpo: GrpoConfig,
+    /// Evaluation.
+    pub eval: EvalConfig,
+    /// Episode limits.
+    pub limits: EpisodeLimits,
+    /// Fraction of training tasks per level (easy, medium, hard).
+    pub level_mix: [f64; 3],
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            tp: 1,
+            model: ModelConfig::small(),
+            sft: SftConfig { steps: 300, batch: 16, lr: 3e-3, repair_fraction: 0.3 },
+            grpo: GrpoConfig {
+                steps: 60,
+                tasks_per_step: 8,
+                group_size: 8,
+                lr: 5e-4,
+                minibatches: 2,
+                clip: 0.2,
+                kl_beta: 0.0,
+                reward: RewardMode::PartialCredit,
+                temperature: 1.0,
+                top_p: 1.0,
+                max_grad_norm: 1.0,
+            },
+            eval: EvalConfig { tasks_per_level: 24, every: 10, k: 4, samples: 8, temperature: 1.0 },
+            limits: EpisodeLimits { max_turns: 3, max_new_tokens: 160, max_context: 768 },
+            level_mix: [0.4, 0.4, 0.2],
+        }
+    }
+}
+
+impl TrainConfig {
+    /// A configuration that exercises every stage in about a minute on 2 cores (CI's end-to-end
+    /// smoke run). Too short to learn much: it proves the loop runs, not that it trains.
+    pub fn quick() -> Self {
+        let mut c = Self::default();
+        c.sft.steps = 20;
+        c.sft.batch = 8;
+        c.grpo.steps = 4;
+        c.grpo.tasks_per_step = 4;
+        c.grpo.group_size = 4;
+        c.eval.tasks_per_level = 4;
+        c.eval.every = 2;
+        c.eval.samples = 4;
+        c.eval.k = 2;
+        c
+    }
+
+    /// Checks the values the model config does not cover; says which one is wrong.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::Config(msg));
+        self.model.validate()?;
+        if self.tp == 0 {
+            return bad("--tp must be at least 1".into());
+        }
+        if self.model.n_heads % self.tp != 0 || self.model.mlp_hidden % self.tp != 0 {
+            return bad(format!(
+                "--tp {} must divide the heads ({}) and the MLP width ({})",
+                self.tp, self.model.n_heads, self.model.mlp_hidden
+            ));
+        }
+        if self.sft.batch == 0 || self.grpo.tasks_per_step == 0 {
+            return bad("batch sizes must be at least 1".into());
+        }
+        if self.grpo.group_size < 2 {
+            return bad(format!("--group-size {} must be at least 2 (advantages are relative)", self.grpo.group_size));
+        }
+        if self.grpo.minibatches == 0 || self.grpo.minibatches > self.grpo.tasks_per_step {
+            return bad(format!(
+                "minibatches {} must be between 1 and the tasks per step ({})",
+                self.grpo.minibatches, self.grpo.tasks_per_step
+            ));
+        }
+        for (name, lr) in [("sft lr", self.sft.lr), ("grpo lr", self.grpo.lr)] {
+            if !(lr.is_finite() && lr > 0.0) {
+                return bad(format!("{name} {lr} must be finite and positive"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.sft.repair_fraction) {
+            return bad(format!("repair fraction {} must be in [0, 1]", self.sft.repair_fraction));
+        }
+        if !(self.grpo.temperature > 0.0 && self.grpo.temperature.is_finite()) {
+            return bad(format!("rollout temperature {} must be positive", self.grpo.temperature));
+        }
+        if !(self.grpo.top_p > 0.0 && self.grpo.top_p <= 1.0) {
+            return bad(format!("top-p {} must be in (0, 1]", self.grpo.top_p));
+        }
+        if self.eval.k == 0 || self.eval.samples < self.eval.k || self.eval.tasks_per_level == 0 || self.eval.every == 0
+        {
+            return bad(format!(
+                "eval: need k >= 1, samples >= k, tasks >= 1, every >= 1 (k {}, samples {}, tasks {}, every {})",
+                self.eval.k, self.eval.samples, self.eval.tasks_per_level, self.eval.every
+            ));
+        }
+        if self.limits.max_turns == 0 || self.limits.max_new_tokens == 0 {
+            return bad("episode limits must be at least 1".into());
+        }
+        let total: f64 = self.level_mix.iter().sum();
+        if self.level_mix.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || total <= 0.0 {
+            return bad(format!("level mix {:?} must be non-negative with a positive sum", self.level_mix));
+        }
+        if matches!(self.model.attention, AttentionKind::Nsa(_)) && self.tp > 1 {
+            return bad("--tp > 1 is implemented for dense and segment attention only".into());
+        }
+        Ok(())
+    }
+
+    /// A short hash of the configuration: a checkpoint written under another one is refused.
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_string(self).expect("config serializes");
+        blake3::hash(json.as_bytes()).to_hex()[..16].to_string()
+    }
+}
+
+mod reward_mode_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::env::RewardMode;
+
+    pub fn serialize<S: Serializer>(mode: &RewardMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match mode {
+            RewardMode::PartialCredit => "partial",
+            RewardMode::AllOrNothing => "all-or-nothing",
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<RewardMode, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "partial" => Ok(RewardMode::PartialCredit),
+            "all-or-nothing" => Ok(RewardMode::AllOrNothing),
+            other => Err(serde::de::Error::custom(format!("unknown reward mode {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! `metrics.jsonl`: one JSON object per line, appended and flushed as each step ends, so a run
+//! killed at any moment keeps every finished step. On resume the file is cut back to the
+//! checkpointed step (rewritten atomically), so no step is ever recorded twice.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::fsutil::{io_error, write_atomic};
+use crate::Error;
+
+/// Held-out pass rates at one point of the run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Greedy pass@1 over all held-out tasks (all hidden tests of all parts pass).
+    pub pass_at_1: f64,
+    /// Unbiased pass@k from sampled attempts per task (evaluated before and after GRPO only).
+    pub pass_at_k: Option<f64>,
+    /// The k of `pass_at_k`.
+    pub k: usize,
+    /// Per level, easiest first.
+    pub per_level: Vec<LevelEval>,
+    /// Mean partial-credit reward of the greedy attempts.
+    pub greedy_reward: f64,
+}
+
+/// Pass rates of one level.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LevelEval {
+    /// `easy`, `medium` or `hard`.
+    pub level: String,
+    /// Held-out tasks of this level.
+    pub tasks: usize,
+    /// Greedy pass@1.
+    pub pass_at_1: f64,
+    /// Unbiased pass@k, when sampled.
+    pub pass_at_k: Option<f64>,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// `"sft"`, `"grpo"` or `"eval"`.
+    pub phase: String,
+    /// Step within the phase (eval lines carry the GRPO step they follow; 0 = the warm-up policy).
+    pub step: u64,
+    /// Training loss of the step.
+    pub loss: Option<f64>,
+    /// Mean reward of the step's samples.
+    pub reward_mean: Option<f64>,
+    /// Standard deviation of the step's rewards.
+    pub reward_std: Option<f64>,
+    /// Fraction of samples that passed every hidden test.
+    pub pass_rate: Option<f64>,
+    /// KL to the warm-up policy (k3 estimator, mean over loss tokens), when computed.
+    pub kl: Option<f64>,
+    /// Fraction of loss tokens whose ratio was clipped.
+    pub clip_frac: Option<f64>,
+    /// Mean policy entropy over loss tokens (nats).
+    pub entropy: Option<f64>,
+    /// Gradient norm before clipping.
+    pub grad_norm: Option<f64>,
+    /// Rollout tokens generated per second.
+    pub rollout_tokens_per_s: Option<f64>,
+    /// Training tokens (forward + backward) per second.
+    pub train_tokens_per_s: Option<f64>,
+    /// Tool calls per episode.
+    pub tool_calls_per_episode: Option<f64>,
+    /// Seconds spent generating.
+    pub rollout_s: Option<f64>,
+    /// Seconds spent scoring (sandbox runs of hidden tests).
+    pub reward_s: Option<f64>,
+    /// Seconds spent in forward, backward and the optimizer.
+    pub train_s: Option<f64>,
+    /// KV bytes held by the rollout at its peak / bytes it would hold without sharing.
+    pub kv_shared_fraction: Option<f64>,
+    /// Held-out evaluation, on eval lines.
+    pub eval: Option<EvalMetrics>,
+}
+
+/// The open `metrics.jsonl` of a run.
+#[derive(Debug)]
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+    lines: Vec<StepMetrics>,
+}
+
+impl MetricsLog {
+    /// Opens (creating) `path`, keeping only the lines `keep` accepts (used on resume to drop
+    /// steps after the checkpoint). A line that does not parse (a torn last write) is dropped.
+    pub fn open(path: &Path, keep: impl Fn(&StepMetrics) -> bool) -> Result<Self, Error> {
+        let mut lines = Vec::new();
+        if path.exists() {
+            let reader = BufReader::new(File::open(path).map_err(|e| io_error(path, e))?);
+            for line in reader.lines() {
+                let line = line.map_err(|e| io_error(path, e))?;
+                if let Ok(m) = serde_json::from_str::<StepMetrics>(&line) {
+                    if keep(&m) {
+                        lines.push(m);
+                    }
+                }
+            }
+            let mut text = String::new();
+            for m in &lines {
+                text.push_str(&serde_json::to_string(m).expect("metrics serialize"));
+                text.push('\n');
+            }
+            write_atomic(path, text.as_bytes())?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| io_error(path, e))?;
+        Ok(Self { path: path.to_path_buf(), file, lines })
+    }
+
+    /// Appends one line and flushes it to the OS.
+    pub fn push(&mut self, m: StepMetrics) -> Result<(), Error> {
+        let mut line = serde_json::to_string(&m).expect("metrics serialize");
+        line.push('\n');
+        self.file.write_all(line.as_bytes()).map_err(|e| io_error(&self.path, e))?;
+        self.file.flush().map_err(|e| io_error(&self.path, e))?;
+        self.lines.push(m);
+        Ok(())
+    }
+
+    /// Every line so far (this run and the resumed part).
+    pub fn lines(&self) -> &[StepMetrics] {
+        &self.lines
+    }
+}

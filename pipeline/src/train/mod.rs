@@ -1,0 +1,512 @@
+//! `squid train`: supervised warm-up, then GRPO with multi-step tool calls, with held-out
+//! evaluation before, during and after, all written to `runs/<timestamp>/`.
+//!
+//! One GRPO step, end to end:
+//! 1. draw B training tasks; roll each out G times from one prefilled, forked prompt
+//!    ([`crate::rollout`]): the policy writes a program, may `<run>` it on the visible examples,
+//!    reads the tool output (a Document segment), revises, `<submit>`s;
+//! 2. score each submission on the hidden tests (partial credit or all-or-nothing);
+//! 3. advantages within each group (GRPO, verl's estimator), broadcast to the sampled tokens
+//!    (prompt and tool-output tokens are masked out of the loss);
+//! 4. log-probs of the sampling policy (and of the warm-up policy for the KL term) in one forward;
+//! 5. the clipped policy loss over each minibatch, backward, AdamW.
+//!
+//! Run layout: `config.json`, `tokenizer.json`, `metrics.jsonl`, `curves.png`,
+//! `checkpoints/{warmup, sft-NNNNNN, step-NNNNNN}/`, `summary.json`, `report.md`.
+
+mod batch;
+pub mod checkpoint;
+mod clock;
+pub mod config;
+mod eval;
+pub mod experiment;
+mod fsutil;
+mod losses;
+pub mod metrics;
+pub mod passk;
+pub mod plot;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use squid_optim::advantage::{broadcast_to_tokens, sample_advantages, AdvantageConfig, Estimator, Groups};
+use squid_optim::policy_loss::{KlEstimator, KlPenalty, PolicyLossConfig};
+use squid_optim::{AdamWConfig, LrSchedule};
+
+pub use batch::{pack, TrainingBatch};
+pub use checkpoint::{latest_checkpoint, CheckpointState, CHECKPOINT_FORMAT};
+pub use clock::now_stamp;
+pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, TrainConfig};
+pub use eval::{evaluate, held_out_tasks, splitmix};
+pub use fsutil::{ensure_writable_dir, write_atomic};
+pub use metrics::{EvalMetrics, LevelEval, MetricsLog, StepMetrics};
+
+use crate::env::{generate_task, EpisodeConfig, Level, RewardConfig, Task};
+use crate::model::{Model, SessionConfig, TpTrainer};
+use crate::rollout::{rollout, RolloutConfig, Trajectory};
+use crate::tokenizer::Tokenizer;
+use crate::traces::sft_trace;
+use crate::Error;
+
+/// Where and how a run writes.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Parent of new run directories (`runs/`).
+    pub runs_dir: PathBuf,
+    /// Name of the new run directory (default: the UTC time stamp).
+    pub name: Option<String>,
+    /// Continue the run in this directory from its newest checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Draw progress bars.
+    pub progress: bool,
+    /// Stop after this many GRPO steps of this invocation (tests of resume; `None` = run to the end).
+    pub stop_after: Option<u64>,
+    /// Start GRPO from this warm-up model instead of training one (experiments sharing a warm-up).
+    pub warm_start: Option<PathBuf>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            runs_dir: PathBuf::from("runs"),
+            name: None,
+            resume: None,
+            progress: true,
+            stop_after: None,
+            warm_start: None,
+        }
+    }
+}
+
+/// What a finished run reports (`summary.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// Seed.
+    pub seed: u64,
+    /// Model parameters.
+    pub params: usize,
+    /// Held-out evaluation of the warm-up policy.
+    pub before: EvalMetrics,
+    /// Held-out evaluation after GRPO.
+    pub after: EvalMetrics,
+    /// GRPO steps done.
+    pub grpo_steps: u64,
+    /// Mean seconds per GRPO step in rollout / reward / train.
+    pub step_seconds: [f64; 3],
+    /// Mean rollout tokens per second over GRPO.
+    pub rollout_tokens_per_s: f64,
+    /// Mean training tokens per second over GRPO.
+    pub train_tokens_per_s: f64,
+    /// Mean training tokens per second in the warm-up.
+    pub sft_tokens_per_s: f64,
+    /// Wall seconds of this invocation.
+    pub wall_s: f64,
+    /// Whether the run reached its last GRPO step (false when stopped early by `stop_after`).
+    pub complete: bool,
+}
+
+fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>8} [{bar:32}] {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
+
+/// A training task for (`seed`, `phase`, `step`, `i`): level by `mix`, seed with the top bit
+/// clear (held-out tasks have it set).
+fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
+    let h = splitmix(config.seed ^ splitmix(phase ^ splitmix(step ^ splitmix(i))));
+    let total: f64 = config.level_mix.iter().sum();
+    let u = (h >> 11) as f64 / (1u64 << 53) as f64 * total;
+    let mut acc = 0.0;
+    let mut level = Level::Hard;
+    for (l, w) in Level::ALL.iter().zip(config.level_mix) {
+        acc += w;
+        if u < acc {
+            level = *l;
+            break;
+        }
+    }
+    generate_task(level, splitmix(h) >> 1)
+}
+
+fn episode_config(config: &TrainConfig) -> EpisodeConfig {
+    EpisodeConfig {
+        reward: RewardConfig { mode: config.grpo.reward, ..RewardConfig::default() },
+        max_tool_calls: config.limits.max_turns,
+    }
+}
+
+fn adamw(max_grad_norm: f32) -> AdamWConfig {
+    AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.0,
+        amsgrad: false,
+        max_grad_norm: Some(max_grad_norm),
+    }
+}
+
+/// The run directory, its config and where to start.
+struct Prepared {
+    dir: PathBuf,
+    config: TrainConfig,
+    resume_from: Option<(PathBuf, CheckpointState)>,
+}
+
+fn prepare(config: TrainConfig, opts: &RunOptions) -> Result<Prepared, Error> {
+    if let Some(dir) = &opts.resume {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
+            path: path.clone(),
+            reason: format!("cannot read the run config: {e}"),
+        })?;
+        let config: TrainConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::Checkpoint { path: path.clone(), reason: format!("not a squid run config: {e}") })?;
+        config.validate()?;
+        ensure_writable_dir(dir)?;
+        let resume_from = latest_checkpoint(&dir.join("checkpoints"))?;
+        if let Some((p, state)) = &resume_from {
+            if state.config_fingerprint != config.fingerprint() {
+                return Err(Error::Checkpoint {
+                    path: p.clone(),
+                    reason: "written by a run with another configuration".into(),
+                });
+            }
+        }
+        return Ok(Prepared { dir: dir.clone(), config, resume_from });
+    }
+    config.validate()?;
+    let name = opts.name.clone().unwrap_or_else(|| format!("{}-seed{}", now_stamp(), config.seed));
+    let dir = opts.runs_dir.join(name);
+    ensure_writable_dir(&dir)?;
+    if dir.join("config.json").exists() {
+        return Err(Error::Config(format!("{} already holds a run (use --resume to continue it)", dir.display())));
+    }
+    let json = serde_json::to_vec_pretty(&config).expect("config serializes");
+    write_atomic(&dir.join("config.json"), &json)?;
+    Ok(Prepared { dir, config, resume_from: None })
+}
+
+/// Runs (or resumes) a whole training run.
+pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error> {
+    let wall = Instant::now();
+    let tokenizer = Tokenizer::new();
+    let mut config = config;
+    config.model.vocab = tokenizer.vocab_size();
+    let Prepared { dir, config, resume_from } = prepare(config, opts)?;
+    if config.model.vocab != tokenizer.vocab_size() {
+        return Err(Error::Checkpoint {
+            path: dir.join("config.json"),
+            reason: format!("vocab {} but this tokenizer has {}", config.model.vocab, tokenizer.vocab_size()),
+        });
+    }
+    let tok_path = dir.join("tokenizer.json");
+    if tok_path.exists() {
+        let saved = std::fs::read_to_string(&tok_path).map_err(|e| fsutil::io_error(&tok_path, e))?;
+        if saved != tokenizer.to_json() {
+            return Err(Error::Checkpoint { path: tok_path, reason: "the run used another tokenizer".into() });
+        }
+    } else {
+        write_atomic(&tok_path, tokenizer.to_json().as_bytes())?;
+    }
+    let ckpt_root = dir.join("checkpoints");
+    let fingerprint = config.fingerprint();
+    let (phase_done, step_done) = match &resume_from {
+        None => ("none".to_string(), 0),
+        Some((_, s)) => (s.phase.clone(), s.step),
+    };
+    let mut metrics = MetricsLog::open(&dir.join("metrics.jsonl"), |m| match phase_done.as_str() {
+        "none" => false,
+        "sft" => m.phase == "sft" && m.step <= step_done,
+        "warmup" => m.phase == "sft" || (m.phase == "eval" && m.step == 0),
+        _ => m.phase != "grpo" && m.phase != "eval" || m.step <= step_done,
+    })?;
+
+    // ---- warm-up -------------------------------------------------------------------------
+    let warmup_model = match (&resume_from, &opts.warm_start) {
+        (Some((_, s)), _) if s.phase != "sft" => Model::load(ckpt_root.join("warmup").join("model.safetensors"))?,
+        (_, Some(warm)) if resume_from.is_none() => {
+            let m = Model::load(warm)?;
+            save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
+            m
+        }
+        _ => {
+            let start = match &resume_from {
+                Some((path, s)) if s.phase == "sft" => Some((path.clone(), s.step)),
+                _ => None,
+            };
+            let m = run_sft(&config, &tokenizer, &ckpt_root, &fingerprint, start, &mut metrics, opts.progress)?;
+            save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
+            checkpoint::prune_phase(&ckpt_root, "sft", 0)?;
+            m
+        }
+    };
+    let held_out = held_out_tasks(config.seed, config.eval.tasks_per_level);
+    let episode = episode_config(&config);
+    let before = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == 0).and_then(|m| m.eval.clone()) {
+        Some(e) => e,
+        None => {
+            let e = evaluate(&warmup_model, &tokenizer, &held_out, &config, true)?;
+            metrics.push(StepMetrics { phase: "eval".into(), step: 0, eval: Some(e.clone()), ..Default::default() })?;
+            e
+        }
+    };
+
+    // ---- GRPO ----------------------------------------------------------------------------
+    let (start_model, first_step) = match &resume_from {
+        Some((path, s)) if s.phase == "grpo" => (Model::load(path.join("model.safetensors"))?, s.step + 1),
+        _ => (warmup_model.clone(), 1),
+    };
+    let mut trainer = TpTrainer::new(&start_model, config.tp, adamw(config.grpo.max_grad_norm))?;
+    if let Some((path, s)) = &resume_from {
+        if s.phase == "grpo" {
+            trainer.load_optimizer(path)?;
+        }
+    }
+    let reference = (config.grpo.kl_beta > 0.0).then_some(&warmup_model);
+    let bar = progress_bar(opts.progress, config.grpo.steps, "grpo");
+    bar.set_position(first_step - 1);
+    let mut last = first_step - 1;
+    for step in first_step..=config.grpo.steps {
+        if opts.stop_after.is_some_and(|n| step - first_step >= n) {
+            break;
+        }
+        let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step)?;
+        bar.set_message(format!("reward {:.3}", m.reward_mean.unwrap_or(0.0)));
+        metrics.push(m)?;
+        let model = trainer.gather()?;
+        if step % config.eval.every == 0 && step != config.grpo.steps {
+            let e = evaluate(&model, &tokenizer, &held_out, &config, false)?;
+            metrics.push(StepMetrics { phase: "eval".into(), step, eval: Some(e), ..Default::default() })?;
+        }
+        save_model_checkpoint(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer))?;
+        checkpoint::prune(&ckpt_root, 2)?;
+        bar.inc(1);
+        last = step;
+    }
+    bar.finish_and_clear();
+    let complete = last == config.grpo.steps;
+    let final_model = trainer.gather()?;
+    let after = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == config.grpo.steps && complete) {
+        Some(m) if m.eval.as_ref().is_some_and(|e| e.pass_at_k.is_some()) => m.eval.clone().expect("checked"),
+        _ => {
+            let e = evaluate(&final_model, &tokenizer, &held_out, &config, true)?;
+            metrics.push(StepMetrics {
+                phase: "eval".into(),
+                step: last,
+                eval: Some(e.clone()),
+                ..Default::default()
+            })?;
+            e
+        }
+    };
+    let summary =
+        report::summarize(&dir, &config, &metrics, before, after, last, complete, wall.elapsed().as_secs_f64());
+    report::write_all(&dir, &config, &metrics, &summary)?;
+    Ok(summary)
+}
+
+fn save_model_checkpoint(
+    root: &Path,
+    phase: &str,
+    step: u64,
+    fingerprint: &str,
+    model: &Model,
+    trainer: Option<&TpTrainer>,
+) -> Result<PathBuf, Error> {
+    let state = CheckpointState {
+        format: CHECKPOINT_FORMAT.into(),
+        phase: phase.into(),
+        step,
+        config_fingerprint: fingerprint.into(),
+    };
+    checkpoint::save_checkpoint(root, &state, |dir| {
+        model.save(dir.join("model.safetensors"))?;
+        if let Some(t) = trainer {
+            t.save_optimizer(dir)?;
+        }
+        Ok(())
+    })
+}
+
+/// The supervised warm-up; resumes from an `sft` checkpoint when given.
+fn run_sft(
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    ckpt_root: &Path,
+    fingerprint: &str,
+    start: Option<(PathBuf, u64)>,
+    metrics: &mut MetricsLog,
+    progress: bool,
+) -> Result<Model, Error> {
+    let sft = &config.sft;
+    let (model, first) = match &start {
+        Some((path, step)) => (Model::load(path.join("model.safetensors"))?, step + 1),
+        None => (Model::init(config.model, config.seed)?, 1),
+    };
+    let mut trainer = TpTrainer::new(&model, config.tp, adamw(1.0))?;
+    if let Some((path, _)) = &start {
+        trainer.load_optimizer(path)?;
+    }
+    let schedule =
+        LrSchedule::Cosine { lr: sft.lr, warmup: (sft.steps / 10).max(1), total: sft.steps.max(2), min_ratio: 0.1 };
+    let episode = episode_config(config);
+    let vocab = config.model.vocab;
+    let bar = progress_bar(progress, sft.steps, "warm-up");
+    bar.set_position(first - 1);
+    for step in first..=sft.steps {
+        let t0 = Instant::now();
+        let traces: Vec<Trajectory> = (0..sft.batch as u64)
+            .map(|i| {
+                let task = training_task(config, 1, step, i);
+                let draw = (splitmix(config.seed ^ step.wrapping_mul(0x9E37) ^ i) >> 11) as f64 / (1u64 << 53) as f64;
+                let repair = draw < sft.repair_fraction;
+                sft_trace(&task, tokenizer, repair, splitmix(step ^ i), episode)
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&Trajectory> = traces.iter().collect();
+        let batch = pack(&refs)?;
+        let report =
+            trainer.step(&batch.batch, schedule.lr_at(step - 1), |logits| losses::sft_loss(&batch, logits, vocab))?;
+        let secs = t0.elapsed().as_secs_f64();
+        metrics.push(StepMetrics {
+            phase: "sft".into(),
+            step,
+            loss: Some(f64::from(report.loss)),
+            grad_norm: Some(f64::from(report.grad_norm)),
+            train_tokens_per_s: Some(batch.len() as f64 / secs),
+            train_s: Some(secs),
+            ..Default::default()
+        })?;
+        bar.set_message(format!("loss {:.3}", report.loss));
+        let model = trainer.gather()?;
+        save_model_checkpoint(ckpt_root, "sft", step, fingerprint, &model, Some(&trainer))?;
+        checkpoint::prune_phase(ckpt_root, "sft", 2)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    trainer.gather()
+}
+
+/// One GRPO step (see the module docs); returns its metrics line.
+fn grpo_step(
+    config: &TrainConfig,
+    tokenizer: &Tokenizer,
+    trainer: &mut TpTrainer,
+    reference: Option<&Model>,
+    episode: EpisodeConfig,
+    step: u64,
+) -> Result<StepMetrics, Error> {
+    let g = &config.grpo;
+    let vocab = config.model.vocab;
+    // 1. rollouts from the current policy
+    let t_rollout = Instant::now();
+    let tasks: Vec<Task> = (0..g.tasks_per_step as u64).map(|i| training_task(config, 2, step, i)).collect();
+    let policy = trainer.gather()?;
+    let rollout_config = RolloutConfig {
+        group_size: g.group_size,
+        temperature: g.temperature,
+        top_p: g.top_p,
+        max_turns: config.limits.max_turns,
+        max_new_tokens: config.limits.max_new_tokens,
+        max_context: config.limits.max_context,
+        seed: splitmix(config.seed ^ 0x5EED ^ step),
+    };
+    let mut session = policy.session(SessionConfig::default())?;
+    let rolled = rollout(&mut session, tokenizer, &tasks, episode, &rollout_config)?;
+    drop(session);
+    let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
+    // 2. rewards (scored inside the episodes; the time is reported separately)
+    let rewards: Vec<f32> =
+        rolled.trajectories.iter().map(|t| t.reward.as_ref().map_or(0.0, |r| r.value as f32)).collect();
+    let passes = rolled
+        .trajectories
+        .iter()
+        .filter(|t| t.reward.as_ref().is_some_and(|r| !r.malformed && r.passed == r.total))
+        .count();
+    // 3. advantages per group, broadcast to sampled tokens
+    let t_train = Instant::now();
+    let advantages = sample_advantages(
+        &rewards,
+        Groups::Size(g.group_size),
+        &AdvantageConfig::new(Estimator::Grpo(squid_optim::advantage::GrpoConfig::verl())),
+    )?;
+    let loss_config = PolicyLossConfig {
+        clip_low: g.clip,
+        clip_high: g.clip,
+        kl: reference.map(|_| KlPenalty { estimator: KlEstimator::K3, beta: g.kl_beta, k3_clamp: Some(10.0) }),
+        ..PolicyLossConfig::default()
+    };
+    // 4-5. per minibatch (whole groups): old / reference log-probs, loss, backward, AdamW
+    let groups_per_mb = g.tasks_per_step.div_ceil(g.minibatches);
+    let mut sums = [0.0f64; 6]; // loss, clip frac, entropy, kl, grad norm, tokens
+    let mut minibatches = 0.0;
+    for first_task in (0..g.tasks_per_step).step_by(groups_per_mb) {
+        let range = first_task * g.group_size..((first_task + groups_per_mb).min(g.tasks_per_step)) * g.group_size;
+        let refs: Vec<&Trajectory> = rolled.trajectories[range.clone()].iter().collect();
+        let batch = pack(&refs)?;
+        let old = losses::target_logprobs(&batch, policy.forward(&batch.batch)?.logits(), vocab)?;
+        let ref_logp = match reference {
+            Some(r) => Some(losses::target_logprobs(&batch, r.forward(&batch.batch)?.logits(), vocab)?.logp),
+            None => None,
+        };
+        let adv = broadcast_to_tokens(&advantages[range], batch.cu_seqlens(), &batch.mask)?;
+        let targets = losses::GrpoTargets { old_logp: &old.logp, ref_logp: ref_logp.as_deref(), advantages: &adv };
+        let seen = Mutex::new(None);
+        let report = trainer.step(&batch.batch, g.lr, |logits| {
+            let (loss, dlogits, out) = losses::grpo_loss(&batch, logits, vocab, targets, &loss_config)?;
+            *seen.lock().expect("metrics lock") = Some(out.metrics);
+            Ok((loss, dlogits))
+        })?;
+        let m = seen.into_inner().expect("metrics lock").expect("the loss ran");
+        sums[0] += f64::from(report.loss);
+        sums[1] += f64::from(m.clip_frac_low + m.clip_frac_high);
+        sums[2] += f64::from(m.entropy.unwrap_or(0.0));
+        sums[3] += f64::from(m.kl.unwrap_or(m.approx_kl));
+        sums[4] += f64::from(report.grad_norm);
+        sums[5] += batch.len() as f64;
+        minibatches += 1.0;
+    }
+    let train_s = t_train.elapsed().as_secs_f64();
+    let n = rewards.len() as f64;
+    let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
+    let std = (rewards.iter().map(|&r| (f64::from(r) - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let stats = &rolled.stats;
+    Ok(StepMetrics {
+        phase: "grpo".into(),
+        step,
+        loss: Some(sums[0] / minibatches),
+        reward_mean: Some(mean),
+        reward_std: Some(std),
+        pass_rate: Some(passes as f64 / n),
+        kl: Some(sums[3] / minibatches),
+        clip_frac: Some(sums[1] / minibatches),
+        entropy: Some(sums[2] / minibatches),
+        grad_norm: Some(sums[4] / minibatches),
+        rollout_tokens_per_s: Some(stats.generated_tokens as f64 / rollout_s.max(1e-9)),
+        train_tokens_per_s: Some(sums[5] / train_s.max(1e-9)),
+        tool_calls_per_episode: Some(stats.tool_calls as f64 / n),
+        rollout_s: Some(rollout_s),
+        reward_s: Some(stats.reward_seconds),
+        train_s: Some(train_s),
+        kv_shared_fraction: Some(stats.kv.bytes_held as f64 / (stats.kv.bytes_unshared as f64).max(1.0)),
+        eval: None,
+    })
+}
+#[cfg(test)]
+mod tests;

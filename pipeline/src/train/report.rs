@@ -1,0 +1,183 @@
+//! The end of a run: `summary.json`, `report.md` (before/after table by level) and
+//! `curves.png` (warm-up loss, GRPO reward, held-out pass@1 over steps).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::config::TrainConfig;
+use super::fsutil::write_atomic;
+use super::metrics::{EvalMetrics, MetricsLog, StepMetrics};
+use super::plot::{plot_panels, Panel, Series};
+use super::RunSummary;
+use crate::Error;
+
+fn mean_of(lines: &[&StepMetrics], f: impl Fn(&StepMetrics) -> Option<f64>) -> f64 {
+    let values: Vec<f64> = lines.iter().filter_map(|m| f(m)).filter(|v| v.is_finite()).collect();
+    if values.is_empty() {
+        0.0
+    } else {
+        values.iter().sum::<f64>() / values.len() as f64
+    }
+}
+
+/// The run's summary from its metrics.
+#[allow(clippy::too_many_arguments)]
+pub fn summarize(
+    dir: &Path,
+    config: &TrainConfig,
+    metrics: &MetricsLog,
+    before: EvalMetrics,
+    after: EvalMetrics,
+    grpo_steps: u64,
+    complete: bool,
+    wall_s: f64,
+) -> RunSummary {
+    let grpo: Vec<&StepMetrics> = metrics.lines().iter().filter(|m| m.phase == "grpo").collect();
+    let sft: Vec<&StepMetrics> = metrics.lines().iter().filter(|m| m.phase == "sft").collect();
+    RunSummary {
+        dir: dir.to_path_buf(),
+        seed: config.seed,
+        params: config.model.num_params(),
+        before,
+        after,
+        grpo_steps,
+        step_seconds: [mean_of(&grpo, |m| m.rollout_s), mean_of(&grpo, |m| m.reward_s), mean_of(&grpo, |m| m.train_s)],
+        rollout_tokens_per_s: mean_of(&grpo, |m| m.rollout_tokens_per_s),
+        train_tokens_per_s: mean_of(&grpo, |m| m.train_tokens_per_s),
+        sft_tokens_per_s: mean_of(&sft, |m| m.train_tokens_per_s),
+        wall_s,
+        complete,
+    }
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}", 100.0 * v)
+}
+
+fn opt_pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), pct)
+}
+
+/// The markdown report.
+pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# squid train: seed {}\n", s.seed);
+    let _ = writeln!(
+        md,
+        "{} parameters, {:?} attention, tp {}; warm-up {} steps x {} traces; GRPO {} of {} steps x {} tasks x {} samples ({} reward).\n",
+        s.params,
+        config.model.attention,
+        config.tp,
+        config.sft.steps,
+        config.sft.batch,
+        s.grpo_steps,
+        config.grpo.steps,
+        config.grpo.tasks_per_step,
+        config.grpo.group_size,
+        match config.grpo.reward {
+            crate::env::RewardMode::PartialCredit => "partial-credit",
+            crate::env::RewardMode::AllOrNothing => "all-or-nothing",
+        }
+    );
+    let _ = writeln!(
+        md,
+        "Held-out tasks ({} per level, fresh draws of the training families). pass@1 is greedy; pass@{} is unbiased from {} samples at temperature {}. Percent.\n",
+        config.eval.tasks_per_level, config.eval.k, config.eval.samples, config.eval.temperature
+    );
+    let _ = writeln!(
+        md,
+        "| level | pass@1 warm-up | pass@1 after GRPO | change | pass@{k} warm-up | pass@{k} after |",
+        k = config.eval.k
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    let rows = s.before.per_level.iter().zip(&s.after.per_level);
+    for (b, a) in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:+.1} | {} | {} |",
+            b.level,
+            pct(b.pass_at_1),
+            pct(a.pass_at_1),
+            100.0 * (a.pass_at_1 - b.pass_at_1),
+            opt_pct(b.pass_at_k),
+            opt_pct(a.pass_at_k)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| all | {} | {} | {:+.1} | {} | {} |\n",
+        pct(s.before.pass_at_1),
+        pct(s.after.pass_at_1),
+        100.0 * (s.after.pass_at_1 - s.before.pass_at_1),
+        opt_pct(s.before.pass_at_k),
+        opt_pct(s.after.pass_at_k)
+    );
+    let [r, w, t] = s.step_seconds;
+    let _ = writeln!(md, "| throughput | value |\n|---|---|");
+    let _ = writeln!(md, "| rollout tokens/s | {:.0} |", s.rollout_tokens_per_s);
+    let _ = writeln!(md, "| GRPO training tokens/s (fwd+bwd+AdamW) | {:.0} |", s.train_tokens_per_s);
+    let _ = writeln!(md, "| warm-up training tokens/s | {:.0} |", s.sft_tokens_per_s);
+    let _ = writeln!(md, "| GRPO step: rollout / reward / train (s) | {r:.2} / {w:.3} / {t:.2} |");
+    let _ = writeln!(md, "| wall time of this invocation (s) | {:.0} |\n", s.wall_s);
+    let _ = writeln!(md, "![curves](curves.png)");
+    md
+}
+
+/// The figure: warm-up loss, GRPO reward (mean and pass rate), held-out pass@1.
+pub fn curves(path: &Path, metrics: &MetricsLog) -> Result<(), Error> {
+    let lines = metrics.lines();
+    let series = |phase: &str, name: &str, f: &dyn Fn(&StepMetrics) -> Option<f64>| Series {
+        name: name.into(),
+        points: lines.iter().filter(|m| m.phase == phase).filter_map(|m| f(m).map(|v| (m.step as f64, v))).collect(),
+    };
+    let mut eval_levels: Vec<Series> = Vec::new();
+    let evals: Vec<&StepMetrics> = lines.iter().filter(|m| m.phase == "eval" && m.eval.is_some()).collect();
+    eval_levels.push(Series {
+        name: "all".into(),
+        points: evals.iter().map(|m| (m.step as f64, m.eval.as_ref().expect("filtered").pass_at_1)).collect(),
+    });
+    if let Some(first) = evals.first().and_then(|m| m.eval.as_ref()) {
+        for (i, level) in first.per_level.iter().enumerate() {
+            eval_levels.push(Series {
+                name: level.level.clone(),
+                points: evals
+                    .iter()
+                    .filter_map(|m| {
+                        m.eval.as_ref().and_then(|e| e.per_level.get(i)).map(|l| (m.step as f64, l.pass_at_1))
+                    })
+                    .collect(),
+            });
+        }
+    }
+    let panels = [
+        Panel {
+            title: "warm-up".into(),
+            x_label: "SFT step".into(),
+            y_label: "NLL of reference tokens".into(),
+            series: vec![series("sft", "loss", &|m| m.loss)],
+        },
+        Panel {
+            title: "GRPO rollouts".into(),
+            x_label: "GRPO step".into(),
+            y_label: "per step".into(),
+            series: vec![
+                series("grpo", "mean reward", &|m| m.reward_mean),
+                series("grpo", "pass rate", &|m| m.pass_rate),
+            ],
+        },
+        Panel {
+            title: "held-out pass@1 (greedy)".into(),
+            x_label: "GRPO step (0 = warm-up policy)".into(),
+            y_label: "pass@1".into(),
+            series: eval_levels,
+        },
+    ];
+    plot_panels(path, &panels)
+}
+
+/// Writes `summary.json`, `report.md` and `curves.png`.
+pub fn write_all(dir: &Path, config: &TrainConfig, metrics: &MetricsLog, summary: &RunSummary) -> Result<(), Error> {
+    write_atomic(&dir.join("summary.json"), &serde_json::to_vec_pretty(summary).expect("summary serializes"))?;
+    write_atomic(&dir.join("report.md"), report_markdown(config, summary).as_bytes())?;
+    curves(&dir.join("curves.png"), metrics)
+}
