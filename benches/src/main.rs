@@ -20,6 +20,10 @@ struct Cli {
     /// Only cases whose name contains this.
     #[arg(long)]
     filter: Option<String>,
+    /// The collectives backend: `local` (threads), or `mpi` (the `collectives` suite only; run
+    /// under `mpirun`, needs the `mpi` feature; rank 0 prints).
+    #[arg(long, default_value = "local")]
+    backend: String,
 }
 
 fn main() -> ExitCode {
@@ -37,8 +41,31 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let budget = if cli.quick { Budget::quick() } else { Budget::full() };
-    let cases = build(cli.quick);
+    let (cases, budget, prints) = match (cli.backend.as_str(), cli.suite.as_str()) {
+        ("local", _) => (build(cli.quick), if cli.quick { Budget::quick() } else { Budget::full() }, true),
+        ("mpi", "collectives") => match suites::collectives::mpi_cases(cli.quick) {
+            Ok(suite) => (suite.cases, suite.budget, suite.rank == 0),
+            Err(e) => {
+                eprintln!("squid-bench: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (backend, suite) => {
+            eprintln!(
+                "squid-bench: backend `{backend}` is not available for suite `{suite}` (local; mpi for collectives)"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    if !prints {
+        // A rank other than 0 of an MPI run: make the same calls, print nothing.
+        for case in cases {
+            if cli.filter.as_deref().is_none_or(|f| case.case.contains(f)) {
+                run_case(case, budget);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
     if !cli.json {
         println!("{}", Row::header());
     }

@@ -13,8 +13,8 @@
 //! typed errors (wrong sizes, mismatched calls, a mismatched receive that keeps the message).
 //! Every rank exits non-zero if any rank saw a difference.
 //!
-//! `bench` prints the time, algbw and busbw (nccl-tests' definitions) of f32 all-reduce,
-//! all-gather and reduce-scatter from 4 KiB to 256 MiB (build with `--release` for figures).
+//! The benchmark of this backend (algbw and busbw against MPI's own collectives) is the
+//! `collectives` suite of squid-bench: `mpirun -np N squid-bench collectives --backend mpi`.
 //!
 //! `timeout` checks the failure semantics: rank 1 never arrives at a barrier, rank 0 gets
 //! `Error::Timeout` naming rank 1 (and again from its next call), prints `TIMEOUT-OK`, and the
@@ -231,7 +231,10 @@ fn tensor_parallel(comm: &MpiComm, checks: &mut Checks) {
 }
 
 fn check() -> ExitCode {
-    let options = MpiOptions { timeout: Duration::from_secs(120), abort_grace: Duration::from_secs(5) };
+    // Small staged pieces, so the lengths below go through MPI in many pieces (a piece boundary
+    // inside a block, a padded last block split over pieces).
+    let options =
+        MpiOptions { timeout: Duration::from_secs(120), abort_grace: Duration::from_secs(5), stage_bytes: 4096 };
     let comm = match MpiComm::init(options) {
         Ok(comm) => comm,
         Err(e) => {
@@ -272,7 +275,8 @@ fn check() -> ExitCode {
 }
 
 fn timeout() -> ExitCode {
-    let options = MpiOptions { timeout: Duration::from_secs(2), abort_grace: Duration::from_secs(2) };
+    let options =
+        MpiOptions { timeout: Duration::from_secs(2), abort_grace: Duration::from_secs(2), ..MpiOptions::default() };
     let comm = match MpiComm::init(options) {
         Ok(comm) => comm,
         Err(e) => {
@@ -301,71 +305,19 @@ fn timeout() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Times f32 all-reduce, all-gather and reduce-scatter (`bytes` is the all-reduce buffer, the
-/// all-gather output and the reduce-scatter input) and prints nccl-tests' algbw and busbw from
-/// the slowest rank's time.
-fn bench() -> ExitCode {
-    let comm = match MpiComm::init(MpiOptions::default()) {
-        Ok(comm) => comm,
-        Err(e) => {
-            eprintln!("mpi_check bench: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (rank, world) = (comm.rank(), comm.world_size());
-    let n = world as f64;
-    if rank == 0 {
-        println!("collective      bytes      us/call   algbw GB/s  busbw GB/s  ({world} ranks, f32)");
-    }
-    for kib in [4usize, 64, 1024, 16 * 1024, 64 * 1024, 256 * 1024] {
-        let len = (kib * 1024 / 4) / world * world;
-        let send = vec![1.0f32; len];
-        let mut out = vec![0.0f32; len];
-        let cases: [(&str, f64); 3] =
-            [("all_reduce", 2.0 * (n - 1.0) / n), ("all_gather", (n - 1.0) / n), ("reduce_scatter", (n - 1.0) / n)];
-        for (name, factor) in cases {
-            let mut call = || -> Result<(), Error> {
-                match name {
-                    "all_reduce" => comm.all_reduce(&send, &mut out, ReduceOp::Sum),
-                    "all_gather" => comm.all_gather(&send[..len / world], &mut out),
-                    _ => comm.reduce_scatter(&send, &mut out[..len / world], ReduceOp::Sum),
-                }
-            };
-            let iters = (256 * 1024 * 1024 / (len * 4)).clamp(3, 200);
-            let timed = (|| -> Result<f64, Error> {
-                call()?;
-                comm.barrier()?;
-                let start = std::time::Instant::now();
-                for _ in 0..iters {
-                    call()?;
-                }
-                let mut slowest = [0i64];
-                comm.all_reduce(&[start.elapsed().as_nanos() as i64], &mut slowest, ReduceOp::Max)?;
-                Ok(slowest[0] as f64 / iters as f64)
-            })();
-            match timed {
-                Ok(ns) if rank == 0 => {
-                    let algbw = (len * 4) as f64 / ns;
-                    println!("{name:<14} {:>9} {:>11.1} {algbw:>12.2} {:>11.2}", len * 4, ns / 1e3, algbw * factor);
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("mpi_check bench: rank {rank}: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-    }
-    ExitCode::SUCCESS
-}
-
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
         None | Some("check") => check(),
         Some("timeout") => timeout(),
-        Some("bench") => bench(),
+        Some("bench") => {
+            eprintln!(
+                "mpi_check: the benchmark moved to the squid-bench suite: cargo build --release -p squid-benches \
+                 --features mpi, then mpirun -np N target/release/squid-bench collectives --backend mpi"
+            );
+            ExitCode::FAILURE
+        }
         Some(other) => {
-            eprintln!("mpi_check: unknown mode {other:?} (check | timeout | bench)");
+            eprintln!("mpi_check: unknown mode {other:?} (check | timeout)");
             ExitCode::FAILURE
         }
     }

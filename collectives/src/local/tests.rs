@@ -120,6 +120,39 @@ fn lengths_past_the_block_size_match_reference() {
 }
 
 #[test]
+fn calls_large_enough_to_stream_match_reference() {
+    // Each collective here writes at least `stream::STREAM_MIN_BYTES` over all ranks, so its
+    // results are stored with non-temporal stores (on x86-64); lengths are odd so the streamed
+    // copies have unaligned heads and tails.
+    let (world, len, block) = (3, 2_100_001, 1_400_001);
+    let bytes = std::mem::size_of::<f32>();
+    assert!((world - 1) * len * bytes >= super::stream::STREAM_MIN_BYTES, "broadcast would not stream");
+    assert!(world * block * bytes >= super::stream::STREAM_MIN_BYTES, "reduce-scatter would not stream");
+    run_all::<f32>(world, len, block, ReduceOp::Sum, 1, 10);
+}
+
+#[test]
+fn in_place_and_out_of_place_ranks_mix_in_one_all_reduce() {
+    for (world, len) in [(2, 5000), (3, 4099), (4, 7)] {
+        let inputs = seeded_inputs::<f32>(world, len, 11 + world as u64);
+        let want = reference::all_reduce(&inputs, ReduceOp::Sum);
+        let outcomes = LocalGroup::new(world).unwrap().run(|comm| {
+            let r = comm.rank();
+            if r % 2 == 0 {
+                let mut buf = inputs[r].clone();
+                comm.all_reduce_in_place(&mut buf, ReduceOp::Sum).map(|()| buf)
+            } else {
+                let mut out = vec![0.0; len];
+                comm.all_reduce(&inputs[r], &mut out, ReduceOp::Sum).map(|()| out)
+            }
+        });
+        for (r, got) in outcomes.into_iter().enumerate() {
+            assert_eq!(got.unwrap().unwrap(), want, "rank {r} of {world}");
+        }
+    }
+}
+
+#[test]
 fn many_calls_in_a_row_stay_in_step() {
     let results = LocalGroup::new(4).unwrap().run(|comm| {
         let mut checked = 0;

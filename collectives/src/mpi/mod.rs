@@ -26,8 +26,12 @@
 //! in its own type (bf16 as 2 bytes).
 //!
 //! MPI only ever sees buffers this communicator owns: inputs are copied in and results copied
-//! out (one extra copy of each buffer per call), so an MPI operation left pending by a failure
-//! can never touch memory the caller has freed.
+//! out, so an MPI operation left pending by a failure can never touch memory the caller has
+//! freed. The collectives move their data in pieces of about [`MpiOptions::stage_bytes`]
+//! (4 MiB by default; every block of an all-reduce advances by one piece per step), so these
+//! buffers stay that small whatever the call's size, and each copy in or out touches memory
+//! still in the cache instead of streaming the whole buffer through DRAM twice more. Point-to-
+//! point messages are staged whole.
 //!
 //! # Failures
 //! Every MPI call is non-blocking and polled until the communicator's deadline
@@ -73,6 +77,11 @@ pub struct MpiOptions {
     pub timeout: Duration,
     /// How long after a failure the watchdog waits before it aborts the MPI job.
     pub abort_grace: Duration,
+    /// Bytes of one staged piece: a collective moves its data through MPI in pieces of about
+    /// this many bytes, so the memory the communicator stages through stays about twice this
+    /// (whatever the call's size) and each piece is still in the cache when it is copied out.
+    /// Every rank must use the same value (a difference is [`Error::Mismatch`]).
+    pub stage_bytes: usize,
 }
 
 impl MpiOptions {
@@ -80,17 +89,23 @@ impl MpiOptions {
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
     /// The default time between a failure and the job's abort.
     pub const DEFAULT_ABORT_GRACE: Duration = Duration::from_secs(10);
+    /// The default staged piece: fits in a last-level cache beside its copy.
+    pub const DEFAULT_STAGE_BYTES: usize = 4 << 20;
 }
 
 impl Default for MpiOptions {
     fn default() -> Self {
-        Self { timeout: Self::DEFAULT_TIMEOUT, abort_grace: Self::DEFAULT_ABORT_GRACE }
+        Self {
+            timeout: Self::DEFAULT_TIMEOUT,
+            abort_grace: Self::DEFAULT_ABORT_GRACE,
+            stage_bytes: Self::DEFAULT_STAGE_BYTES,
+        }
     }
 }
 
 /// Number of i64 words in a call descriptor: kind, parameter (reduction or root), element
-/// type, count, sizes valid.
-const DESC_WORDS: usize = 5;
+/// type, count, sizes valid, staged piece bytes.
+const DESC_WORDS: usize = 6;
 type Desc = [i64; DESC_WORDS];
 
 /// Tag of the descriptor messages (on the collectives' communicator).
@@ -323,6 +338,21 @@ fn typed<T: Scalar>(words: &mut Vec<u64>, len: usize) -> &mut [T] {
     // (checked above); T is one of f32, bf16, f16, i32, i64 (Scalar is sealed), for which every
     // bit pattern is a valid value.
     unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<T>(), len) }
+}
+
+/// Fills `part` with elements `from..` of `src`, zeros past its end.
+fn take_padded<T: Scalar>(part: &mut [T], src: &[T], from: usize) {
+    let from = from.min(src.len());
+    let have = (src.len() - from).min(part.len());
+    part[..have].copy_from_slice(&src[from..from + have]);
+    part[have..].fill(T::default());
+}
+
+/// Writes `part` to `dst` from element `at`, dropping what falls past its end.
+fn put_clipped<T: Scalar>(dst: &mut [T], at: usize, part: &[T]) {
+    let at = at.min(dst.len());
+    let fits = (dst.len() - at).min(part.len());
+    dst[at..at + fits].copy_from_slice(&part[..fits]);
 }
 
 fn dtype_code(dtype: DataType) -> i64 {
@@ -586,7 +616,8 @@ impl MpiComm {
         self.usable()?;
         self.reap_sends(op)?;
         let (code, param) = kind.encode();
-        let mine: Desc = [code, param, dtype.map_or(-1, dtype_code), count as i64, i64::from(check.is_ok())];
+        let stage = self.options.stage_bytes as i64;
+        let mine: Desc = [code, param, dtype.map_or(-1, dtype_code), count as i64, i64::from(check.is_ok()), stage];
         let (world, rank) = (self.world, self.rank);
         let descs = {
             let mut bufs = self.bufs.borrow_mut();
@@ -636,6 +667,10 @@ impl MpiComm {
                     format!("rank {r} called {}, rank {rank} called {}", Kind::describe(d), Kind::describe(&mine));
                 return Err(Error::Mismatch { op, detail });
             }
+            if d[5] != mine[5] {
+                let detail = format!("rank {r} stages {} bytes per piece, rank {rank} {}", d[5], mine[5]);
+                return Err(Error::Mismatch { op, detail });
+            }
         }
         Ok(())
     }
@@ -657,32 +692,33 @@ impl MpiComm {
         self.wait(op, &mut request, deadline, |_| missing)
     }
 
-    /// The all-to-all at the heart of all-reduce and reduce-scatter: `send` (`world` blocks of
-    /// `block`) is staged, and block p of `result` becomes rank p's block `rank`.
+    /// Elements of `T` per staged piece of `parts` equal parts (at least one).
+    fn piece_len<T: Scalar>(&self, parts: usize) -> usize {
+        (self.options.stage_bytes / (std::mem::size_of::<T>() * parts.max(1))).max(1)
+    }
+
+    /// The all-to-all at the heart of all-reduce and reduce-scatter: `bufs.stage` holds `world`
+    /// parts of `count` elements, and part p of `bufs.result` becomes rank p's part `rank`.
     fn all_to_all<T: Scalar>(
         &self,
         op: &'static str,
         bufs: &mut Buffers,
-        send: &[T],
-        block: usize,
+        count: usize,
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
-        let total = block * self.world;
-        let count = mpi_count(block, op)?;
-        let stage = typed::<T>(&mut bufs.stage, total);
-        stage[..send.len()].copy_from_slice(send);
-        stage[send.len()..].fill(T::default());
-        let stage = stage.as_ptr();
+        let total = count * self.world;
+        let mpi_count = mpi_count(count, op)?;
+        let stage = typed::<T>(&mut bufs.stage, total).as_ptr();
         let result = typed::<T>(&mut bufs.result, total).as_mut_ptr();
-        // SAFETY: both buffers hold `world * block` elements, owned by `bufs` (never freed while
+        // SAFETY: both buffers hold `world * count` elements, owned by `bufs` (never freed while
         // an operation may be pending, see `Drop`); the type moves whole elements.
         self.run_op(op, "MPI_Ialltoall", deadline, Vec::new(), |request| unsafe {
             ffi::MPI_Ialltoall(
                 stage.cast::<c_void>(),
-                count,
+                mpi_count,
                 wire_type::<T>(),
                 result.cast::<c_void>(),
-                count,
+                mpi_count,
                 wire_type::<T>(),
                 self.coll,
                 request,
@@ -690,25 +726,25 @@ impl MpiComm {
         })
     }
 
-    /// `MPI_Iallgather` of the first `block` elements of `bufs.stage` into `bufs.result`.
+    /// `MPI_Iallgather` of the first `count` elements of `bufs.stage` into `bufs.result`.
     fn gather_stage<T: Scalar>(
         &self,
         op: &'static str,
         bufs: &mut Buffers,
-        block: usize,
+        count: usize,
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
-        let count = mpi_count(block, op)?;
-        let stage = typed::<T>(&mut bufs.stage, block).as_ptr();
-        let result = typed::<T>(&mut bufs.result, block * self.world).as_mut_ptr();
-        // SAFETY: as in `all_to_all`: `block` elements in, `world * block` out, owned by `bufs`.
+        let mpi_count = mpi_count(count, op)?;
+        let stage = typed::<T>(&mut bufs.stage, count).as_ptr();
+        let result = typed::<T>(&mut bufs.result, count * self.world).as_mut_ptr();
+        // SAFETY: as in `all_to_all`: `count` elements in, `world * count` out, owned by `bufs`.
         self.run_op(op, "MPI_Iallgather", deadline, Vec::new(), |request| unsafe {
             ffi::MPI_Iallgather(
                 stage.cast::<c_void>(),
-                count,
+                mpi_count,
                 wire_type::<T>(),
                 result.cast::<c_void>(),
-                count,
+                mpi_count,
                 wire_type::<T>(),
                 self.coll,
                 request,
@@ -786,22 +822,35 @@ impl Communicator for MpiComm {
         let deadline = self.deadline();
         let check = Collective::AllReduce.check_sizes(send.len(), recv.len(), self.world);
         self.start(Kind::AllReduce(op), Some(T::DTYPE), send.len(), check)?;
-        let block = send.len().div_ceil(self.world);
+        let world = self.world;
+        // Rank p reduces block p (the last one padded); piece by piece, offset `at` of every
+        // block goes through the all-to-all, the reduction and the all-gather together.
+        let block = send.len().div_ceil(world);
+        let piece = self.piece_len::<T>(world);
         let mut bufs = self.bufs.borrow_mut();
         let bufs = &mut *bufs;
-        self.all_to_all(OP, bufs, send, block, deadline)?;
-        {
-            // Rank order: block p of `result` came from rank p. The reduced block goes to the
-            // front of `stage` (free again once the all-to-all is done).
-            let result = typed::<T>(&mut bufs.result, block * self.world);
-            let srcs: Vec<&[T]> = result.chunks_exact(block.max(1)).take(self.world).collect();
-            let mine = typed::<T>(&mut bufs.stage, block);
-            if block > 0 {
-                reduce_into(&srcs, &mut [mine], op);
+        let mut at = 0;
+        while at < block {
+            let count = piece.min(block - at);
+            let stage = typed::<T>(&mut bufs.stage, count * world);
+            for (p, part) in stage.chunks_exact_mut(count).enumerate() {
+                take_padded(part, send, p * block + at);
             }
+            self.all_to_all::<T>(OP, bufs, count, deadline)?;
+            {
+                // Rank order: part p of `result` came from rank p. The reduced part goes to the
+                // front of `stage` (free again once the all-to-all is done).
+                let result = typed::<T>(&mut bufs.result, count * world);
+                let srcs: Vec<&[T]> = result.chunks_exact(count).collect();
+                reduce_into(&srcs, &mut [typed::<T>(&mut bufs.stage, count)], op);
+            }
+            self.gather_stage::<T>(OP, bufs, count, deadline)?;
+            let result = typed::<T>(&mut bufs.result, count * world);
+            for (p, part) in result.chunks_exact(count).enumerate() {
+                put_clipped(recv, p * block + at, part);
+            }
+            at += count;
         }
-        self.gather_stage::<T>(OP, bufs, block, deadline)?;
-        recv.copy_from_slice(&typed::<T>(&mut bufs.result, block * self.world)[..recv.len()]);
         Ok(())
     }
 
@@ -811,10 +860,20 @@ impl Communicator for MpiComm {
         let deadline = self.deadline();
         let check = Collective::AllGather.check_sizes(send.len(), recv.len(), self.world);
         self.start(Kind::AllGather, Some(T::DTYPE), send.len(), check)?;
+        let (len, piece) = (send.len(), self.piece_len::<T>(self.world));
         let mut bufs = self.bufs.borrow_mut();
-        typed::<T>(&mut bufs.stage, send.len()).copy_from_slice(send);
-        self.gather_stage::<T>(OP, &mut bufs, send.len(), deadline)?;
-        recv.copy_from_slice(typed::<T>(&mut bufs.result, recv.len()));
+        let bufs = &mut *bufs;
+        let mut at = 0;
+        while at < len {
+            let count = piece.min(len - at);
+            typed::<T>(&mut bufs.stage, count).copy_from_slice(&send[at..at + count]);
+            self.gather_stage::<T>(OP, bufs, count, deadline)?;
+            let result = typed::<T>(&mut bufs.result, count * self.world);
+            for (p, part) in result.chunks_exact(count).enumerate() {
+                recv[p * len + at..p * len + at + count].copy_from_slice(part);
+            }
+            at += count;
+        }
         Ok(())
     }
 
@@ -824,13 +883,22 @@ impl Communicator for MpiComm {
         let deadline = self.deadline();
         let check = Collective::ReduceScatter.check_sizes(send.len(), recv.len(), self.world);
         self.start(Kind::ReduceScatter(op), Some(T::DTYPE), recv.len(), check)?;
-        let block = recv.len();
+        let (world, block) = (self.world, recv.len());
+        let piece = self.piece_len::<T>(world);
         let mut bufs = self.bufs.borrow_mut();
-        self.all_to_all(OP, &mut bufs, send, block, deadline)?;
-        if block > 0 {
-            let result = typed::<T>(&mut bufs.result, block * self.world);
-            let srcs: Vec<&[T]> = result.chunks_exact(block).collect();
-            reduce_into(&srcs, &mut [recv], op);
+        let bufs = &mut *bufs;
+        let mut at = 0;
+        while at < block {
+            let count = piece.min(block - at);
+            let stage = typed::<T>(&mut bufs.stage, count * world);
+            for (p, part) in stage.chunks_exact_mut(count).enumerate() {
+                part.copy_from_slice(&send[p * block + at..p * block + at + count]);
+            }
+            self.all_to_all::<T>(OP, bufs, count, deadline)?;
+            let result = typed::<T>(&mut bufs.result, count * world);
+            let srcs: Vec<&[T]> = result.chunks_exact(count).collect();
+            reduce_into(&srcs, &mut [&mut recv[at..at + count]], op);
+            at += count;
         }
         Ok(())
     }
@@ -845,19 +913,25 @@ impl Communicator for MpiComm {
             Collective::Broadcast.check_sizes(buf.len(), buf.len(), self.world)
         };
         self.start(Kind::Broadcast { root }, Some(T::DTYPE), buf.len(), check)?;
-        let count = mpi_count(buf.len(), OP)?;
+        let (len, piece) = (buf.len(), self.piece_len::<T>(1));
         let mut bufs = self.bufs.borrow_mut();
-        let stage = typed::<T>(&mut bufs.stage, buf.len());
-        if self.rank == root {
-            stage.copy_from_slice(buf);
-        }
-        let ptr = stage.as_mut_ptr();
-        // SAFETY: `buf.len()` elements owned by `bufs` (never freed while pending, see `Drop`).
-        self.run_op(OP, "MPI_Ibcast", deadline, Vec::new(), |request| unsafe {
-            ffi::MPI_Ibcast(ptr.cast::<c_void>(), count, wire_type::<T>(), root as c_int, self.coll, request)
-        })?;
-        if self.rank != root {
-            buf.copy_from_slice(typed::<T>(&mut bufs.stage, buf.len()));
+        let mut at = 0;
+        while at < len {
+            let count = piece.min(len - at);
+            let mpi_count = mpi_count(count, OP)?;
+            let stage = typed::<T>(&mut bufs.stage, count);
+            if self.rank == root {
+                stage.copy_from_slice(&buf[at..at + count]);
+            }
+            let ptr = stage.as_mut_ptr();
+            // SAFETY: `count` elements owned by `bufs` (never freed while pending, see `Drop`).
+            self.run_op(OP, "MPI_Ibcast", deadline, Vec::new(), |request| unsafe {
+                ffi::MPI_Ibcast(ptr.cast::<c_void>(), mpi_count, wire_type::<T>(), root as c_int, self.coll, request)
+            })?;
+            if self.rank != root {
+                buf[at..at + count].copy_from_slice(typed::<T>(&mut bufs.stage, count));
+            }
+            at += count;
         }
         Ok(())
     }

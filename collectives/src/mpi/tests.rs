@@ -139,7 +139,11 @@ fn child_timeout() {
     if !is_child() {
         return;
     }
-    let options = MpiOptions { timeout: Duration::from_millis(300), abort_grace: Duration::from_millis(500) };
+    let options = MpiOptions {
+        timeout: Duration::from_millis(300),
+        abort_grace: Duration::from_millis(500),
+        ..MpiOptions::default()
+    };
     let comm = MpiComm::init(options).unwrap();
     println!("{INIT_OK}");
     // A receive from this rank itself that no send matches: the one way a world of one can hang.
