@@ -89,6 +89,12 @@ struct TrainArgs {
     /// Held-out tasks per level.
     #[arg(long)]
     eval_tasks: Option<usize>,
+    /// Level weights of the warm-up traces, `easy,medium,hard`.
+    #[arg(long, value_parser = parse_mix)]
+    sft_mix: Option<[f64; 3]>,
+    /// Level weights of the GRPO tasks, `easy,medium,hard`.
+    #[arg(long, value_parser = parse_mix)]
+    grpo_mix: Option<[f64; 3]>,
     /// Evaluate pass@1 every N GRPO steps.
     #[arg(long)]
     eval_every: Option<u64>,
@@ -98,6 +104,12 @@ struct TrainArgs {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+}
+
+fn parse_mix(s: &str) -> Result<[f64; 3], String> {
+    let parts: Vec<f64> =
+        s.split(',').map(|p| p.trim().parse::<f64>()).collect::<Result<_, _>>().map_err(|e| format!("{s:?}: {e}"))?;
+    <[f64; 3]>::try_from(parts).map_err(|p| format!("{s:?}: need three weights easy,medium,hard, got {}", p.len()))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -147,6 +159,12 @@ impl TrainArgs {
         }
         if let Some(v) = self.eval_tasks {
             c.eval.tasks_per_level = v;
+        }
+        if let Some(v) = self.sft_mix {
+            c.sft_level_mix = v;
+        }
+        if let Some(v) = self.grpo_mix {
+            c.grpo_level_mix = v;
         }
         if let Some(v) = self.eval_every {
             c.eval.every = v;

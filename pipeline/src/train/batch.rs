@@ -1,10 +1,8 @@
 //! Trajectories -> one packed training batch (llm.c style: the layout is the whole story).
 //!
 //! A trajectory of `n` tokens gives `n - 1` positions: inputs `tokens[..n-1]`, targets
-//! `tokens[1..]`, loss mask `loss_mask[1..]` (a target counts iff the policy sampled it). Its
-//! segments are cut to the `n - 1` inputs. Sequences are packed back to back with `cu_seqlens`.
-
-use squid_attention::segments::Segment;
+//! `tokens[1..]`, loss mask `loss_mask[1..]` (a target counts iff the policy sampled it), its
+//! segments cut to the `n - 1` inputs. Sequences are packed back to back with `cu_seqlens`.
 
 use crate::model::Batch;
 use crate::rollout::Trajectory;
@@ -43,7 +41,8 @@ impl TrainingBatch {
     }
 }
 
-/// Packs `trajectories` (each at least 2 tokens) into one batch.
+/// Packs `trajectories` (each at least 2 tokens, checked by [`Trajectory::validate`]) into one
+/// batch, each laid out by [`Trajectory::training_example`].
 pub fn pack(trajectories: &[&Trajectory]) -> Result<TrainingBatch, Error> {
     let mut tokens = Vec::new();
     let mut targets = Vec::new();
@@ -51,50 +50,16 @@ pub fn pack(trajectories: &[&Trajectory]) -> Result<TrainingBatch, Error> {
     let mut cu_seqlens = vec![0u32];
     let mut segments = Vec::with_capacity(trajectories.len());
     for (i, t) in trajectories.iter().enumerate() {
-        let n = t.tokens.len();
-        if n < 2 || t.loss_mask.len() != n {
-            return Err(Error::Shape(format!(
-                "trajectory {i}: {n} tokens and {} mask entries (need equal counts, at least 2)",
-                t.loss_mask.len()
-            )));
+        t.validate()?;
+        if t.tokens.len() < 2 {
+            return Err(Error::Shape(format!("trajectory {i} has {} tokens, training needs 2", t.tokens.len())));
         }
-        let covered: usize = t.segments.iter().map(|s| s.len).sum();
-        if covered != n {
-            return Err(Error::Shape(format!("trajectory {i}: segments cover {covered} of {n} tokens")));
-        }
-        tokens.extend_from_slice(&t.tokens[..n - 1]);
-        targets.extend_from_slice(&t.tokens[1..]);
-        mask.extend_from_slice(&t.loss_mask[1..]);
+        let example = t.training_example();
+        tokens.extend_from_slice(&example.inputs);
+        targets.extend_from_slice(&example.targets);
+        mask.extend_from_slice(&example.mask);
         cu_seqlens.push(u32::try_from(tokens.len()).map_err(|_| Error::Shape("batch over 2^32 tokens".into()))?);
-        segments.push(cut_segments(&t.segments, n - 1));
+        segments.push(example.segments);
     }
     Ok(TrainingBatch { batch: Batch { tokens, cu_seqlens, segments }, targets, mask })
-}
-
-/// The segments covering the first `len` tokens.
-fn cut_segments(segments: &[Segment], len: usize) -> Vec<Segment> {
-    let mut out = Vec::with_capacity(segments.len());
-    let mut left = len;
-    for s in segments {
-        if left == 0 {
-            break;
-        }
-        let take = s.len.min(left);
-        out.push(Segment { kind: s.kind, len: take });
-        left -= take;
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cutting_keeps_kinds_and_drops_the_last_token() {
-        let segs = [Segment::global(3), Segment::document(2), Segment::global(2)];
-        assert_eq!(cut_segments(&segs, 6), vec![Segment::global(3), Segment::document(2), Segment::global(1)]);
-        assert_eq!(cut_segments(&segs, 4), vec![Segment::global(3), Segment::document(1)]);
-        assert_eq!(cut_segments(&segs, 3), vec![Segment::global(3)]);
-    }
 }

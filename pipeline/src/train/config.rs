@@ -92,8 +92,10 @@ pub struct TrainConfig {
     pub eval: EvalConfig,
     /// Episode limits.
     pub limits: EpisodeLimits,
-    /// Fraction of training tasks per level (easy, medium, hard).
-    pub level_mix: [f64; 3],
+    /// Weights of the levels (easy, medium, hard) among warm-up traces.
+    pub sft_level_mix: [f64; 3],
+    /// Weights of the levels among GRPO tasks.
+    pub grpo_level_mix: [f64; 3],
 }
 
 impl Default for TrainConfig {
@@ -118,7 +120,8 @@ impl Default for TrainConfig {
             },
             eval: EvalConfig { tasks_per_level: 24, every: 10, k: 4, samples: 8, temperature: 1.0 },
             limits: EpisodeLimits { max_turns: 3, max_new_tokens: 160, max_context: 768 },
-            level_mix: [0.4, 0.4, 0.2],
+            sft_level_mix: [0.4, 0.4, 0.2],
+            grpo_level_mix: [0.4, 0.4, 0.2],
         }
     }
 }
@@ -189,9 +192,11 @@ impl TrainConfig {
         if self.limits.max_turns == 0 || self.limits.max_new_tokens == 0 {
             return bad("episode limits must be at least 1".into());
         }
-        let total: f64 = self.level_mix.iter().sum();
-        if self.level_mix.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || total <= 0.0 {
-            return bad(format!("level mix {:?} must be non-negative with a positive sum", self.level_mix));
+        for mix in [self.sft_level_mix, self.grpo_level_mix] {
+            let total: f64 = mix.iter().sum();
+            if mix.iter().any(|w| !(w.is_finite() && *w >= 0.0)) || total <= 0.0 {
+                return bad(format!("level mix {mix:?} must be non-negative with a positive sum"));
+            }
         }
         if matches!(self.model.attention, AttentionKind::Nsa(_)) && self.tp > 1 {
             return bad("--tp > 1 is implemented for dense and segment attention only".into());

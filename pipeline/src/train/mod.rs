@@ -125,15 +125,16 @@ fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// A training task for (`seed`, `phase`, `step`, `i`): level by `mix`, seed with the top bit
-/// clear (held-out tasks have it set).
+/// A training task for (`seed`, `phase` 1 = warm-up / 2 = GRPO, `step`, `i`): level drawn by the
+/// phase's mix, seed with the top bit clear (held-out tasks have it set).
 fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
     let h = splitmix(config.seed ^ splitmix(phase ^ splitmix(step ^ splitmix(i))));
-    let total: f64 = config.level_mix.iter().sum();
+    let mix = if phase == 1 { config.sft_level_mix } else { config.grpo_level_mix };
+    let total: f64 = mix.iter().sum();
     let u = (h >> 11) as f64 / (1u64 << 53) as f64 * total;
     let mut acc = 0.0;
     let mut level = Level::Hard;
-    for (l, w) in Level::ALL.iter().zip(config.level_mix) {
+    for (l, w) in Level::ALL.iter().zip(mix) {
         acc += w;
         if u < acc {
             level = *l;
