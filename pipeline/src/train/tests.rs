@@ -141,3 +141,28 @@ fn bad_configs_dirs_and_checkpoints_are_typed_errors() {
     resume.resume = Some(root.path().join("e"));
     assert!(matches!(train(tiny_config(), &resume), Err(Error::Checkpoint { .. })));
 }
+
+#[test]
+fn tp_2_trains_the_same_warm_up_as_tp_1() {
+    let root = tempfile::tempdir().unwrap();
+    let mut c = tiny_config();
+    c.grpo.steps = 0;
+    let one = train(c.clone(), &options(root.path(), "tp1")).unwrap();
+    c.tp = 2;
+    let two = train(c, &options(root.path(), "tp2")).unwrap();
+    let losses = |name: &str| -> Vec<f64> {
+        read_metrics(&root.path().join(name)).iter().filter(|m| m.phase == "sft").map(|m| m.loss.unwrap()).collect()
+    };
+    let (l1, l2) = (losses("tp1"), losses("tp2"));
+    assert_eq!(l1.len(), 3);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "warm-up loss {a} at tp 1 vs {b} at tp 2");
+    }
+    let load = |name: &str| Model::load(root.path().join(name).join("checkpoints/warmup/model.safetensors")).unwrap();
+    let (m1, m2) = (load("tp1"), load("tp2"));
+    for (a, b) in m1.params().iter().zip(m2.params()) {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "warm-up weights differ by {worst} between tp 1 and tp 2");
+    }
+    assert!(one.complete && two.complete);
+}
