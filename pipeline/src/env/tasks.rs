@@ -24,6 +24,18 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// Uniform in `[0, 1)` with 53 random bits.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller over two draws in the open interval `(0, 1)`).
+    pub fn normal(&mut self) -> f64 {
+        let mut open = || ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let (u1, u2) = (open(), open());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
     /// Uniform in `lo..=hi` (`lo <= hi`; the tiny modulo bias does not matter here).
     pub fn int(&mut self, lo: i64, hi: i64) -> i64 {
         let span = (hi - lo + 1).max(1) as u64;

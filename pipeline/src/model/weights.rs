@@ -143,36 +143,6 @@ pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     Dims::full(config).shapes()
 }
 
-/// splitmix64: a tiny, well-mixed deterministic generator (weights must not depend on the
-/// platform or on a crate's version).
-#[derive(Debug, Clone)]
-pub(crate) struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
-
 /// Deterministic initial weights: norms 1; embedding N(0, 1/d) (so the tied head starts with
 /// unit-scale logits); linears N(0, 1/fan_in); the residual outputs
 /// (`wo`, `w_down`) further scaled by `1/sqrt(2 n_layers)` (GPT-2). Each tensor draws from its
@@ -193,7 +163,7 @@ pub(crate) fn init(config: &ModelConfig, seed: u64) -> Vec<Vec<f32>> {
             if name.ends_with(".wo") || name.ends_with(".w_down") {
                 std *= resid;
             }
-            let mut rng = SplitMix::new(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+            let mut rng = crate::env::Rng::new(seed ^ (i as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
             (0..n).map(|_| (rng.normal() * std) as f32).collect()
         })
         .collect()

@@ -13,11 +13,6 @@ pub(crate) fn valid_top_p(top_p: f32) -> bool {
     top_p > 0.0 && top_p <= 1.0
 }
 
-/// A uniform draw in `[0, 1)` from the top 53 bits.
-fn uniform(rng: &mut Rng) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 /// Checks a logits row: no NaN, no `+inf`, at least one finite entry (`-inf` masks a token).
 fn check_row(logits: &[f32]) -> Result<f32, Error> {
     if logits.is_empty() {
@@ -90,7 +85,7 @@ pub fn sample_token(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng)
             probs.truncate(keep);
         }
         let kept: f64 = probs.iter().map(|p| p.1).sum();
-        let mut u = uniform(rng) * kept;
+        let mut u = rng.unit() * kept;
         let mut chosen = probs[probs.len() - 1].0;
         for &(id, p) in &probs {
             if p > 0.0 && u < p {
