@@ -30,7 +30,7 @@ enum Command {
     /// List the GPUs this machine has (or say why there are none).
     Devices,
     /// Train the reference policy: supervised warm-up, then GRPO with tool calls; writes
-    /// runs/<timestamp>/ (config, metrics.jsonl, curves.png, checkpoints, summary, report).
+    /// `runs/<timestamp>/` (config, metrics.jsonl, curves.png, checkpoints, summary, report).
     Train(TrainArgs),
     /// Controlled experiments built on `train`.
     Experiment {

@@ -313,7 +313,7 @@ impl Communicator for LocalComm {
     }
 
     /// In place with no copy: every rank reads and writes only its own block of every buffer,
-    /// one piece at a time (see [`LocalComm::all_reduce_at`]).
+    /// one piece at a time (the module docs describe the scheme).
     fn all_reduce_in_place<T: Scalar>(&self, buf: &mut [T], op: ReduceOp) -> Result<(), Error> {
         let addr = buf.as_mut_ptr().expose_provenance();
         self.all_reduce_at::<T>(addr, addr, buf.len(), op, Ok(()))

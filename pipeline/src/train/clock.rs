@@ -19,7 +19,7 @@ pub fn utc_stamp(secs: u64) -> String {
     format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// [`utc_stamp`] of now.
+/// The `YYYYMMDD-HHMMSS` UTC stamp of now.
 pub fn now_stamp() -> String {
     utc_stamp(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
