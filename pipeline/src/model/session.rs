@@ -57,6 +57,17 @@ impl Default for SessionConfig {
     }
 }
 
+impl SessionConfig {
+    /// Enough pages for `contexts` contexts of up to `max_context` tokens each, however they
+    /// fork (every context may own all of its pages after copy-on-write), with the default page
+    /// size and document cache.
+    pub fn for_contexts(contexts: usize, max_context: usize) -> Self {
+        let base = Self::default();
+        let per_context = max_context.div_ceil(base.page_size) + 1;
+        Self { num_pages: contexts.max(1) * per_context + 16, ..base }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Ctx {
     /// The KV sequence (None for NSA, which keeps no KV).

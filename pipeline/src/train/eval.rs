@@ -3,7 +3,7 @@
 
 use crate::env::{EpisodeConfig, Level, RewardConfig, Task};
 use crate::model::{Model, SessionConfig};
-use crate::rollout::{rollout, RolloutConfig};
+use crate::rollout::{rollout, RolloutConfig, Trajectory};
 use crate::tokenizer::Tokenizer;
 use crate::Error;
 
@@ -29,6 +29,9 @@ pub fn held_out_tasks(seed: u64, per_level: usize) -> Vec<Task> {
 pub fn splitmix(x: u64) -> u64 {
     crate::env::Rng::new(x).next_u64()
 }
+
+/// Held-out tasks rolled out per session (bounds the KV held at once).
+const EVAL_CHUNK: usize = 16;
 
 fn passed(reward: Option<&crate::env::Reward>) -> bool {
     reward.is_some_and(|r| !r.malformed && r.total > 0 && r.passed == r.total)
@@ -56,14 +59,20 @@ pub fn evaluate(
         max_context: limits.max_context,
         seed,
     };
-    let mut session = model.session(SessionConfig::default())?;
-    let greedy = rollout(&mut session, tokenizer, tasks, episode, &rollout_config(1, 0.0))?;
-    let sampled = if with_pass_k {
-        let mut session = model.session(SessionConfig::default())?;
-        Some(rollout(&mut session, tokenizer, tasks, episode, &rollout_config(eval.samples, eval.temperature))?)
-    } else {
-        None
+    // In chunks of tasks, so the KV of one chunk's contexts bounds the memory.
+    let run = |group_size: usize, temperature: f32| -> Result<Vec<Trajectory>, Error> {
+        let mut out = Vec::with_capacity(tasks.len() * group_size);
+        for (c, chunk) in tasks.chunks(EVAL_CHUNK).enumerate() {
+            let mut settings = rollout_config(group_size, temperature);
+            settings.seed = splitmix(seed ^ c as u64);
+            let mut session =
+                model.session(SessionConfig::for_contexts(chunk.len() * group_size, limits.max_context))?;
+            out.extend(rollout(&mut session, tokenizer, chunk, episode, &settings)?.trajectories);
+        }
+        Ok(out)
     };
+    let greedy = run(1, 0.0)?;
+    let sampled = if with_pass_k { Some(run(eval.samples, eval.temperature)?) } else { None };
     let mut per_level = Vec::new();
     let (mut pass1_all, mut passk_all, mut reward_all) = (0.0, 0.0, 0.0);
     for level in Level::ALL {
@@ -74,11 +83,11 @@ pub fn evaluate(
         let mut p1 = 0.0;
         let mut pk = 0.0;
         for &i in &idx {
-            let t = &greedy.trajectories[i];
+            let t = &greedy[i];
             p1 += f64::from(u8::from(passed(t.reward.as_ref())));
             reward_all += t.reward.as_ref().map_or(0.0, |r| r.value.max(0.0));
             if let Some(s) = &sampled {
-                let group = &s.trajectories[i * eval.samples..(i + 1) * eval.samples];
+                let group = &s[i * eval.samples..(i + 1) * eval.samples];
                 let c = group.iter().filter(|t| passed(t.reward.as_ref())).count();
                 pk += pass_at_k(eval.samples, c, eval.k);
             }

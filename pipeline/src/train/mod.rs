@@ -428,7 +428,8 @@ fn grpo_step(
         max_context: config.limits.max_context,
         seed: splitmix(config.seed ^ 0x5EED ^ step),
     };
-    let mut session = policy.session(SessionConfig::default())?;
+    let mut session =
+        policy.session(SessionConfig::for_contexts(g.tasks_per_step * g.group_size, config.limits.max_context))?;
     let rolled = rollout(&mut session, tokenizer, &tasks, episode, &rollout_config)?;
     drop(session);
     let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
