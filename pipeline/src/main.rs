@@ -59,6 +59,10 @@ struct TrainArgs {
     /// Continue the run in this directory from its newest checkpoint (its config.json wins).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Skip the warm-up: start GRPO from this model (a `warmup/model.safetensors` of an
+    /// earlier run with the same model shape).
+    #[arg(long, value_name = "MODEL")]
+    warm_start: Option<PathBuf>,
     /// Tensor-parallel ranks (threads).
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -179,7 +183,7 @@ impl TrainArgs {
             resume: self.resume.clone(),
             progress: !self.no_progress,
             stop_after: None,
-            warm_start: None,
+            warm_start: self.warm_start.clone(),
         }
     }
 }

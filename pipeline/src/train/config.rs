@@ -29,6 +29,10 @@ pub struct GrpoConfig {
     pub tasks_per_step: usize,
     /// Samples per task (G).
     pub group_size: usize,
+    /// DAPO dynamic sampling: roll out this many times `tasks_per_step` tasks and train on the
+    /// first `tasks_per_step` groups whose rewards differ (a group of equal rewards has zero
+    /// advantage everywhere and teaches nothing). 1 = plain GRPO on every group.
+    pub oversample: usize,
     /// Constant learning rate.
     pub lr: f32,
     /// Minibatches each rollout batch is split into (one optimizer step each, so later ones
@@ -109,6 +113,7 @@ impl Default for TrainConfig {
                 steps: 300,
                 tasks_per_step: 8,
                 group_size: 8,
+                oversample: 3,
                 lr: 3e-4,
                 minibatches: 2,
                 clip: 0.2,
@@ -164,6 +169,9 @@ impl TrainConfig {
         }
         if self.grpo.group_size < 2 {
             return bad(format!("--group-size {} must be at least 2 (advantages are relative)", self.grpo.group_size));
+        }
+        if self.grpo.oversample == 0 {
+            return bad("oversample must be at least 1".into());
         }
         if self.grpo.minibatches == 0 || self.grpo.minibatches > self.grpo.tasks_per_step {
             return bad(format!(

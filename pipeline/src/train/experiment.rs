@@ -1,7 +1,8 @@
 //! `squid experiment reward-shaping`: does splitting a task into tested parts (partial credit)
 //! beat a sparse all-or-nothing reward? One warm-up, then two GRPO runs from it with the same
 //! compute (steps, tasks, samples), one per reward; held-out pass@1 over steps for each, as a
-//! table (`reward-shaping.md`) and a plot (`reward-shaping.png`).
+//! table (`reward-shaping.md`) and a plot (`reward-shaping.png`). With `--warm-start` both arms
+//! start from that model instead of a fresh warm-up.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ pub fn reward_shaping(config: TrainConfig, opts: &RunOptions) -> Result<RewardSh
         };
         train(c, &o)
     };
-    let partial = arm(RewardMode::PartialCredit, "partial-credit", None)?;
+    let partial = arm(RewardMode::PartialCredit, "partial-credit", opts.warm_start.clone())?;
     let warm = partial.dir.join("checkpoints").join("warmup").join("model.safetensors");
     let sparse = arm(RewardMode::AllOrNothing, "all-or-nothing", Some(warm))?;
 

@@ -39,8 +39,9 @@ pub struct LevelEval {
     pub pass_at_k: Option<f64>,
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl` (fields absent from a line read back as `None`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StepMetrics {
     /// `"sft"`, `"grpo"` or `"eval"`.
     pub phase: String,
@@ -76,6 +77,8 @@ pub struct StepMetrics {
     pub train_s: Option<f64>,
     /// KV bytes held by the rollout at its peak / bytes it would hold without sharing.
     pub kv_shared_fraction: Option<f64>,
+    /// Fraction of rolled-out groups whose rewards differ (the informative ones).
+    pub informative_groups: Option<f64>,
     /// Held-out evaluation, on eval lines.
     pub eval: Option<EvalMetrics>,
 }

@@ -2,12 +2,13 @@
 //! evaluation before, during and after, all written to `runs/<timestamp>/`.
 //!
 //! One GRPO step, end to end:
-//! 1. draw B training tasks; roll each out G times from one prefilled, forked prompt
-//!    ([`crate::rollout`]): the policy writes a program, may `<run>` it on the visible examples,
-//!    reads the tool output (a Document segment), revises, `<submit>`s;
+//! 1. draw B x oversample training tasks; roll each out G times from one prefilled, forked
+//!    prompt ([`crate::rollout`]): the policy writes a program, may `<run>` it on the visible
+//!    examples, reads the tool output (a Document segment), revises, `<submit>`s;
 //! 2. score each submission on the hidden tests (partial credit or all-or-nothing);
-//! 3. advantages within each group (GRPO, verl's estimator), broadcast to the sampled tokens
-//!    (prompt and tool-output tokens are masked out of the loss);
+//! 3. keep the first B groups whose rewards differ (DAPO's dynamic sampling: a group of equal
+//!    rewards has zero advantage), advantages within each group (GRPO, verl's estimator),
+//!    broadcast to the sampled tokens (prompt and tool-output tokens are masked out of the loss);
 //! 4. log-probs of the sampling policy (and of the warm-up policy for the KL term) in one forward;
 //! 5. the clipped policy loss over each minibatch, backward, AdamW.
 //!
@@ -33,7 +34,9 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use squid_optim::advantage::{broadcast_to_tokens, sample_advantages, AdvantageConfig, Estimator, Groups};
+use squid_optim::advantage::{
+    broadcast_to_tokens, filter_zero_variance_groups, sample_advantages, AdvantageConfig, Estimator, Groups,
+};
 use squid_optim::policy_loss::{KlEstimator, KlPenalty, PolicyLossConfig};
 use squid_optim::{AdamWConfig, LrSchedule};
 
@@ -243,6 +246,12 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         (Some((_, s)), _) if s.phase != "sft" => Model::load(ckpt_root.join("warmup").join("model.safetensors"))?,
         (_, Some(warm)) if resume_from.is_none() => {
             let m = Model::load(warm)?;
+            if m.config() != &config.model {
+                return Err(Error::Checkpoint {
+                    path: warm.clone(),
+                    reason: format!("a model of another shape ({:?}) than this run's ({:?})", m.config(), config.model),
+                });
+            }
             save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
             m
         }
@@ -417,7 +426,8 @@ fn grpo_step(
     let vocab = config.model.vocab;
     // 1. rollouts from the current policy
     let t_rollout = Instant::now();
-    let tasks: Vec<Task> = (0..g.tasks_per_step as u64).map(|i| training_task(config, 2, step, i)).collect();
+    let rolled_tasks = g.tasks_per_step * g.oversample;
+    let tasks: Vec<Task> = (0..rolled_tasks as u64).map(|i| training_task(config, 2, step, i)).collect();
     let policy = trainer.gather()?;
     let rollout_config = RolloutConfig {
         group_size: g.group_size,
@@ -429,7 +439,7 @@ fn grpo_step(
         seed: splitmix(config.seed ^ 0x5EED ^ step),
     };
     let mut session =
-        policy.session(SessionConfig::for_contexts(g.tasks_per_step * g.group_size, config.limits.max_context))?;
+        policy.session(SessionConfig::for_contexts(rolled_tasks * g.group_size, config.limits.max_context))?;
     let rolled = rollout(&mut session, tokenizer, &tasks, episode, &rollout_config)?;
     drop(session);
     let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
@@ -441,13 +451,17 @@ fn grpo_step(
         .iter()
         .filter(|t| t.reward.as_ref().is_some_and(|r| !r.malformed && r.passed == r.total))
         .count();
-    // 3. advantages per group, broadcast to sampled tokens
+    // 3. dynamic sampling (keep groups whose rewards differ), advantages per group
     let t_train = Instant::now();
-    let advantages = sample_advantages(
-        &rewards,
-        Groups::Size(g.group_size),
-        &AdvantageConfig::new(Estimator::Grpo(squid_optim::advantage::GrpoConfig::verl())),
-    )?;
+    let filter = filter_zero_variance_groups(&rewards, Groups::Size(g.group_size))?;
+    let informative = filter.kept_groups.iter().filter(|&&k| k).count();
+    let kept: Vec<usize> = (0..rolled_tasks).filter(|&t| filter.kept_groups[t]).take(g.tasks_per_step).collect();
+    let trajectories: Vec<&Trajectory> =
+        kept.iter().flat_map(|&t| &rolled.trajectories[t * g.group_size..(t + 1) * g.group_size]).collect();
+    let kept_rewards: Vec<f32> =
+        kept.iter().flat_map(|&t| &rewards[t * g.group_size..(t + 1) * g.group_size]).copied().collect();
+    let grpo_advantages = AdvantageConfig::new(Estimator::Grpo(squid_optim::advantage::GrpoConfig::verl()));
+    let advantages = sample_advantages(&kept_rewards, Groups::Size(g.group_size), &grpo_advantages)?;
     let loss_config = PolicyLossConfig {
         clip_low: g.clip,
         clip_high: g.clip,
@@ -455,13 +469,12 @@ fn grpo_step(
         ..PolicyLossConfig::default()
     };
     // 4-5. per minibatch (whole groups): old / reference log-probs, loss, backward, AdamW
-    let groups_per_mb = g.tasks_per_step.div_ceil(g.minibatches);
+    let groups_per_mb = kept.len().div_ceil(g.minibatches).max(1);
     let mut sums = [0.0f64; 6]; // loss, clip frac, entropy, kl, grad norm, tokens
     let mut minibatches = 0.0;
-    for first_task in (0..g.tasks_per_step).step_by(groups_per_mb) {
-        let range = first_task * g.group_size..((first_task + groups_per_mb).min(g.tasks_per_step)) * g.group_size;
-        let refs: Vec<&Trajectory> = rolled.trajectories[range.clone()].iter().collect();
-        let batch = pack(&refs)?;
+    for first_group in (0..kept.len()).step_by(groups_per_mb) {
+        let range = first_group * g.group_size..((first_group + groups_per_mb).min(kept.len())) * g.group_size;
+        let batch = pack(&trajectories[range.clone()])?;
         let old = losses::target_logprobs(&batch, policy.forward(&batch.batch)?.logits(), vocab)?;
         let ref_logp = match reference {
             Some(r) => Some(losses::target_logprobs(&batch, r.forward(&batch.batch)?.logits(), vocab)?.logp),
@@ -486,27 +499,29 @@ fn grpo_step(
     }
     let train_s = t_train.elapsed().as_secs_f64();
     let n = rewards.len() as f64;
+    let per_minibatch = |i: usize| (minibatches > 0.0).then(|| sums[i] / minibatches);
     let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
     let std = (rewards.iter().map(|&r| (f64::from(r) - mean).powi(2)).sum::<f64>() / n).sqrt();
     let stats = &rolled.stats;
     Ok(StepMetrics {
         phase: "grpo".into(),
         step,
-        loss: Some(sums[0] / minibatches),
+        loss: per_minibatch(0),
         reward_mean: Some(mean),
         reward_std: Some(std),
         pass_rate: Some(passes as f64 / n),
-        kl: Some(sums[3] / minibatches),
-        clip_frac: Some(sums[1] / minibatches),
-        entropy: Some(sums[2] / minibatches),
-        grad_norm: Some(sums[4] / minibatches),
+        kl: per_minibatch(3),
+        clip_frac: per_minibatch(1),
+        entropy: per_minibatch(2),
+        grad_norm: per_minibatch(4),
         rollout_tokens_per_s: Some(stats.generated_tokens as f64 / rollout_s.max(1e-9)),
-        train_tokens_per_s: Some(sums[5] / train_s.max(1e-9)),
+        train_tokens_per_s: (minibatches > 0.0).then(|| sums[5] / train_s.max(1e-9)),
         tool_calls_per_episode: Some(stats.tool_calls as f64 / n),
         rollout_s: Some(rollout_s),
         reward_s: Some(stats.reward_seconds),
         train_s: Some(train_s),
         kv_shared_fraction: Some(stats.kv.bytes_held as f64 / (stats.kv.bytes_unshared as f64).max(1.0)),
+        informative_groups: Some(informative as f64 / rolled_tasks as f64),
         eval: None,
     })
 }

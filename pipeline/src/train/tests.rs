@@ -71,7 +71,12 @@ fn a_run_writes_every_artifact() {
     for m in metrics.iter().filter(|m| m.phase == "grpo") {
         let r = m.reward_mean.unwrap();
         assert!((0.0..=1.0).contains(&r), "reward {r}");
-        assert!(m.rollout_tokens_per_s.unwrap() > 0.0 && m.train_tokens_per_s.unwrap() > 0.0);
+        assert!(m.rollout_tokens_per_s.unwrap() > 0.0);
+        let informative = m.informative_groups.unwrap();
+        assert!((0.0..=1.0).contains(&informative));
+        // A step trains exactly when some group's rewards differ (dynamic sampling).
+        assert_eq!(m.loss.is_some(), informative > 0.0, "{m:?}");
+        assert_eq!(m.train_tokens_per_s.is_some_and(|v| v > 0.0), informative > 0.0);
     }
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(report.contains("| easy |") && report.contains("| all |"), "{report}");
