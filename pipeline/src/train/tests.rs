@@ -133,6 +133,14 @@ fn bad_configs_dirs_and_checkpoints_are_typed_errors() {
     let mut resume = options(root.path(), "d");
     resume.resume = Some(root.path().to_path_buf());
     assert!(matches!(train(tiny_config(), &resume), Err(Error::Checkpoint { .. })));
+    // A warm start from a model of another shape.
+    let foreign = root.path().join("foreign.safetensors");
+    Model::init(ModelConfig::tiny(crate::model::AttentionKind::Dense), 0).unwrap().save(&foreign).unwrap();
+    let mut warm = options(root.path(), "w");
+    warm.warm_start = Some(foreign);
+    assert!(
+        matches!(train(tiny_config(), &warm), Err(Error::Checkpoint { reason, .. }) if reason.contains("another shape"))
+    );
     // A corrupt model file in the newest checkpoint.
     let mut first = options(root.path(), "e");
     first.stop_after = Some(1);
