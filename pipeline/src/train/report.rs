@@ -149,7 +149,17 @@ pub fn curves(path: &Path, metrics: &MetricsLog) -> Result<(), Error> {
             });
         }
     }
-    let panels = [
+    let smooth = |series: Series, window: usize| -> Series {
+        let points = (0..series.points.len())
+            .map(|i| {
+                let lo = i.saturating_sub(window - 1);
+                let part = &series.points[lo..=i];
+                (series.points[i].0, part.iter().map(|p| p.1).sum::<f64>() / part.len() as f64)
+            })
+            .collect();
+        Series { name: format!("{} ({window}-step mean)", series.name), points }
+    };
+    let mut panels = vec![
         Panel {
             title: "warm-up".into(),
             x_label: "SFT step".into(),
@@ -161,8 +171,8 @@ pub fn curves(path: &Path, metrics: &MetricsLog) -> Result<(), Error> {
             x_label: "GRPO step".into(),
             y_label: "per step".into(),
             series: vec![
-                series("grpo", "mean reward", &|m| m.reward_mean),
-                series("grpo", "pass rate", &|m| m.pass_rate),
+                smooth(series("grpo", "mean reward", &|m| m.reward_mean), 10),
+                smooth(series("grpo", "pass rate", &|m| m.pass_rate), 10),
             ],
         },
         Panel {
@@ -172,6 +182,8 @@ pub fn curves(path: &Path, metrics: &MetricsLog) -> Result<(), Error> {
             series: eval_levels,
         },
     ];
+    // A warm-started run has no warm-up curve to show.
+    panels.retain(|p| p.series.iter().any(|s| !s.points.is_empty()));
     plot_panels(path, &panels)
 }
 
