@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod env;
+mod fsutil;
 pub mod kernels;
 pub mod model;
 pub mod policy;

@@ -10,7 +10,6 @@
 //! checksum, and answers [`Error::Checkpoint`] for a missing, truncated, corrupt or foreign file.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -35,35 +34,6 @@ fn checksum<'a>(tensors: impl Iterator<Item = &'a [u8]>) -> String {
     h.finalize().to_hex().to_string()
 }
 
-/// Writes `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Checkpoint { path: path.to_path_buf(), reason: "the path has no file name".into() })?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable (best effort where directories cannot be opened).
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io)
-}
-
 impl Model {
     /// Saves the weights and config to `path` (safetensors, atomic).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), Error> {
@@ -82,7 +52,7 @@ impl Model {
         }
         let file = safetensors::serialize(views, Some(meta))
             .map_err(|e| Error::Checkpoint { path: path.to_path_buf(), reason: format!("serialize: {e}") })?;
-        write_atomic(path, &file)
+        crate::fsutil::write_atomic(path, &file)
     }
 
     /// Loads a checkpoint written by [`Model::save`], verifying tag, config, shapes and checksum.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::fsutil::{io_error, sync_dir, write_atomic};
+use crate::fsutil::{io_error, sync_dir, write_atomic};
 use crate::Error;
 
 /// Tag in `state.json`: a directory without it is not a squid checkpoint.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::fsutil::{io_error, write_atomic};
+use crate::fsutil::{io_error, write_atomic};
 use crate::Error;
 
 /// Held-out pass rates at one point of the run.

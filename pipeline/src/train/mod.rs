@@ -21,7 +21,6 @@ mod clock;
 pub mod config;
 mod eval;
 pub mod experiment;
-mod fsutil;
 mod losses;
 pub mod metrics;
 pub mod passk;
@@ -40,12 +39,12 @@ use squid_optim::advantage::{
 use squid_optim::policy_loss::{KlEstimator, KlPenalty, PolicyLossConfig};
 use squid_optim::{AdamWConfig, LrSchedule};
 
+pub use crate::fsutil::{ensure_writable_dir, write_atomic};
 pub use batch::{pack, TrainingBatch};
 pub use checkpoint::{latest_checkpoint, CheckpointState, CHECKPOINT_FORMAT};
 pub use clock::now_stamp;
 pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, TrainConfig};
 pub use eval::{evaluate, held_out_tasks, splitmix};
-pub use fsutil::{ensure_writable_dir, write_atomic};
 pub use metrics::{EvalMetrics, LevelEval, MetricsLog, StepMetrics};
 
 use crate::env::{generate_task, EpisodeConfig, Level, RewardConfig, Task};
@@ -221,7 +220,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
     }
     let tok_path = dir.join("tokenizer.json");
     if tok_path.exists() {
-        let saved = std::fs::read_to_string(&tok_path).map_err(|e| fsutil::io_error(&tok_path, e))?;
+        let saved = std::fs::read_to_string(&tok_path).map_err(|e| crate::fsutil::io_error(&tok_path, e))?;
         if saved != tokenizer.to_json() {
             return Err(Error::Checkpoint { path: tok_path, reason: "the run used another tokenizer".into() });
         }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
-use super::fsutil::io_error;
+use crate::fsutil::io_error;
 use crate::Error;
 
 /// One line of a panel.

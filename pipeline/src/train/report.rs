@@ -5,10 +5,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::config::TrainConfig;
-use super::fsutil::write_atomic;
 use super::metrics::{EvalMetrics, MetricsLog, StepMetrics};
 use super::plot::{plot_panels, Panel, Series};
 use super::RunSummary;
+use crate::fsutil::write_atomic;
 use crate::Error;
 
 fn mean_of(lines: &[&StepMetrics], f: impl Fn(&StepMetrics) -> Option<f64>) -> f64 {

@@ -15,7 +15,10 @@ pub fn io_error(path: &Path, source: std::io::Error) -> Error {
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        let why = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path has no file name");
+        return Err(io_error(path, why));
+    };
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
