@@ -1,10 +1,12 @@
-//! NSA on the CPU. The compressed and window branches are dense attentions with their own
-//! masks, so they run on [`crate::dense`]'s tiled kernels (forward and backward). The selected
-//! branch runs one task per (sequence, kv head, run of tokens): for each token it recomputes the
-//! group's compressed probabilities from the compressed branch's `lse` (one more `Q K_cmp^T`),
-//! maps them to selection blocks, chooses, and attends over the chosen blocks' key tiles with
-//! all query heads of the group as the rows of one register-tiled product. Its backward holds
-//! the indices fixed and accumulates `dk, dv` per worker chunk, summed at the end.
+//! NSA on the CPU. The window branch is a dense attention with a window, so it runs on
+//! [`crate::dense`]'s tiled kernels (forward and backward). The compressed and selected branches
+//! run together, one task per (sequence, kv head, run of up to [`ROWS_PER_TASK`] query rows):
+//! the compressed branch's scores for a few tokens at a time are held whole, so one softmax
+//! gives its output, its `lse` and the selection scores (no second `Q K_cmp^T`); each token
+//! chooses its blocks; then the task walks the union of its tokens' chosen blocks once, each
+//! block's key and value tiles read once for all the rows that chose it, as one register-tiled
+//! product. The compressed branch's backward is the dense one with its mask; the selected
+//! branch's holds the indices fixed and accumulates `dk, dv` per worker chunk, summed at the end.
 
 use rayon::prelude::*;
 use squid_cuda::Element;
@@ -39,29 +41,66 @@ struct Shared<'a, T> {
     cu: &'a [u32],
     cmp: &'a Packed,
     kv: &'a Packed,
-    lse_cmp: &'a [f32],
 }
 
-/// Query rows (tokens x heads of the group) one selected-branch task handles at most: the tokens
-/// of a task share most chosen blocks, so each block's keys are loaded once for all the rows
-/// that chose it (up to this many), not once per token.
-const ROWS_PER_TASK: usize = 64;
+/// Query rows (tokens x heads of the group) one selected-branch task handles at most. Each
+/// chosen block's keys and values are loaded once for all the task's rows that chose it, so
+/// the more tokens a task holds, the fewer times a block is read: the selected branch is bound
+/// by reading key/value tiles (at 32k tokens, 16-token tasks read 17 GB per forward), and even
+/// unrelated (random) choices repeat within a few hundred tokens.
+const ROWS_PER_TASK: usize = 1024;
+/// Query rows the compressed branch scores at once (its scores are held whole per row).
+const CMP_ROWS: usize = 64;
+/// Fewest tokens per task when a short input shrinks tasks to keep every worker busy.
+const MIN_TOKENS_PER_TASK: usize = 16;
 
-/// Tokens per selected-branch task for a GQA group of `group` heads.
-fn tokens_per_task(group: usize) -> usize {
-    (ROWS_PER_TASK / group).max(1)
+/// Tokens per selected-branch task for a GQA group of `group` heads: [`ROWS_PER_TASK`] rows,
+/// halved (down to [`MIN_TOKENS_PER_TASK`]) until there are about 8 tasks per worker.
+fn tokens_per_task(group: usize, dims: NsaDims, hkv: usize) -> usize {
+    #[cfg(test)]
+    if let Some(per) = TASK_TOKENS.with(|t| t.get()) {
+        return per;
+    }
+    let mut per = (ROWS_PER_TASK / group).max(1);
+    let want = 8 * rayon::current_num_threads();
+    while per > MIN_TOKENS_PER_TASK && dims.total.div_ceil(per) * hkv < want {
+        per /= 2;
+    }
+    per
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set the tokens per task (on the calling thread) to cover task shapes that only
+    /// long inputs would reach.
+    pub(super) static TASK_TOKENS: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Tokens the compressed branch handles at once for a group of `group` heads.
+fn cmp_tokens(group: usize) -> usize {
+    (CMP_ROWS / group).max(1)
 }
 
 /// Per-worker buffers of the selected branch; sizes in rows of `dkp`/`dvp`/`BK` floats.
 struct SlcScratch {
     /// `[rows + pad][dkp]`: scaled queries of the task, row `ti * group + r`.
     qa: Vec<f32>,
+    /// `[rows + pad][compressed blocks, rounded up to BK]`: the compressed branch's scores,
+    /// then its probabilities.
+    sfull: Vec<f32>,
     psum: Vec<f32>,
     scores: Vec<f32>,
     chosen_one: Vec<u32>,
     /// `[tokens][n]`: each token's choice, [`NO_BLOCK`]-padded.
     chosen: Vec<u32>,
+    /// The chosen blocks, ascending, each once.
     union: Vec<u32>,
+    /// Per selection block `j`: `choosers[chooser_start[j]..chooser_start[j + 1]]` are the task's
+    /// tokens (ascending) that chose it (a counting sort of `chosen`).
+    chooser_start: Vec<u32>,
+    choosers: Vec<u32>,
+    /// `[CMP_ROWS + pad][dvp]`: the compressed branch's output rows.
+    ocmp: Vec<f32>,
     /// Task rows that chose the current block, and the end of their visible keys in it.
     sel: Vec<(usize, usize)>,
     /// `[mp][dkp]`: the gathered queries of `sel`.
@@ -83,23 +122,27 @@ struct SlcScratch {
 }
 
 impl SlcScratch {
-    fn new(group: usize, dkp: usize, dvp: usize) -> Self {
-        let rows = tokens_per_task(group) * group;
+    fn new(tokens: usize, group: usize, dkp: usize, dvp: usize) -> Self {
+        let rows = tokens * group;
         let mp = round_up(rows, TILE_ROWS);
         let pad = mp + round_up(group, TILE_ROWS);
         Self {
             qa: vec![0.0; pad * dkp],
+            sfull: Vec::new(),
             psum: Vec::new(),
             scores: Vec::new(),
             chosen_one: Vec::new(),
             chosen: Vec::new(),
             union: Vec::new(),
+            chooser_start: Vec::new(),
+            choosers: Vec::new(),
+            ocmp: vec![0.0; round_up(CMP_ROWS.max(group), TILE_ROWS) * dvp],
             sel: Vec::new(),
             qg: vec![0.0; mp * dkp],
             s: vec![0.0; mp * BK],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
-            oacc: vec![0.0; rows * dvp],
+            oacc: vec![0.0; mp * dvp],
             part: vec![0.0; mp * dkp.max(dvp)],
             doa: vec![0.0; mp * dvp],
             dog: vec![0.0; mp * dvp],
@@ -111,31 +154,32 @@ impl SlcScratch {
     }
 }
 
-fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32]) -> Vec<(usize, usize, usize, usize)> {
-    let per = tokens_per_task(h.group());
-    let mut tasks = Vec::new();
-    for s in 0..dims.num_seqs {
-        let len = (cu[s + 1] - cu[s]) as usize;
-        for t0 in (0..len).step_by(per) {
-            for g in 0..h.num_kv_heads {
-                tasks.push((s, g, t0, (t0 + per).min(len)));
+/// The selected branch's tasks `(sequence, kv head, first token, end token)`, one list per kv
+/// head: the lists run one after the other, so the keys and values the workers gather from at
+/// any moment are one head's (half the cache traffic of interleaving the heads at HKV = 2).
+fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32], per: usize) -> Vec<Vec<(usize, usize, usize, usize)>> {
+    (0..h.num_kv_heads)
+        .map(|g| {
+            let mut tasks = Vec::new();
+            for s in 0..dims.num_seqs {
+                let len = (cu[s + 1] - cu[s]) as usize;
+                for t0 in (0..len).step_by(per) {
+                    tasks.push((s, g, t0, (t0 + per).min(len)));
+                }
             }
-        }
-    }
-    // Later tokens have more compressed blocks to score: start them first.
-    tasks.sort_by_key(|&(s, g, t0, _)| (std::cmp::Reverse(t0), s, g));
-    tasks
+            // Later tokens have more compressed blocks to score: start them first.
+            tasks.sort_by_key(|&(s, _, t0, _)| (std::cmp::Reverse(t0), s));
+            tasks
+        })
+        .collect()
 }
 
 pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: &NsaInputs<'_, T>) -> NsaOutput<T> {
     let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
     let offs = cmp_offsets(cfg, x.cu_seqlens);
-    // Compressed branch: dense attention over the compressed keys.
+    // The compressed branch runs inside the selected branch's tasks (it shares their scores).
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
-    let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
-    let (o_cmp, lse_cmp): (Vec<f32>, Vec<f32>) =
-        forward_with(&branch_cfg(cfg, h, None), &CmpMask(*cfg), cmp_dims, x.q, &cmp_packed, x.cu_seqlens, &offs);
     // Window branch: dense causal attention with a window of w keys.
     let win_dims = Dims { total_q: total, total_k: total, num_seqs: dims.num_seqs };
     let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
@@ -151,12 +195,23 @@ pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: 
     let mut o_slc = vec![0f32; total * hq * dv];
     let mut lse_slc = vec![f32::NEG_INFINITY; hq * total];
     let mut indices = vec![NO_BLOCK; total * hkv * n];
-    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed, lse_cmp: &lse_cmp };
-    let outs = (SyncPtr(o_slc.as_mut_ptr()), SyncPtr(lse_slc.as_mut_ptr()), SyncPtr(indices.as_mut_ptr()));
-    slc_tasks(h, dims, x.cu_seqlens).par_iter().for_each_init(
-        || SlcScratch::new(h.group(), kv_packed.dkp, kv_packed.dvp),
-        |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, scr, outs, s, g, t0, t1 }),
-    );
+    let mut o_cmp = vec![0f32; total * hq * dv];
+    let mut lse_cmp = vec![f32::NEG_INFINITY; hq * total];
+    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
+    let outs = FwdOuts {
+        o_slc: SyncPtr(o_slc.as_mut_ptr()),
+        lse_slc: SyncPtr(lse_slc.as_mut_ptr()),
+        indices: SyncPtr(indices.as_mut_ptr()),
+        o_cmp: SyncPtr(o_cmp.as_mut_ptr()),
+        lse_cmp: SyncPtr(lse_cmp.as_mut_ptr()),
+    };
+    let per = tokens_per_task(h.group(), dims, hkv);
+    for tasks in slc_tasks(h, dims, x.cu_seqlens, per) {
+        tasks.par_iter().for_each_init(
+            || SlcScratch::new(per, h.group(), kv_packed.dkp, kv_packed.dvp),
+            |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, scr, outs, s, g, t0, t1 }),
+        );
+    }
     // Gates.
     let mut o = vec![T::default(); total * hq * dv];
     o.par_chunks_mut(hq * dv).enumerate().for_each(|(row, out)| {
@@ -193,56 +248,117 @@ fn load_queries<T: Element>(sh: &Shared<'_, T>, scr: &mut SlcScratch, s: usize, 
     }
 }
 
-/// Importance of the selection blocks for every token of the task: the compressed scores of
-/// all the task's query rows against each compressed key tile in one product, turned into
-/// probabilities with the compressed branch's `lse`, summed over the group's heads into
-/// `scr.psum` (`[tokens][compressed blocks of the last token]`).
+/// The compressed branch for the task's rows, fused with the selection scores: `S = Q K_cmp^T`
+/// over every compressed block the task's last token sees is held whole (`[rows][blocks]`, 512
+/// KiB at 32k tokens), so one exp pass gives the branch's softmax and `lse`, the importance of
+/// each block for each token (`scr.psum`, `[tokens][blocks of the last token]`, summed over the
+/// group's heads) and, through one more product, `o_cmp = P V_cmp`. Scoring the blocks a second
+/// time for the selection (what a separate branch would need) costs a third of the branch.
 #[inline(always)]
-fn importance_all<T: Element, F: Fma, const W: usize>(
+#[allow(clippy::too_many_arguments)]
+fn cmp_branch<T: Element, F: Fma, const W: usize>(
     sh: &Shared<'_, T>,
     scr: &mut SlcScratch,
+    outs: FwdOuts,
     s: usize,
     g: usize,
     t0: usize,
     t1: usize,
+    row0: usize,
 ) {
     let (cfg, h) = (sh.cfg, sh.h);
-    let (dk, group) = (h.head_dim_k, h.group());
+    let (hq, dk, dv, group) = (h.num_q_heads, h.head_dim_k, h.head_dim_v, h.group());
+    let dvp = sh.cmp.dvp;
     let nt = t1 - t0;
-    let mp = round_up(nt * group, TILE_ROWS);
+    let rows = nt * group;
+    let mp = round_up(rows, TILE_ROWS);
     let start = sh.cu[s] as usize;
     let nc_max = cfg.num_cmp_blocks(t1);
     scr.psum.clear();
     scr.psum.resize(nt * nc_max, 0.0);
-    for b in 0..nc_max.div_ceil(BK) {
+    let ncp = round_up(nc_max, BK);
+    let sfull = &mut scr.sfull;
+    sfull.clear();
+    sfull.resize(mp * ncp, 0.0);
+    for b in 0..ncp / BK {
         let tile = sh.cmp.tile(s, b, g);
         let kt = &sh.cmp.kt[tile * dk * BK..][..dk * BK];
-        let sm = &mut scr.s[..mp * BK];
-        sm.fill(0.0);
-        gemm_acc::<F, W>(mp, BK, dk, &scr.qa, sh.cmp.dkp, kt, BK, sm, BK);
-        for ti in 0..nt {
-            let nc = cfg.num_cmp_blocks(t0 + ti + 1);
-            if nc <= b * BK {
-                continue;
-            }
-            let valid = (nc - b * BK).min(BK);
-            let ps = &mut scr.psum[ti * nc_max + b * BK..][..valid];
-            for r in 0..group {
-                let lse = sh.lse_cmp[(g * group + r) * sh.dims.total + start + t0 + ti];
-                for (p, x) in ps.iter_mut().zip(&sm[(ti * group + r) * BK..][..valid]) {
-                    *p += kernels::exp(x - lse);
+        gemm_acc::<F, W>(mp, BK, dk, &scr.qa[row0 * sh.cmp.dkp..], sh.cmp.dkp, kt, BK, &mut sfull[b * BK..], ncp);
+    }
+    for ti in 0..nt {
+        let nc = cfg.num_cmp_blocks(t0 + ti + 1);
+        let ncr = round_up(nc, 16);
+        for r in 0..group {
+            let row = ti * group + r;
+            let srow = &mut sfull[row * ncp..][..ncp];
+            let mut lse = f32::NEG_INFINITY;
+            if nc > 0 {
+                srow[nc..ncr].fill(f32::NEG_INFINITY);
+                let m = row_max(&srow[..ncr]);
+                let sum = exp_sub_sum(&mut srow[..ncr], m);
+                let inv = 1.0 / sum;
+                for (p, ps) in srow[..nc].iter_mut().zip(&mut scr.psum[ti * nc_max..][..nc]) {
+                    *p *= inv;
+                    *ps += *p;
                 }
+                lse = m + sum.ln();
+            }
+            srow[nc..].fill(0.0);
+            // SAFETY: (token, head) belongs to this task alone.
+            unsafe { outs.lse_cmp.write((g * group + r) * sh.dims.total + start + t0 + ti, lse) };
+        }
+    }
+    let ocmp = &mut scr.ocmp[..mp * dvp];
+    ocmp.fill(0.0);
+    for b in 0..ncp / BK {
+        let tile = sh.cmp.tile(s, b, g);
+        let vr = &sh.cmp.vr[tile * BK * dvp..][..BK * dvp];
+        let kvalid = (nc_max - b * BK).min(BK);
+        gemm_acc::<F, W>(mp, dvp, kvalid, &sfull[b * BK..], ncp, vr, dvp, ocmp, dvp);
+    }
+    for ti in 0..nt {
+        let grow = start + t0 + ti;
+        for r in 0..group {
+            let row = ti * group + r;
+            for d in 0..dv {
+                // SAFETY: (token, head) belongs to this task alone.
+                unsafe { outs.o_cmp.write((grow * hq + g * group + r) * dv + d, ocmp[row * dvp + d]) };
             }
         }
     }
 }
 
-/// The sorted union of the task's chosen blocks, from `scr.chosen`.
-fn union_of_choices(scr: &mut SlcScratch) {
+/// Buckets the task's choices (`scr.chosen`, tokens `t0..`) by block: the ascending union of
+/// the chosen blocks in `scr.union`, and for each block the tokens that chose it.
+fn bucket_choices(scr: &mut SlcScratch, n: usize, block_slc: usize, t1: usize) {
+    let blocks = t1.div_ceil(block_slc) + 1;
+    let start = &mut scr.chooser_start;
+    start.clear();
+    start.resize(blocks + 1, 0);
+    for &j in scr.chosen.iter().filter(|&&j| j != NO_BLOCK) {
+        start[j as usize + 1] += 1;
+    }
     scr.union.clear();
-    scr.union.extend(scr.chosen.iter().copied().filter(|&j| j != NO_BLOCK));
-    scr.union.sort_unstable();
-    scr.union.dedup();
+    for j in 0..blocks {
+        if start[j + 1] > 0 {
+            scr.union.push(j as u32);
+        }
+        start[j + 1] += start[j];
+    }
+    scr.choosers.clear();
+    scr.choosers.resize(start[blocks] as usize, 0);
+    // `start[j]` walks forward while block j is filled, then is restored below.
+    for (ti, choice) in scr.chosen.chunks_exact(n).enumerate() {
+        for &j in choice.iter().filter(|&&j| j != NO_BLOCK) {
+            let at = &mut start[j as usize];
+            scr.choosers[*at as usize] = ti as u32;
+            *at += 1;
+        }
+    }
+    for j in (1..=blocks).rev() {
+        start[j] = start[j - 1];
+    }
+    start[0] = 0;
 }
 
 /// Fills `scr.sel` with the task rows whose token chose block `j` (and where their keys in it
@@ -252,22 +368,20 @@ fn union_of_choices(scr: &mut SlcScratch) {
 fn gather_block(
     scr: &mut SlcScratch,
     j: u32,
-    n: usize,
     group: usize,
     t0: usize,
     block_slc: usize,
     dkp: usize,
 ) -> (usize, usize, usize) {
     scr.sel.clear();
-    let nt = scr.chosen.len() / n;
     let mut e_max = 0;
-    for ti in 0..nt {
-        if scr.chosen[ti * n..][..n].contains(&j) {
-            let e = ((j as usize + 1) * block_slc).min(t0 + ti + 1);
-            e_max = e_max.max(e);
-            for r in 0..group {
-                scr.sel.push((ti * group + r, e));
-            }
+    let (lo, hi) = (scr.chooser_start[j as usize] as usize, scr.chooser_start[j as usize + 1] as usize);
+    for &ti in &scr.choosers[lo..hi] {
+        let ti = ti as usize;
+        let e = ((j as usize + 1) * block_slc).min(t0 + ti + 1);
+        e_max = e_max.max(e);
+        for r in 0..group {
+            scr.sel.push((ti * group + r, e));
         }
     }
     let m = scr.sel.len();
@@ -279,13 +393,21 @@ fn gather_block(
     (m, mp, e_max)
 }
 
-type SlcOuts = (SyncPtr<f32>, SyncPtr<f32>, SyncPtr<u32>);
+/// Where the forward tasks write: each task its own (token, head) rows of every output.
+#[derive(Clone, Copy)]
+struct FwdOuts {
+    o_slc: SyncPtr<f32>,
+    lse_slc: SyncPtr<f32>,
+    indices: SyncPtr<u32>,
+    o_cmp: SyncPtr<f32>,
+    lse_cmp: SyncPtr<f32>,
+}
 
 /// One selected-branch forward task, as a [`Kernel`].
 struct SlcFwdCall<'a, 'b, T> {
     sh: &'a Shared<'a, T>,
     scr: &'b mut SlcScratch,
-    outs: SlcOuts,
+    outs: FwdOuts,
     s: usize,
     g: usize,
     t0: usize,
@@ -304,7 +426,7 @@ impl<T: Element> Kernel for SlcFwdCall<'_, '_, T> {
 fn slc_forward_task<T: Element, F: Fma, const W: usize>(
     sh: &Shared<'_, T>,
     scr: &mut SlcScratch,
-    (o_out, lse_out, ix_out): SlcOuts,
+    outs: FwdOuts,
     s: usize,
     g: usize,
     t0: usize,
@@ -319,34 +441,38 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
     let nt = t1 - t0;
     let rows = nt * group;
     load_queries(sh, scr, s, g, t0, t1);
-    // Each token's choice.
+    // The compressed branch and each token's choice, a few tokens at a time.
     scr.chosen.clear();
     scr.chosen.resize(nt * n, NO_BLOCK);
-    importance_all::<T, F, W>(sh, scr, s, g, t0, t1);
-    let nc_max = cfg.num_cmp_blocks(t1);
-    for ti in 0..nt {
-        let (t, row) = (t0 + ti, start + t0 + ti);
-        let nc = cfg.num_cmp_blocks(t + 1);
-        scr.scores.clear();
-        scr.scores.resize(t / cfg.block_slc + 1, 0.0);
-        scores_from_cmp(cfg, &scr.psum[ti * nc_max..][..nc], &mut scr.scores);
-        let mut one = std::mem::take(&mut scr.chosen_one);
-        select_blocks_fast(cfg, t, &scr.scores, &mut one);
-        for (slot, &j) in one.iter().enumerate() {
-            scr.chosen[ti * n + slot] = j;
-            // SAFETY: (row, g) belongs to this task alone.
-            unsafe { ix_out.write((row * hkv + g) * n + slot, j) };
+    let sub = cmp_tokens(group);
+    for c0 in (t0..t1).step_by(sub) {
+        let c1 = (c0 + sub).min(t1);
+        cmp_branch::<T, F, W>(sh, scr, outs, s, g, c0, c1, (c0 - t0) * group);
+        let nc_max = cfg.num_cmp_blocks(c1);
+        for t in c0..c1 {
+            let (ti, row) = (t - t0, start + t);
+            let nc = cfg.num_cmp_blocks(t + 1);
+            scr.scores.clear();
+            scr.scores.resize(t / cfg.block_slc + 1, 0.0);
+            scores_from_cmp(cfg, &scr.psum[(t - c0) * nc_max..][..nc], &mut scr.scores);
+            let mut one = std::mem::take(&mut scr.chosen_one);
+            select_blocks_fast(cfg, t, &scr.scores, &mut one);
+            for (slot, &j) in one.iter().enumerate() {
+                scr.chosen[ti * n + slot] = j;
+                // SAFETY: (row, g) belongs to this task alone.
+                unsafe { outs.indices.write((row * hkv + g) * n + slot, j) };
+            }
+            scr.chosen_one = one;
         }
-        scr.chosen_one = one;
     }
     // Attention, block by block over the union of the choices.
-    union_of_choices(scr);
+    bucket_choices(scr, n, cfg.block_slc, t1);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
     scr.oacc[..rows * dvp].fill(0.0);
     let union = std::mem::take(&mut scr.union);
     for &j in &union {
-        let (m, mp, e_max) = gather_block(scr, j, n, group, t0, cfg.block_slc, dkp);
+        let (m, mp, e_max) = gather_block(scr, j, group, t0, cfg.block_slc, dkp);
         let a = j as usize * cfg.block_slc;
         for b in a / BK..e_max.div_ceil(BK) {
             let kstart = b * BK;
@@ -394,10 +520,10 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
             let (inv, lse) = if l > 0.0 { (1.0 / l, scr.m[row] + l.ln()) } else { (0.0, f32::NEG_INFINITY) };
             for d in 0..dv {
                 // SAFETY: (token, head) belongs to this task alone.
-                unsafe { o_out.write((grow * hq + head) * dv + d, scr.oacc[row * dvp + d] * inv) };
+                unsafe { outs.o_slc.write((grow * hq + head) * dv + d, scr.oacc[row * dvp + d] * inv) };
             }
             // SAFETY: as above.
-            unsafe { lse_out.write(head * sh.dims.total + grow, lse) };
+            unsafe { outs.lse_slc.write(head * sh.dims.total + grow, lse) };
         }
     }
 }
@@ -491,10 +617,11 @@ pub(super) fn backward<T: Element>(
     let (dkp, dvp) = (kv_packed.dkp, kv_packed.dvp);
     let tiles = kv_packed.block_offsets.last().copied().unwrap_or(0) * hkv;
     let mut dq_slc = vec![0f32; total * hq * dk];
-    let tasks = slc_tasks(h, dims, x.cu_seqlens);
+    let per = tokens_per_task(h.group(), dims, hkv);
+    let tasks: Vec<_> = slc_tasks(h, dims, x.cu_seqlens, per).concat();
     let chunks = (rayon::current_num_threads() * 2).max(1);
     let per_chunk = tasks.len().div_ceil(chunks).max(1);
-    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed, lse_cmp: &fwd.lse_cmp };
+    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
     let dqp = SyncPtr(dq_slc.as_mut_ptr());
     let bufs = BwdBufs { d_o: &d_branch[1], o: &fwd.o_slc, lse: &fwd.lse_slc, indices: &fwd.indices };
     let (dk_tiles, dv_tiles) = tasks
@@ -502,7 +629,7 @@ pub(super) fn backward<T: Element>(
         .map(|chunk| {
             let mut dk_acc = vec![0f32; tiles * BK * dkp];
             let mut dv_acc = vec![0f32; tiles * BK * dvp];
-            let mut scr = SlcScratch::new(h.group(), dkp, dvp);
+            let mut scr = SlcScratch::new(per, h.group(), dkp, dvp);
             for &(s, g, t0, t1) in chunk {
                 dispatch(SlcBwdCall {
                     sh: &sh,
@@ -634,11 +761,11 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
         let grow = start + t0 + ti;
         scr.chosen.extend_from_slice(&bufs.indices[(grow * hkv + g) * n..][..n]);
     }
-    union_of_choices(scr);
+    bucket_choices(scr, n, cfg.block_slc, t1);
     scr.dqa[..rows * dkp].fill(0.0);
     let union = std::mem::take(&mut scr.union);
     for &j in &union {
-        let (m, mp, e_max) = gather_block(scr, j, n, group, t0, cfg.block_slc, dkp);
+        let (m, mp, e_max) = gather_block(scr, j, group, t0, cfg.block_slc, dkp);
         for (i, &(row, _)) in scr.sel.iter().enumerate() {
             scr.dog[i * dvp..][..dvp].copy_from_slice(&scr.doa[row * dvp..][..dvp]);
         }

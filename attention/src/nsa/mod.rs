@@ -168,10 +168,15 @@ pub(crate) fn scores_from_cmp(cfg: &NsaConfig, p_cmp: &[f32], scores: &mut [f32]
     scores.fill(0.0);
     let pieces_per_slc = cfg.block_slc / cfg.stride_cmp;
     let pieces_per_cmp = cfg.block_cmp / cfg.stride_cmp;
-    // l <= l': a compressed block's pieces fall in at most two selection blocks.
+    // l <= l': a compressed block's pieces fall in at most two selection blocks. `j` and the
+    // piece where block j ends advance with `i` (no division per block: this runs per token).
+    let (mut j, mut end) = (0, pieces_per_slc);
     for (i, &p) in p_cmp.iter().enumerate() {
-        let j = i / pieces_per_slc;
-        let in_first = pieces_per_cmp.min((j + 1) * pieces_per_slc - i);
+        if i == end {
+            j += 1;
+            end += pieces_per_slc;
+        }
+        let in_first = pieces_per_cmp.min(end - i);
         if let Some(s) = scores.get_mut(j) {
             *s += p * in_first as f32;
         }

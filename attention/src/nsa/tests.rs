@@ -228,6 +228,33 @@ proptest! {
     }
 }
 
+/// Tasks of any size give the same forward, bit for bit (each row's blocks are visited in the
+/// same order), and a backward within tolerance of the reference: tasks that span several
+/// compressed-branch chunks, that end mid-sequence, and that hold a whole short sequence.
+#[test]
+fn task_size_does_not_change_the_result() {
+    let cfg =
+        NsaConfig { block_cmp: 8, stride_cmp: 4, block_slc: 16, num_selected: 5, window: 24, ..Default::default() };
+    for (group, lens) in [(4usize, vec![300usize, 7, 129]), (3, vec![200, 1, 65])] {
+        let h = Heads::new(group * 2, 2, 16, 8);
+        let c = Case::new(cfg, h, &lens, false, 11);
+        let st = Stored::<f32>::of(&c);
+        let x = st.inputs(&c.cu);
+        let mut first: Option<NsaOutput<f32>> = None;
+        for per in [16usize, 37, 128, 1024] {
+            cpu::TASK_TOKENS.with(|t| t.set(Some(per)));
+            let (err_f, err_b) = check_against_naive(&c);
+            let fwd = forward(&c.cfg, &c.h, &x).unwrap();
+            cpu::TASK_TOKENS.with(|t| t.set(None));
+            assert!(err_f <= 2e-4 && err_b <= 1e-3, "group {group}, {per} tokens per task: {err_f:e} {err_b:e}");
+            match &first {
+                None => first = Some(fwd),
+                Some(f) => assert!(f == &fwd, "group {group}: {per} tokens per task changed the forward"),
+            }
+        }
+    }
+}
+
 #[test]
 fn paper_defaults_and_config_errors() {
     let d = NsaConfig::default();
