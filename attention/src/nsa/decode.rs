@@ -4,42 +4,90 @@
 //! the output of each sequence's newest token: one task per (sequence, kv head) runs the
 //! compressed branch for the group's heads, chooses the blocks, then the selected and window
 //! branches, reading the cache in place.
+//!
+//! Layout, chosen for the decode step: per sequence and kv head, the keys are held as f32 in
+//! transposed tiles of [`TILE`] keys (`[tile][Dk][TILE]`), so the scores of all the group's
+//! heads over a tile are a small matrix product with no horizontal sums; the values as f32 rows
+//! padded to a multiple of 16 (`[key][Dv']`), so `P V` is a matrix product that keeps the
+//! group's outputs in registers over a whole run of keys. The compressed keys and values are
+//! also kept in the storage type, as [`NsaCache::compressed`] returns them. (For bf16 / f16
+//! storage the f32 copies take twice the memory of the tokens; they save a conversion per
+//! element per decode step.)
+
+use std::cell::RefCell;
 
 use rayon::prelude::*;
 use squid_cuda::Element;
 
 use super::{scores_from_cmp, select_blocks_fast, NsaConfig, NO_BLOCK};
-use crate::kernels::{self, dispatch, Fma, Kernel};
+use crate::kernels::{dispatch, exp, gemm_acc, round_up, Fma, Kernel, Unfused, COL_MULTIPLE, TILE_ROWS};
 use crate::layout::{check_finite, expect_len};
 use crate::{Error, Heads};
 
-/// One sequence's cached tensors, each `[tokens or blocks, HKV, D]`.
+/// Keys per transposed key tile.
+const TILE: usize = 16;
+
+/// One kv head's keys (transposed tiles) and values (padded rows), as f32.
 #[derive(Debug, Clone, Default)]
+struct KvStore {
+    /// `[tiles][Dk][TILE]`; the keys past the last one are 0.
+    k: Vec<f32>,
+    /// `[keys][Dv']`, `Dv'` = `Dv` rounded up to 16, padding 0.
+    v: Vec<f32>,
+    /// Keys held.
+    len: usize,
+}
+
+impl KvStore {
+    /// Appends one key and value.
+    fn push(&mut self, k: impl Iterator<Item = f32>, v: impl Iterator<Item = f32>, dk: usize, dvp: usize) {
+        let (tile, lane) = (self.len / TILE, self.len % TILE);
+        if lane == 0 {
+            self.k.resize((tile + 1) * dk * TILE, 0.0);
+        }
+        for (d, x) in k.enumerate() {
+            self.k[(tile * dk + d) * TILE + lane] = x;
+        }
+        let row = self.v.len();
+        self.v.extend(v);
+        self.v.resize(row + dvp, 0.0);
+        self.len += 1;
+    }
+
+    /// Element `d` of key `t`.
+    fn key(&self, t: usize, d: usize, dk: usize) -> f32 {
+        self.k[((t / TILE) * dk + d) * TILE + t % TILE]
+    }
+}
+
+/// One sequence's cache.
+#[derive(Debug, Clone)]
 struct SeqCache<T> {
-    k: Vec<T>,
-    v: Vec<T>,
-    k_win: Vec<T>,
-    v_win: Vec<T>,
+    /// Per kv head: the selected branch's keys and values (the window's too unless separate).
+    kv: Vec<KvStore>,
+    /// Per kv head: the window branch's own keys and values (empty unless separate).
+    win: Vec<KvStore>,
+    /// Per kv head: the compressed keys and values (each rounded to `T`).
+    cmp: Vec<KvStore>,
+    /// `[blocks, HKV, Dk]` in the storage type.
     k_cmp: Vec<T>,
+    /// `[blocks, HKV, Dv]` in the storage type.
     v_cmp: Vec<T>,
     len: usize,
     blocks: usize,
 }
 
-/// One (sequence, kv head) of a decode step, as a [`Kernel`].
-struct GroupCall<'a, T> {
-    cache: &'a NsaCache<T>,
-    s: usize,
-    g: usize,
-    q: &'a [T],
-    gates: &'a [T],
-}
-
-impl<T: Element> Kernel for GroupCall<'_, T> {
-    type Out = (Vec<f32>, Vec<u32>);
-    #[inline(always)]
-    fn run<F: Fma, const W: usize>(self) -> Self::Out {
-        self.cache.decode_group::<F>(self.s, self.g, self.q, self.gates)
+impl<T> SeqCache<T> {
+    fn new(hkv: usize, separate_win: bool) -> Self {
+        Self {
+            kv: vec![KvStore::default(); hkv],
+            win: vec![KvStore::default(); if separate_win { hkv } else { 0 }],
+            cmp: vec![KvStore::default(); hkv],
+            k_cmp: Vec::new(),
+            v_cmp: Vec::new(),
+            len: 0,
+            blocks: 0,
+        }
     }
 }
 
@@ -67,7 +115,8 @@ impl<T: Element> NsaCache<T> {
     pub fn new(cfg: NsaConfig, heads: Heads, num_seqs: usize, separate_win: bool) -> Result<Self, Error> {
         cfg.validate()?;
         heads.validate()?;
-        Ok(Self { cfg, heads, separate_win, seqs: vec![SeqCache::default(); num_seqs] })
+        let seq = SeqCache::new(heads.num_kv_heads, separate_win);
+        Ok(Self { cfg, heads, separate_win, seqs: vec![seq; num_seqs] })
     }
 
     /// Tokens cached for sequence `seq`.
@@ -91,6 +140,7 @@ impl<T: Element> NsaCache<T> {
     pub fn append(&mut self, seq: usize, k: &[T], v: &[T], win: Option<(&[T], &[T])>) -> Result<(), Error> {
         let h = self.heads;
         let (hkv, dk, dv) = (h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+        let dvp = round_up(dv, COL_MULTIPLE);
         let n = crate::layout::rows_of("k", k.len(), hkv, dk)?;
         expect_len("v", v.len(), n * hkv * dv, "[n, HKV, Dv]")?;
         if self.cfg.check_finite {
@@ -102,32 +152,53 @@ impl<T: Element> NsaCache<T> {
         let num_seqs = self.seqs.len();
         let sc =
             self.seqs.get_mut(seq).ok_or_else(|| Error::Cache(format!("sequence {seq} of a cache for {num_seqs}")))?;
+        let push_all = |stores: &mut [KvStore], k: &[T], v: &[T]| {
+            for i in 0..n {
+                for (g, st) in stores.iter_mut().enumerate() {
+                    let kr = k[(i * hkv + g) * dk..][..dk].iter().map(|x| x.to_f32());
+                    let vr = v[(i * hkv + g) * dv..][..dv].iter().map(|x| x.to_f32());
+                    st.push(kr, vr, dk, dvp);
+                }
+            }
+        };
         match (separate, win) {
             (true, Some((kw, vw))) => {
                 expect_len("k_win", kw.len(), n * hkv * dk, "[n, HKV, Dk]")?;
                 expect_len("v_win", vw.len(), n * hkv * dv, "[n, HKV, Dv]")?;
-                sc.k_win.extend_from_slice(kw);
-                sc.v_win.extend_from_slice(vw);
+                push_all(&mut sc.win, kw, vw);
             }
             (false, None) => {}
             (true, None) => return Err(Error::Cache("this cache needs the window branch's own k, v".into())),
             (false, Some(_)) => return Err(Error::Cache("this cache shares k, v with the window branch".into())),
         }
-        sc.k.extend_from_slice(k);
-        sc.v.extend_from_slice(v);
+        push_all(&mut sc.kv, k, v);
         sc.len += n;
+        // Each element summed in token order from 0, then scaled: what `compress_mean` does.
         let inv = 1.0 / cfg.block_cmp as f32;
+        let mut krow = vec![0f32; dk];
+        let mut vrow = vec![0f32; dv];
         while sc.blocks * cfg.stride_cmp + cfg.block_cmp <= sc.len {
             let first = sc.blocks * cfg.stride_cmp;
-            for (src, dst, d) in [(&sc.k, &mut sc.k_cmp, dk), (&sc.v, &mut sc.v_cmp, dv)] {
-                let row = hkv * d;
-                let mut acc = vec![0f32; row];
+            for g in 0..hkv {
+                let src = &sc.kv[g];
+                krow.fill(0.0);
+                vrow.fill(0.0);
                 for t in first..first + cfg.block_cmp {
-                    for (a, x) in acc.iter_mut().zip(&src[t * row..][..row]) {
-                        *a += x.to_f32();
+                    for (d, a) in krow.iter_mut().enumerate() {
+                        *a += src.key(t, d, dk);
+                    }
+                    for (a, x) in vrow.iter_mut().zip(&src.v[t * dvp..][..dv]) {
+                        *a += x;
                     }
                 }
-                dst.extend(acc.iter().map(|a| T::from_f32(a * inv)));
+                let kt = krow.iter().map(|a| T::from_f32(a * inv));
+                let vt = vrow.iter().map(|a| T::from_f32(a * inv));
+                let (k0, v0) = (sc.k_cmp.len(), sc.v_cmp.len());
+                sc.k_cmp.extend(kt);
+                sc.v_cmp.extend(vt);
+                let kf = sc.k_cmp[k0..].iter().map(|x| x.to_f32());
+                let vf = sc.v_cmp[v0..].iter().map(|x| x.to_f32());
+                sc.cmp[g].push(kf, vf, dk, dvp);
             }
             sc.blocks += 1;
         }
@@ -137,6 +208,17 @@ impl<T: Element> NsaCache<T> {
     /// The NSA output of each sequence's newest token: `q [num_seqs, HQ, Dk]`, `gates
     /// [num_seqs, HQ, 3]`. Every sequence must hold at least one token.
     pub fn decode(&self, q: &[T], gates: &[T]) -> Result<NsaDecodeOutput<T>, Error> {
+        self.decode_with(q, gates, false)
+    }
+
+    /// [`NsaCache::decode`] with the tasks compiled for the build target, whatever the machine
+    /// has: tests hold both paths to the reference in one run.
+    #[cfg(test)]
+    pub(super) fn decode_portable(&self, q: &[T], gates: &[T]) -> Result<NsaDecodeOutput<T>, Error> {
+        self.decode_with(q, gates, true)
+    }
+
+    fn decode_with(&self, q: &[T], gates: &[T], portable: bool) -> Result<NsaDecodeOutput<T>, Error> {
         let h = self.heads;
         let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, self.cfg.num_selected);
         let ns = self.seqs.len();
@@ -149,109 +231,234 @@ impl<T: Element> NsaCache<T> {
             check_finite("q", q)?;
             check_finite("gates", gates)?;
         }
-        let parts: Vec<(Vec<f32>, Vec<u32>)> = (0..ns * hkv)
-            .into_par_iter()
-            .map(|task| dispatch(GroupCall { cache: self, s: task / hkv, g: task % hkv, q, gates }))
-            .collect();
         let mut o = vec![T::default(); ns * hq * dv];
         let mut indices = vec![NO_BLOCK; ns * hkv * n];
-        let group = h.group();
-        for (task, (out, ix)) in parts.into_iter().enumerate() {
-            let (s, g) = (task / hkv, task % hkv);
-            for (dst, x) in o[(s * hq + g * group) * dv..][..group * dv].iter_mut().zip(&out) {
-                *dst = T::from_f32(*x);
-            }
-            indices[(s * hkv + g) * n..][..ix.len()].copy_from_slice(&ix);
-        }
+        // Task (s, g) owns the group's output rows `[s, g * group .. (g + 1) * group]` and its
+        // index slots: consecutive chunks.
+        o.par_chunks_mut(h.group() * dv).zip(indices.par_chunks_mut(n)).enumerate().for_each(|(task, (o, chosen))| {
+            // Nothing in a task re-enters it, so the borrow is never contended. (Borrowed
+            // out here: a closure inside the kernel would miss its target features.)
+            SCRATCH.with(|scratch| {
+                let scr = &mut *scratch.borrow_mut();
+                let call = GroupCall { cache: self, s: task / hkv, g: task % hkv, q, gates, o, chosen, scr };
+                if portable {
+                    call.run::<Unfused, 16>()
+                } else {
+                    dispatch(call)
+                }
+            })
+        });
         Ok(NsaDecodeOutput { o, indices })
     }
+}
 
-    /// One (sequence, kv head): the group's gated outputs `[group, Dv]` and the chosen blocks.
+/// One (sequence, kv head) of a decode step, as a [`Kernel`]: writes the group's outputs
+/// `o [group, Dv]` and its chosen blocks.
+struct GroupCall<'a, T> {
+    cache: &'a NsaCache<T>,
+    s: usize,
+    g: usize,
+    q: &'a [T],
+    gates: &'a [T],
+    o: &'a mut [T],
+    chosen: &'a mut [u32],
+    scr: &'a mut Scratch,
+}
+
+/// Per-thread buffers of a decode task, kept between calls so a decode step allocates only its
+/// outputs.
+#[derive(Default)]
+struct Scratch {
+    /// The group's scaled queries, `[group rounded up to 4][Dk]`, padding rows 0.
+    q: Vec<f32>,
+    /// Scores, then gated probabilities, `[group rounded up to 4][columns]`.
+    p: Vec<f32>,
+    /// The gated outputs of the three branches summed, `[group rounded up to 4][Dv']`.
+    out: Vec<f32>,
+    /// Each head's gate of the branch at hand.
+    gate: Vec<f32>,
+    /// Compressed probabilities summed over the group, `[blocks]`.
+    psum: Vec<f32>,
+    /// Selection block importance.
+    scores: Vec<f32>,
+    /// Chosen blocks.
+    chosen: Vec<u32>,
+    /// Runs of consecutive keys `[start, end)` a branch attends to.
+    runs: Vec<(usize, usize)>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+impl<T: Element> Kernel for GroupCall<'_, T> {
+    type Out = ();
     #[inline(always)]
-    fn decode_group<F: Fma>(&self, s: usize, g: usize, q: &[T], gates: &[T]) -> (Vec<f32>, Vec<u32>) {
-        let (cfg, h) = (&self.cfg, &self.heads);
-        let (hq, hkv, dk, dv, group) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, h.group());
-        let sc = &self.seqs[s];
+    fn run<F: Fma, const W: usize>(self) {
+        let GroupCall { cache, s, g, q, gates, o, chosen, scr } = self;
+        let (cfg, h) = (&cache.cfg, &cache.heads);
+        let (hq, dk, dv, group) = (h.num_q_heads, h.head_dim_k, h.head_dim_v, h.group());
+        let dvp = round_up(dv, COL_MULTIPLE);
+        let gp = round_up(group, TILE_ROWS);
+        let sc = &cache.seqs[s];
         let t = sc.len - 1;
         let scale = cfg.softmax_scale(h);
-        let qs: Vec<Vec<f32>> = (0..group)
-            .map(|r| q[(s * hq + g * group + r) * dk..][..dk].iter().map(|x| x.to_f32() * scale).collect())
-            .collect();
-        let gate =
-            |b: usize| -> Vec<f32> { (0..group).map(|hh| gates[(s * hq + g * group + hh) * 3 + b].to_f32()).collect() };
-        let mut out = vec![0f32; group * dv];
-        let mut at = Attend { qs: &qs, hkv, g, dk, dv, out: &mut out };
-        let nc = cfg.num_cmp_blocks(t + 1);
-        let p_cmp = at.run::<T, F>(&sc.k_cmp, &sc.v_cmp, &(0..nc).collect::<Vec<_>>(), &gate(0));
-        let mut psum = vec![0f32; nc];
-        for p in &p_cmp {
-            for (a, b) in psum.iter_mut().zip(p) {
-                *a += b;
+        let head0 = s * hq + g * group;
+        scr.q.clear();
+        scr.q.extend(q[head0 * dk..][..group * dk].iter().map(|x| x.to_f32() * scale));
+        scr.q.resize(gp * dk, 0.0);
+        scr.out.clear();
+        scr.out.resize(gp * dvp, 0.0);
+        let dims = Dims { group, gp, dk, dvp };
+        let gate_of = |gate: &mut Vec<f32>, b: usize| {
+            gate.clear();
+            gate.extend((0..group).map(|r| gates[(head0 + r) * 3 + b].to_f32()));
+        };
+
+        // Compressed branch: every complete block, keeping the probabilities for the choice.
+        let nc = sc.blocks;
+        scr.psum.clear();
+        scr.psum.resize(nc, 0.0);
+        if nc > 0 {
+            gate_of(&mut scr.gate, 0);
+            scr.runs.clear();
+            scr.runs.push((0, nc));
+            let psum = Some(&mut scr.psum[..]);
+            attend::<F, W>(&sc.cmp[g], &scr.runs, dims, &scr.q, &scr.gate, &mut scr.p, &mut scr.out, psum);
+        }
+        scr.scores.clear();
+        scr.scores.resize(t / cfg.block_slc + 1, 0.0);
+        scores_from_cmp(cfg, &scr.psum, &mut scr.scores);
+        select_blocks_fast(cfg, t, &scr.scores, &mut scr.chosen);
+        chosen[..scr.chosen.len()].copy_from_slice(&scr.chosen);
+
+        // Selected branch: the chosen blocks up to t, adjacent ones merged into one run.
+        let ls = cfg.block_slc;
+        scr.runs.clear();
+        for &j in &scr.chosen {
+            let (a, b) = (j as usize * ls, ((j as usize + 1) * ls).min(t + 1));
+            match scr.runs.last_mut() {
+                Some(last) if last.1 == a => last.1 = b,
+                _ => scr.runs.push((a, b)),
             }
         }
-        let mut scores = vec![0f32; t / cfg.block_slc + 1];
-        scores_from_cmp(cfg, &psum, &mut scores);
-        let mut chosen = Vec::new();
-        select_blocks_fast(cfg, t, &scores, &mut chosen);
-        let ls = cfg.block_slc;
-        let slc_rows: Vec<usize> =
-            chosen.iter().flat_map(|&j| j as usize * ls..((j as usize + 1) * ls).min(t + 1)).collect();
-        at.run::<T, F>(&sc.k, &sc.v, &slc_rows, &gate(1));
-        let (kw, vw) = if self.separate_win { (&sc.k_win, &sc.v_win) } else { (&sc.k, &sc.v) };
-        at.run::<T, F>(kw, vw, &((t + 1).saturating_sub(cfg.window)..t + 1).collect::<Vec<_>>(), &gate(2));
-        (out, chosen)
+        gate_of(&mut scr.gate, 1);
+        attend::<F, W>(&sc.kv[g], &scr.runs, dims, &scr.q, &scr.gate, &mut scr.p, &mut scr.out, None);
+
+        // Window branch: the last w keys.
+        let win = if cache.separate_win { &sc.win[g] } else { &sc.kv[g] };
+        scr.runs.clear();
+        scr.runs.push(((t + 1).saturating_sub(cfg.window), t + 1));
+        gate_of(&mut scr.gate, 2);
+        attend::<F, W>(win, &scr.runs, dims, &scr.q, &scr.gate, &mut scr.p, &mut scr.out, None);
+
+        for (r, orow) in o.chunks_exact_mut(dv).enumerate() {
+            for (dst, x) in orow.iter_mut().zip(&scr.out[r * dvp..][..dv]) {
+                *dst = T::from_f32(*x);
+            }
+        }
     }
 }
 
-/// Softmax attention of every head of a group over listed key rows, adding `gate * output`
-/// into `out` (`[group, Dv]`). A struct, not a closure, so it inlines into the per-ISA code.
-struct Attend<'a> {
-    qs: &'a [Vec<f32>],
-    hkv: usize,
-    g: usize,
+/// Sizes of one task: the group, rounded up to the register tile's rows; `Dk`; padded `Dv`.
+#[derive(Clone, Copy)]
+struct Dims {
+    group: usize,
+    gp: usize,
     dk: usize,
-    dv: usize,
-    out: &'a mut [f32],
+    dvp: usize,
 }
 
-impl Attend<'_> {
-    /// Returns the probabilities per head.
-    #[inline(always)]
-    fn run<T: Element, F: Fma>(&mut self, km: &[T], vm: &[T], rows: &[usize], gates: &[f32]) -> Vec<Vec<f32>> {
-        let (hkv, g, dk, dv) = (self.hkv, self.g, self.dk, self.dv);
-        let mut buf = vec![0f32; dk.max(dv)];
-        let mut scores = vec![vec![0f32; rows.len()]; self.qs.len()];
-        for (c, &r) in rows.iter().enumerate() {
-            for (b, x) in buf.iter_mut().zip(&km[(r * hkv + g) * dk..][..dk]) {
-                *b = x.to_f32();
-            }
-            for (hh, qr) in self.qs.iter().enumerate() {
-                scores[hh][c] = kernels::dot::<F>(qr, &buf[..dk]);
+/// Key tiles `[first, last]` that a run `[a, b)` touches.
+#[inline(always)]
+fn tiles_of(a: usize, b: usize) -> (usize, usize) {
+    (a / TILE, (b - 1) / TILE)
+}
+
+/// Softmax attention of the group's heads over the keys of `runs` (each non-empty, `[start,
+/// end)`) of `kv`, adding `gate * output` into `out` (`[gp][Dv']`). With `psum`, also adds each
+/// head's probabilities (before the gate) into it; `runs` must then be the one run `[0, len)`.
+/// `p` is scratch: for each run, whole tiles of columns, the keys outside the run masked.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend<F: Fma, const W: usize>(
+    kv: &KvStore,
+    runs: &[(usize, usize)],
+    dims: Dims,
+    q: &[f32],
+    gate: &[f32],
+    p: &mut Vec<f32>,
+    out: &mut [f32],
+    psum: Option<&mut [f32]>,
+) {
+    let Dims { group, gp, dk, dvp } = dims;
+    let cols: usize = runs.iter().map(|&(a, b)| (tiles_of(a, b).1 - tiles_of(a, b).0 + 1) * TILE).sum();
+    p.clear();
+    p.resize(gp * cols, 0.0);
+
+    // Scores: per key tile, [gp x Dk] times [Dk x 16].
+    let mut base = 0;
+    for &(a, b) in runs {
+        let (t0, t1) = tiles_of(a, b);
+        for tile in t0..=t1 {
+            let kt = &kv.k[tile * dk * TILE..][..dk * TILE];
+            gemm_acc::<F, TILE>(gp, TILE, dk, q, dk, kt, TILE, &mut p[base + (tile - t0) * TILE..], cols);
+        }
+        // Mask the keys of the end tiles outside the run.
+        let (lo, hi) = (base + a % TILE, base + (b - t0 * TILE));
+        let end = base + (t1 - t0 + 1) * TILE;
+        for row in p.chunks_exact_mut(cols).take(group) {
+            row[base..lo].fill(f32::NEG_INFINITY);
+            row[hi..end].fill(f32::NEG_INFINITY);
+        }
+        base = end;
+    }
+
+    // Softmax per head (rows a multiple of 16 long), then the gate.
+    let mut psum = psum;
+    for (r, row) in p.chunks_exact_mut(cols).enumerate() {
+        if r >= group {
+            row.fill(0.0);
+            continue;
+        }
+        let mut m = [f32::NEG_INFINITY; 16];
+        for c in row.chunks_exact(16) {
+            for l in 0..16 {
+                m[l] = m[l].max(c[l]);
             }
         }
-        for sc_h in scores.iter_mut() {
-            let mut m = f32::NEG_INFINITY;
-            for &x in sc_h.iter() {
-                m = m.max(x);
+        let m = m.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
+        let mut sum = [0f32; 16];
+        for c in row.chunks_exact_mut(16) {
+            for l in 0..16 {
+                c[l] = exp(c[l] - m);
+                sum[l] += c[l];
             }
-            let mut sum = 0f32;
-            for x in sc_h.iter_mut() {
-                *x = kernels::exp(*x - m);
-                sum += *x;
-            }
-            let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-            for x in sc_h.iter_mut() {
+        }
+        let sum: f32 = sum.iter().sum();
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        if let Some(ps) = psum.as_deref_mut() {
+            for (acc, x) in ps.iter_mut().zip(row.iter_mut()) {
                 *x *= inv;
+                *acc += *x;
+            }
+            let g = gate[r];
+            for x in row.iter_mut() {
+                *x *= g;
+            }
+        } else {
+            let f = inv * gate[r];
+            for x in row.iter_mut() {
+                *x *= f;
             }
         }
-        for (c, &r) in rows.iter().enumerate() {
-            for (b, x) in buf.iter_mut().zip(&vm[(r * hkv + g) * dv..][..dv]) {
-                *b = x.to_f32();
-            }
-            for (hh, p) in scores.iter().enumerate() {
-                kernels::axpy::<F>(gates[hh] * p[c], &buf[..dv], &mut self.out[hh * dv..][..dv]);
-            }
-        }
-        scores
+    }
+
+    // Output: per run, [gp x keys] times [keys x Dv'].
+    let mut base = 0;
+    for &(a, b) in runs {
+        let (t0, t1) = tiles_of(a, b);
+        gemm_acc::<F, W>(gp, dvp, b - a, &p[base + a % TILE..], cols, &kv.v[a * dvp..], dvp, out, dvp);
+        base += (t1 - t0 + 1) * TILE;
     }
 }

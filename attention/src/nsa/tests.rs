@@ -573,3 +573,123 @@ fn decode_matches_the_reference_row_of_the_newest_token() {
     assert!(matches!(cache.append(0, &[0.0; 31], &[0.0; 16], None), Err(Error::Shape(_))));
     assert!(matches!(cache.append(0, &[0.0; 32], &[0.0; 16], Some((&[0.0; 32], &[0.0; 16]))), Err(Error::Cache(_))));
 }
+
+/// Appends every sequence in uneven chunks (1, 7, 16, 3, 33, ... tokens) and decodes after each
+/// round, with the dispatched (`portable = false`) or the build-target path; each output row and
+/// choice against the reference's row for the same token, run on the storage-rounded inputs
+/// and the cache's own compressed blocks. Output tolerance: `tol` of `rel_err`.
+fn check_decode<T: Element>(c: &Case, portable: bool, tol: f64) {
+    let (cfg, h) = (c.cfg, c.h);
+    let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
+    let lens: Vec<usize> = c.cu.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    let st = Stored::<T>::of(c);
+    let mut cache = NsaCache::<T>::new(cfg, h, lens.len(), c.kw.is_some()).unwrap();
+    let mut decoded: Vec<(usize, Vec<f64>, Vec<u32>)> = Vec::new(); // (row, o, indices)
+    let mut len = vec![0usize; lens.len()];
+    for chunk in [1usize, 7, 16, 3, 33].into_iter().cycle() {
+        if len == lens {
+            break;
+        }
+        for s in 0..lens.len() {
+            let add = chunk.min(lens[s] - len[s]);
+            if add == 0 {
+                continue;
+            }
+            let (a, b) = (c.cu[s] as usize + len[s], c.cu[s] as usize + len[s] + add);
+            let win = st
+                .kw
+                .as_ref()
+                .zip(st.vw.as_ref())
+                .map(|(kw, vw)| (&kw[a * hkv * dk..b * hkv * dk], &vw[a * hkv * dv..b * hkv * dv]));
+            cache.append(s, &st.k[a * hkv * dk..b * hkv * dk], &st.v[a * hkv * dv..b * hkv * dv], win).unwrap();
+            len[s] += add;
+        }
+        let rows: Vec<usize> = (0..lens.len()).map(|s| c.cu[s] as usize + len[s] - 1).collect();
+        let q: Vec<T> = rows.iter().flat_map(|&r| st.q[r * hq * dk..(r + 1) * hq * dk].to_vec()).collect();
+        let gates: Vec<T> = rows.iter().flat_map(|&r| st.gates[r * hq * 3..(r + 1) * hq * 3].to_vec()).collect();
+        let out = if portable { cache.decode_portable(&q, &gates) } else { cache.decode(&q, &gates) }.unwrap();
+        for (s, &r) in rows.iter().enumerate() {
+            let ix = out.indices[s * hkv * n..(s + 1) * hkv * n].to_vec();
+            decoded.push((r, back(&out.o[s * hq * dv..(s + 1) * hq * dv]), ix));
+        }
+    }
+    let (mut k_cmp, mut v_cmp) = (Vec::new(), Vec::new());
+    for s in 0..lens.len() {
+        let (kc, vc) = cache.compressed(s).unwrap();
+        k_cmp.extend(back(kc));
+        v_cmp.extend(back(vc));
+    }
+    let xr = Case {
+        q: back(&st.q),
+        k: back(&st.k),
+        v: back(&st.v),
+        kw: st.kw.as_ref().map(|x| back(x)),
+        vw: st.vw.as_ref().map(|x| back(x)),
+        k_cmp,
+        v_cmp,
+        gates: back(&st.gates),
+        d_o: c.d_o.clone(),
+        cfg,
+        h,
+        cu: c.cu.clone(),
+    };
+    let reference = naive::forward(&cfg, &h, &xr.inputs(), None).unwrap();
+    let mut patched = reference.indices.clone();
+    for (row, _, ix) in &decoded {
+        patched[row * hkv * n..(row + 1) * hkv * n].copy_from_slice(ix);
+    }
+    assert_choice_tie_aware(&xr, &patched, &reference, 1e-4);
+    let r = naive::forward(&cfg, &h, &xr.inputs(), Some(&patched)).unwrap();
+    for (row, o, _) in &decoded {
+        let err = rel_err(o, &r.o[row * hq * dv..(row + 1) * hq * dv]);
+        assert!(err <= tol, "row {row}: error {err} > {tol}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Decode over configs, GQA groups (1, 3, 16, ...), Dk != Dv (not multiples of the 16-key
+    /// tiles), lengths that are not multiples of any block, separate window K/V, several
+    /// sequences; f32 storage, both instruction-set paths.
+    #[test]
+    fn decode_matches_the_reference_over_shapes(
+        cfg in config_strategy(),
+        hkv in 1usize..=2,
+        ratio in prop::sample::select(vec![1usize, 3, 4, 16]),
+        dk in prop::sample::select(vec![8usize, 20, 64]),
+        dv in prop::sample::select(vec![8usize, 24, 40]),
+        lens in prop::collection::vec(1usize..150, 1..5),
+        separate_win in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let c = Case::new(cfg, Heads::new(hkv * ratio, hkv, dk, dv), &lens, separate_win, seed);
+        check_decode::<f32>(&c, false, 2e-4);
+        check_decode::<f32>(&c, true, 2e-4);
+    }
+}
+
+/// Half-precision caches: the cache's f32 copies of bf16 / f16 keys and values, outputs rounded
+/// to the storage type (tolerance 4 unit roundoffs + 1e-3 of `rel_err`).
+#[test]
+fn decode_with_half_precision_storage_matches_the_reference() {
+    let cfg =
+        NsaConfig { block_cmp: 8, stride_cmp: 4, block_slc: 12, num_selected: 4, window: 19, ..NsaConfig::default() };
+    let c = Case::new(cfg, Heads::new(6, 2, 24, 16), &[45, 1, 90], true, 23);
+    let tol = |d| 4.0 * squid_cuda::dtype::unit_roundoff(d) as f64 + 1e-3;
+    check_decode::<half::bf16>(&c, false, tol(squid_cuda::DType::BF16));
+    check_decode::<half::f16>(&c, false, tol(squid_cuda::DType::F16));
+    check_decode::<half::bf16>(&c, true, tol(squid_cuda::DType::BF16));
+}
+
+/// Many short sequences in one step (more tasks than threads), group 16, the paper's config at
+/// a length past a few selection blocks and the window.
+#[test]
+fn decode_many_sequences_and_paper_config() {
+    let lens: Vec<usize> = (0..23).map(|i| 1 + (i * 37) % 70).collect();
+    let small =
+        NsaConfig { block_cmp: 4, stride_cmp: 2, block_slc: 8, num_selected: 3, window: 6, ..NsaConfig::default() };
+    check_decode::<f32>(&Case::new(small, Heads::new(16, 1, 16, 8), &lens, false, 31), false, 2e-4);
+    let c = Case::new(NsaConfig::default(), Heads::new(8, 2, 64, 64), &[1100, 530], false, 37);
+    check_decode::<f32>(&c, false, 2e-4);
+}
