@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use squid_benches::harness::{run_case, Budget, Row};
+use squid_benches::harness::{run_case, Budget, Case, Row};
 use squid_benches::suites;
 
 #[derive(Parser)]
@@ -20,10 +20,21 @@ struct Cli {
     /// Only cases whose name contains this.
     #[arg(long)]
     filter: Option<String>,
+    /// Only cases whose parameters contain this (e.g. `T=65536`).
+    #[arg(long)]
+    params: Option<String>,
     /// The collectives backend: `local` (threads), or `mpi` (the `collectives` suite only; run
     /// under `mpirun`, needs the `mpi` feature; rank 0 prints).
     #[arg(long, default_value = "local")]
     backend: String,
+}
+
+impl Cli {
+    /// Whether `--filter` and `--params` let `case` run.
+    fn selects(&self, case: &Case) -> bool {
+        self.filter.as_deref().is_none_or(|f| case.case.contains(f))
+            && self.params.as_deref().is_none_or(|p| case.params.contains(p))
+    }
 }
 
 fn main() -> ExitCode {
@@ -60,7 +71,7 @@ fn main() -> ExitCode {
     if !prints {
         // A rank other than 0 of an MPI run: make the same calls, print nothing.
         for case in cases {
-            if cli.filter.as_deref().is_none_or(|f| case.case.contains(f)) {
+            if cli.selects(&case) {
                 run_case(case, budget);
             }
         }
@@ -71,7 +82,7 @@ fn main() -> ExitCode {
     }
     let mut baselines = Vec::new();
     for case in cases {
-        if cli.filter.as_deref().is_some_and(|f| !case.case.contains(f)) {
+        if !cli.selects(&case) {
             continue;
         }
         let row = run_case(case, budget);

@@ -27,7 +27,6 @@
 //! byte moved either way), as nccl-tests times a loop of calls.
 
 use std::sync::mpsc;
-use std::time::Duration;
 
 use squid_collectives::{Communicator, Error, LocalComm, LocalGroup, ReduceOp};
 
@@ -46,6 +45,7 @@ enum Coll {
 }
 
 /// The collectives of both backends.
+#[cfg(feature = "mpi")]
 const COLLS: [Coll; 3] = [Coll::AllReduce, Coll::AllGather, Coll::ReduceScatter];
 /// The collectives of the local suite.
 const LOCAL_COLLS: [Coll; 4] = [Coll::AllReduce, Coll::AllReduceInPlace, Coll::AllGather, Coll::ReduceScatter];
@@ -303,8 +303,14 @@ pub fn mpi_cases(quick: bool) -> Result<MpiSuite, String> {
 
 /// A fixed-count budget: with no warm-up or measuring time, the harness makes exactly one
 /// warm-up call and `samples` samples of each side.
+#[cfg(feature = "mpi")]
 fn fixed_budget(samples: usize) -> Budget {
-    Budget { warmup: Duration::ZERO, measure: Duration::ZERO, min_samples: samples, max_samples: samples }
+    Budget {
+        warmup: std::time::Duration::ZERO,
+        measure: std::time::Duration::ZERO,
+        min_samples: samples,
+        max_samples: samples,
+    }
 }
 
 #[cfg(feature = "mpi")]
