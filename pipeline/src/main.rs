@@ -90,6 +90,24 @@ struct TrainArgs {
     /// KL coefficient to the warm-up policy (0 = off).
     #[arg(long)]
     kl_beta: Option<f32>,
+    /// Sampling temperature of the GRPO rollouts.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Roll out this many times the tasks per step and train on the groups whose rewards differ.
+    #[arg(long)]
+    oversample: Option<usize>,
+    /// Minibatches (optimizer steps) per GRPO step.
+    #[arg(long)]
+    minibatches: Option<usize>,
+    /// PPO clip (lower side, and upper unless --clip-high is given).
+    #[arg(long)]
+    clip: Option<f32>,
+    /// Upper PPO clip (DAPO clip-higher).
+    #[arg(long)]
+    clip_high: Option<f32>,
+    /// Reward added to a submission that passes every hidden test (0 = off).
+    #[arg(long)]
+    solve_bonus: Option<f32>,
     /// Held-out tasks per level.
     #[arg(long)]
     eval_tasks: Option<usize>,
@@ -160,6 +178,24 @@ impl TrainArgs {
         }
         if let Some(v) = self.kl_beta {
             c.grpo.kl_beta = v;
+        }
+        if let Some(v) = self.temperature {
+            c.grpo.temperature = v;
+        }
+        if let Some(v) = self.oversample {
+            c.grpo.oversample = v;
+        }
+        if let Some(v) = self.minibatches {
+            c.grpo.minibatches = v;
+        }
+        if let Some(v) = self.clip {
+            c.grpo.clip = v;
+        }
+        if self.clip_high.is_some() {
+            c.grpo.clip_high = self.clip_high;
+        }
+        if let Some(v) = self.solve_bonus {
+            c.grpo.solve_bonus = v;
         }
         if let Some(v) = self.eval_tasks {
             c.eval.tasks_per_level = v;

@@ -32,6 +32,8 @@ pub fn reward_shaping(config: TrainConfig, opts: &RunOptions) -> Result<RewardSh
     let arm = |mode: RewardMode, label: &str, warm: Option<PathBuf>| -> Result<RunSummary, Error> {
         let mut c = config.clone();
         c.grpo.reward = mode;
+        // The two rewards as they are: the full-solve bonus would make partial credit part sparse.
+        c.grpo.solve_bonus = 0.0;
         let o = RunOptions {
             runs_dir: dir.clone(),
             name: Some(label.to_string()),

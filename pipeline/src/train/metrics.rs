@@ -49,7 +49,7 @@ pub struct StepMetrics {
     pub step: u64,
     /// Training loss of the step.
     pub loss: Option<f64>,
-    /// Mean reward of the step's samples.
+    /// Mean training reward of the step's samples (the solve bonus included).
     pub reward_mean: Option<f64>,
     /// Standard deviation of the step's rewards.
     pub reward_std: Option<f64>,

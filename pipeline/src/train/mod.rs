@@ -5,7 +5,8 @@
 //! 1. draw B x oversample training tasks; roll each out G times from one prefilled, forked
 //!    prompt ([`crate::rollout`]): the policy writes a program, may `<run>` it on the visible
 //!    examples, reads the tool output (a Document segment), revises, `<submit>`s;
-//! 2. score each submission on the hidden tests (partial credit or all-or-nothing);
+//! 2. score each submission on the hidden tests (partial credit or all-or-nothing, plus
+//!    `solve_bonus` when every test of every part passes);
 //! 3. keep the first B groups whose rewards differ (DAPO's dynamic sampling: a group of equal
 //!    rewards has zero advantage), advantages within each group (GRPO, verl's estimator),
 //!    broadcast to the sampled tokens (prompt and tool-output tokens are masked out of the loss);
@@ -47,7 +48,7 @@ pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, TrainConfig};
 pub use eval::{evaluate, held_out_tasks, splitmix};
 pub use metrics::{EvalMetrics, LevelEval, MetricsLog, StepMetrics};
 
-use crate::env::{generate_task, EpisodeConfig, Level, RewardConfig, Task};
+use crate::env::{generate_task, EpisodeConfig, Level, Reward, RewardConfig, Task};
 use crate::model::{Model, SessionConfig, TpTrainer};
 use crate::rollout::{rollout, RolloutConfig, Trajectory};
 use crate::tokenizer::Tokenizer;
@@ -412,6 +413,22 @@ fn run_sft(
     trainer.gather()
 }
 
+/// Whether a scored submission passed every hidden test of every part (what pass@1 counts).
+fn solved(reward: Option<&Reward>) -> bool {
+    reward.is_some_and(|r| !r.malformed && r.passed == r.total)
+}
+
+/// The reward GRPO trains on: the environment's (partial credit or all-or-nothing; 0 for an
+/// episode that never submitted) plus `solve_bonus` for a full solve.
+fn training_reward(reward: Option<&Reward>, solve_bonus: f32) -> f32 {
+    let base = reward.map_or(0.0, |r| r.value as f32);
+    if solved(reward) {
+        base + solve_bonus
+    } else {
+        base
+    }
+}
+
 /// One GRPO step (see the module docs); returns its metrics line.
 fn grpo_step(
     config: &TrainConfig,
@@ -444,12 +461,8 @@ fn grpo_step(
     let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
     // 2. rewards (scored inside the episodes; the time is reported separately)
     let rewards: Vec<f32> =
-        rolled.trajectories.iter().map(|t| t.reward.as_ref().map_or(0.0, |r| r.value as f32)).collect();
-    let passes = rolled
-        .trajectories
-        .iter()
-        .filter(|t| t.reward.as_ref().is_some_and(|r| !r.malformed && r.passed == r.total))
-        .count();
+        rolled.trajectories.iter().map(|t| training_reward(t.reward.as_ref(), g.solve_bonus)).collect();
+    let passes = rolled.trajectories.iter().filter(|t| solved(t.reward.as_ref())).count();
     // 3. dynamic sampling (keep groups whose rewards differ), advantages per group
     let t_train = Instant::now();
     let filter = filter_zero_variance_groups(&rewards, Groups::Size(g.group_size))?;
@@ -463,7 +476,7 @@ fn grpo_step(
     let advantages = sample_advantages(&kept_rewards, Groups::Size(g.group_size), &grpo_advantages)?;
     let loss_config = PolicyLossConfig {
         clip_low: g.clip,
-        clip_high: g.clip,
+        clip_high: g.clip_high.unwrap_or(g.clip),
         kl: reference.map(|_| KlPenalty { estimator: KlEstimator::K3, beta: g.kl_beta, k3_clamp: Some(10.0) }),
         ..PolicyLossConfig::default()
     };

@@ -179,3 +179,54 @@ fn tp_2_trains_the_same_warm_up_as_tp_1() {
     }
     assert!(one.complete && two.complete);
 }
+
+/// A way to break a config, and a word the error must contain.
+type BadConfig = (fn(&mut TrainConfig), &'static str);
+
+#[test]
+fn grpo_knobs_out_of_range_are_config_errors() {
+    let cases: [BadConfig; 6] = [
+        (|c| c.grpo.clip = 0.0, "clip"),
+        (|c| c.grpo.clip = 1.0, "below 1"),
+        (|c| c.grpo.clip_high = Some(f32::NAN), "clip-high"),
+        (|c| c.grpo.solve_bonus = -0.5, "solve bonus"),
+        (|c| c.grpo.kl_beta = f32::INFINITY, "kl beta"),
+        (|c| c.grpo.temperature = 0.0, "temperature"),
+    ];
+    for (break_it, says) in cases {
+        let mut c = TrainConfig::default();
+        break_it(&mut c);
+        assert!(matches!(c.validate(), Err(Error::Config(m)) if m.contains(says)), "expected an error about {says}");
+    }
+    let mut c = TrainConfig::default();
+    c.grpo.clip_high = Some(0.28);
+    c.grpo.solve_bonus = 1.0;
+    c.validate().unwrap();
+}
+
+#[test]
+fn the_solve_bonus_goes_to_full_solves_only() {
+    let scored = |passed: usize, total: usize, malformed: bool| Reward {
+        value: if malformed { 0.0 } else { passed as f64 / total as f64 },
+        passed,
+        total,
+        malformed,
+        penalty: 0.0,
+    };
+    assert_eq!(training_reward(Some(&scored(4, 4, false)), 0.5), 1.5);
+    assert_eq!(training_reward(Some(&scored(3, 4, false)), 0.5), 0.75);
+    assert_eq!(training_reward(Some(&scored(0, 4, true)), 0.5), 0.0);
+    assert_eq!(training_reward(None, 0.5), 0.0);
+    assert_eq!(training_reward(Some(&scored(4, 4, false)), 0.0), 1.0);
+}
+
+#[test]
+fn configs_written_before_the_new_grpo_knobs_still_load() {
+    let mut json = serde_json::to_value(TrainConfig::default()).unwrap();
+    let grpo = json["grpo"].as_object_mut().unwrap();
+    grpo.remove("clip_high");
+    grpo.remove("solve_bonus");
+    let old: TrainConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(old.grpo.clip_high, None);
+    assert_eq!(old.grpo.solve_bonus, 0.0);
+}
