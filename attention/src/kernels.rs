@@ -178,34 +178,6 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// Dot product with 16 independent partial sums (vectorises without reassociating a chain).
-#[inline(always)]
-pub(crate) fn dot<F: Fma>(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let mut acc = [0f32; 16];
-    let chunks = n / 16;
-    for c in 0..chunks {
-        let x: &[f32; 16] = a[c * 16..][..16].try_into().expect("chunk");
-        let y: &[f32; 16] = b[c * 16..][..16].try_into().expect("chunk");
-        for l in 0..16 {
-            acc[l] = F::fma(x[l], y[l], acc[l]);
-        }
-    }
-    let mut s = 0.0;
-    for i in chunks * 16..n {
-        s = F::fma(a[i], b[i], s);
-    }
-    acc.iter().sum::<f32>() + s
-}
-
-/// `y += a * x`.
-#[inline(always)]
-pub(crate) fn axpy<F: Fma>(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi = F::fma(a, *xi, *yi);
-    }
-}
-
 /// A raw pointer that parallel tasks share to write disjoint parts of one output.
 #[derive(Clone, Copy)]
 pub(crate) struct SyncPtr<T>(pub *mut T);
@@ -323,9 +295,5 @@ mod tests {
             assert!((c[i] - want[i]).abs() < 1e-4, "{i}: {} vs {}", c[i], want[i]);
             assert!((c16[i] - want[i]).abs() < 1e-4);
         }
-        assert!(
-            (dot::<Unfused>(&a[..40], &b[..40]) - a[..40].iter().zip(&b[..40]).map(|(x, y)| x * y).sum::<f32>()).abs()
-                < 1e-4
-        );
     }
 }

@@ -625,12 +625,6 @@ fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, con
     }
 }
 
-struct DecodeRow {
-    m: f32,
-    l: f32,
-    o: Vec<f32>,
-}
-
 /// Where decode reads each sequence's cached keys and values: one contiguous packed buffer, or
 /// pages (read in place).
 pub(crate) trait KvRows<T>: Sync {
@@ -712,15 +706,15 @@ pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
     cu_q: &[u32],
 ) -> DenseOutput<T> {
     let h = cfg.heads;
-    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let (hq, hkv, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v);
     let group = h.group();
-    let scale = cfg.softmax_scale();
     // Split each (sequence, kv head)'s keys into chunks so that there are several tasks per
-    // thread even for one sequence.
+    // thread even for one sequence; whole tiles of `BK` keys, so only a sequence's last tile is
+    // partial.
     let threads = rayon::current_num_threads();
     let pairs = (num_seqs * hkv).max(1);
     let total_k: usize = (0..num_seqs).map(|s| kv.seq_len(s)).sum();
-    let chunk = (total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16);
+    let chunk = round_up((total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16), BK);
     let mut tasks = Vec::new(); // (s, g, key start, key end)
     for s in 0..num_seqs {
         let tk = kv.seq_len(s);
@@ -735,9 +729,14 @@ pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
             }
         }
     }
-    let partials: Vec<Vec<DecodeRow>> = tasks
+    let partials: Vec<DecodePartial> = tasks
         .par_iter()
-        .map(|&(s, g, c0, c1)| dispatch(DecodeCall { cfg, q, kv, cu_q, s, g, c0, c1, scale, group, _t: PhantomData }))
+        .map(|&(s, g, c0, c1)| {
+            // Borrowed here, outside `dispatch`: a thread-local borrowed inside the kernel body
+            // keeps that body from being compiled with the kernel's instruction set.
+            DECODE_SCRATCH
+                .with_borrow_mut(|scr| dispatch(DecodeCall { cfg, q, kv, cu_q, s, g, c0, c1, scr, _t: PhantomData }))
+        })
         .collect();
     let mut o = vec![T::default(); total_q * hq * dv];
     let mut lse = vec![f32::NEG_INFINITY; hq * total_q];
@@ -754,20 +753,19 @@ pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
             let head = g * group + hh;
             for i in 0..tq {
                 let row = hh * tq + i;
-                let m = partials[t..end].iter().map(|p| p[row].m).fold(f32::NEG_INFINITY, f32::max);
+                let m = partials[t..end].iter().map(|p| p.m[row]).fold(f32::NEG_INFINITY, f32::max);
                 if m == f32::NEG_INFINITY {
                     continue;
                 }
                 acc.fill(0.0);
                 let mut l = 0f32;
                 for p in &partials[t..end] {
-                    let pr = &p[row];
-                    if pr.m == f32::NEG_INFINITY {
+                    if p.m[row] == f32::NEG_INFINITY {
                         continue;
                     }
-                    let w = (pr.m - m).exp();
-                    l += w * pr.l;
-                    for (a, x) in acc.iter_mut().zip(&pr.o) {
+                    let w = (p.m[row] - m).exp();
+                    l += w * p.l[row];
+                    for (a, x) in acc.iter_mut().zip(&p.o[row * dv..][..dv]) {
                         *a += w * x;
                     }
                 }
@@ -780,12 +778,44 @@ pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
         }
         t = end;
     }
-    let _ = dk;
     DenseOutput { o, lse }
 }
 
+/// Softmax state of one key chunk for every query row of one (sequence, kv head), rows ordered
+/// `[head in group][query]`: running max `m` (`-inf` where the row saw no key), sum `l` and the
+/// unnormalised output `o [rows][Dv]`.
+struct DecodePartial {
+    m: Vec<f32>,
+    l: Vec<f32>,
+    o: Vec<f32>,
+}
+
+/// Per-thread buffers of [`decode_chunk`], reused across chunks and calls.
+#[derive(Default)]
+struct DecodeScratch {
+    /// `[Rp][Dk]`: the group's query rows, scaled (`Rp` = rows rounded up to 4; padding zero).
+    q: Vec<f32>,
+    /// `[Dk][BK]`: one tile of keys as f32, transposed.
+    kt: Vec<f32>,
+    /// `[BK][Dvp]`: one tile of values as f32 (padding columns stay zero).
+    v: Vec<f32>,
+    /// `[Rp][BK]`: scores then probabilities.
+    p: Vec<f32>,
+    /// `[Rp][Dvp]`: output accumulator.
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// Keys `lo..hi` of the chunk each row sees.
+    lo: Vec<usize>,
+    hi: Vec<usize>,
+}
+
+thread_local! {
+    static DECODE_SCRATCH: std::cell::RefCell<DecodeScratch> = std::cell::RefCell::new(DecodeScratch::default());
+}
+
 /// One decode chunk, as a [`Kernel`].
-struct DecodeCall<'a, T, K> {
+struct DecodeCall<'a, 'b, T, K> {
     cfg: &'a DenseConfig,
     q: &'a [T],
     kv: &'a K,
@@ -794,25 +824,32 @@ struct DecodeCall<'a, T, K> {
     g: usize,
     c0: usize,
     c1: usize,
-    scale: f32,
-    group: usize,
+    scr: &'b mut DecodeScratch,
     _t: PhantomData<T>,
 }
 
-impl<T: Element, K: KvRows<T>> Kernel for DecodeCall<'_, T, K> {
-    type Out = Vec<DecodeRow>;
+impl<T: Element, K: KvRows<T>> Kernel for DecodeCall<'_, '_, T, K> {
+    type Out = DecodePartial;
     #[inline(always)]
-    fn run<F: Fma, const W: usize>(self) -> Vec<DecodeRow> {
+    fn run<F: Fma, const W: usize>(self) -> DecodePartial {
         let c = self;
-        decode_chunk::<T, K, F>(c.cfg, c.q, c.kv, c.cu_q, c.s, c.g, c.c0, c.c1, c.scale, c.group)
+        decode_chunk::<T, K, F, W>(c.cfg, c.q, c.kv, c.cu_q, c.s, c.g, c.c0, c.c1, c.scr)
     }
 }
 
-/// One key chunk of one (sequence, kv head): partial softmax state of every query row of every
-/// head of the group, rows ordered `[head in group][query]`.
+/// Sets `buf` to `len` zeros, reusing its allocation.
+#[inline(always)]
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
+/// Keys `c0..c1` of one (sequence, kv head) against every query row of the group, in tiles of
+/// [`BK`] keys read straight from `kv` into f32 scratch (keys transposed, `[Dk][BK]`), then per
+/// tile `S = Q K^T` and `O += P V` as register-tiled products, masks and an online softmax.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn decode_chunk<T: Element, K: KvRows<T>, F: Fma>(
+fn decode_chunk<T: Element, K: KvRows<T>, F: Fma, const W: usize>(
     cfg: &DenseConfig,
     q: &[T],
     kv: &K,
@@ -821,53 +858,105 @@ fn decode_chunk<T: Element, K: KvRows<T>, F: Fma>(
     g: usize,
     c0: usize,
     c1: usize,
-    scale: f32,
-    group: usize,
-) -> Vec<DecodeRow> {
+    scr: &mut DecodeScratch,
+) -> DecodePartial {
     let h = cfg.heads;
-    let (hq, dk, dv) = (h.num_q_heads, h.head_dim_k, h.head_dim_v);
+    let (hq, dk, dv, group) = (h.num_q_heads, h.head_dim_k, h.head_dim_v, h.group());
+    let dvp = round_up(dv, COL_MULTIPLE);
+    let scale = cfg.softmax_scale();
     let (q0, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
     let tk = kv.seq_len(s);
-    let n = c1 - c0;
-    let mut kc = vec![0f32; n * dk];
-    let mut vc = vec![0f32; n * dv];
-    for j in 0..n {
-        for (dst, x) in kc[j * dk..][..dk].iter_mut().zip(kv.key(s, c0 + j, g)) {
-            *dst = x.to_f32();
-        }
-        for (dst, x) in vc[j * dv..][..dv].iter_mut().zip(kv.value(s, c0 + j, g)) {
-            *dst = x.to_f32();
-        }
-    }
-    let mut out = Vec::with_capacity(group * tq);
-    let mut qf = vec![0f32; dk];
-    let mut sc = vec![0f32; n];
-    for hh in 0..group {
-        let head = g * group + hh;
+    let rows = group * tq;
+    let rp = round_up(rows.max(1), TILE_ROWS);
+
+    // Each row's keys within the chunk, and the span any row sees.
+    scr.lo.clear();
+    scr.hi.clear();
+    let (mut kmin, mut kmax) = (c1, c0);
+    for _hh in 0..group {
         for i in 0..tq {
             let (lo, hi) = cfg.key_range(i, tq, tk);
             let (a, b) = (lo.max(c0), hi.min(c1));
-            let mut row = DecodeRow { m: f32::NEG_INFINITY, l: 0.0, o: vec![0.0; dv] };
             if a < b {
-                for (dst, x) in qf.iter_mut().zip(&q[((q0 + i) * hq + head) * dk..][..dk]) {
-                    *dst = x.to_f32() * scale;
-                }
-                let scores = &mut sc[..b - a];
-                for (j, sj) in (a..b).zip(scores.iter_mut()) {
-                    *sj = kernels::dot::<F>(&qf, &kc[(j - c0) * dk..][..dk]);
-                }
-                let m = scores.iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
-                let mut l = 0f32;
-                for (j, sj) in (a..b).zip(scores.iter()) {
-                    let p = kernels::exp(sj - m);
-                    l += p;
-                    kernels::axpy::<F>(p, &vc[(j - c0) * dv..][..dv], &mut row.o);
-                }
-                row.m = m;
-                row.l = l;
+                kmin = kmin.min(a);
+                kmax = kmax.max(b);
             }
-            out.push(row);
+            scr.lo.push(a);
+            scr.hi.push(b);
         }
     }
-    out
+    let mut part = DecodePartial { m: vec![f32::NEG_INFINITY; rows], l: vec![0.0; rows], o: vec![0.0; rows * dv] };
+    if kmin >= kmax {
+        return part;
+    }
+
+    zeroed(&mut scr.q, rp * dk);
+    for hh in 0..group {
+        let head = g * group + hh;
+        for i in 0..tq {
+            let r = hh * tq + i;
+            for (dst, x) in scr.q[r * dk..][..dk].iter_mut().zip(&q[((q0 + i) * hq + head) * dk..][..dk]) {
+                *dst = x.to_f32() * scale;
+            }
+        }
+    }
+    if scr.kt.len() != BK * dk {
+        zeroed(&mut scr.kt, BK * dk);
+    }
+    if scr.v.len() != BK * dvp {
+        zeroed(&mut scr.v, BK * dvp);
+    }
+    zeroed(&mut scr.p, rp * BK);
+    zeroed(&mut scr.o, rp * dvp);
+    scr.m.clear();
+    scr.m.resize(rp, f32::NEG_INFINITY);
+    zeroed(&mut scr.l, rp);
+
+    // Tiles start at multiples of `BK` from the chunk start (itself a multiple of `BK`).
+    let mut kstart = c0 + (kmin - c0) / BK * BK;
+    while kstart < kmax {
+        let n = (c1 - kstart).min(BK);
+        for j in 0..n {
+            for (d, x) in kv.key(s, kstart + j, g).iter().enumerate() {
+                scr.kt[d * BK + j] = x.to_f32();
+            }
+            for (dst, x) in scr.v[j * dvp..][..dv].iter_mut().zip(kv.value(s, kstart + j, g)) {
+                *dst = x.to_f32();
+            }
+        }
+        scr.p.fill(0.0);
+        gemm_acc::<F, W>(rp, BK, dk, &scr.q, dk, &scr.kt, BK, &mut scr.p, BK);
+        for r in 0..rp {
+            let row = &mut scr.p[r * BK..][..BK];
+            if r >= rows {
+                row.fill(0.0);
+                continue;
+            }
+            row[n..].fill(f32::NEG_INFINITY);
+            if !mask_row(row, kstart, scr.lo[r], scr.hi[r]) {
+                row.fill(0.0);
+                continue;
+            }
+            let m_new = scr.m[r].max(row_max(row));
+            let alpha = kernels::exp(scr.m[r] - m_new);
+            let sum = exp_sub_sum(row, m_new);
+            scr.l[r] = scr.l[r] * alpha + sum;
+            scr.m[r] = m_new;
+            if alpha != 1.0 {
+                for x in &mut scr.o[r * dvp..][..dvp] {
+                    *x *= alpha;
+                }
+            }
+        }
+        gemm_acc::<F, W>(rp, dvp, n, &scr.p, BK, &scr.v, dvp, &mut scr.o, dvp);
+        kstart += BK;
+    }
+    for r in 0..rows {
+        if scr.l[r] > 0.0 {
+            part.m[r] = scr.m[r];
+            part.l[r] = scr.l[r];
+            part.o[r * dv..][..dv].copy_from_slice(&scr.o[r * dvp..][..dv]);
+        }
+    }
+    part
 }

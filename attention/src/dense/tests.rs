@@ -375,3 +375,41 @@ fn paged_decode_rejects_bad_views() {
     }
     assert!(matches!(decode_paged(&cfg, &q, &[good, good], &[0, 1]), Err(Error::Shape(_))));
 }
+
+/// Decode's tile paths the proptest above leaves out: GQA group 16, `Dk != Dv` (192/128, values
+/// padded to whole vectors), bf16/f16 storage, no causal mask, several key chunks with a last
+/// partial tile and windows starting mid-tile; held to the naive forward on the rounded inputs.
+#[test]
+fn decode_covers_wide_heads_half_storage_and_partial_tiles() {
+    fn check<T: Element>(cfg: DenseConfig, lens_q: &[usize], lens_k: &[usize], seed: u64) {
+        let c = make_case(cfg, lens_q, lens_k, seed);
+        let (q, k, v) = (to::<T>(&c.q), to::<T>(&c.k), to::<T>(&c.v));
+        let out = decode(&c.cfg, &q, &k, &v, &c.cu_q, &c.cu_k).unwrap();
+        let (o_ref, lse_ref) = naive::forward(&c.cfg, &back(&q), &back(&k), &back(&v), &c.cu_q, &c.cu_k).unwrap();
+        let tol = 2.0 * unit_roundoff(T::DTYPE) as f64 + 1e-3;
+        let lse: Vec<f64> = out.lse.iter().map(|&x| x as f64).collect();
+        let (eo, el) = (rel_err(&back(&out.o), &o_ref), rel_err(&lse, &lse_ref));
+        assert!(eo <= tol && el <= 2e-4, "{cfg:?} {lens_k:?}: o error {eo}, lse error {el}, tolerance {tol}");
+    }
+    let wide = |causal, window| DenseConfig {
+        heads: Heads::new(16, 1, 192, 128),
+        causal,
+        window,
+        scale: None,
+        check_finite: false,
+    };
+    let gqa3 = |window| DenseConfig {
+        heads: Heads::new(6, 2, 64, 40),
+        causal: true,
+        window,
+        scale: Some(0.2),
+        check_finite: false,
+    };
+    for (i, cfg) in [wide(true, None), wide(false, None), wide(true, Some(130))].into_iter().enumerate() {
+        check::<bf16>(cfg, &[2, 1], &[1000, 77], i as u64);
+        check::<f16>(cfg, &[1, 3], &[333, 1025], 10 + i as u64);
+        check::<f32>(cfg, &[3], &[641], 20 + i as u64);
+    }
+    check::<f32>(gqa3(Some(71)), &[2, 1, 4], &[900, 1, 4], 30);
+    check::<bf16>(gqa3(None), &[1], &[4096 + 63], 31);
+}
