@@ -179,6 +179,23 @@ pub(crate) fn row_max(x: &[f32]) -> f32 {
     lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
+/// One step of the online softmax over a masked score row: the row becomes `exp(row - m')`
+/// with `m'` the new running max, the running sum `l` and the output row `o` are rescaled to
+/// `m'`, and the row's sum is added to `l` (the caller then adds `row V` to `o`).
+#[inline(always)]
+pub(crate) fn online_softmax_step(row: &mut [f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
+    let m_new = m.max(row_max(row));
+    let alpha = kernels::exp(*m - m_new);
+    let sum = exp_sub_sum(row, m_new);
+    *l = *l * alpha + sum;
+    *m = m_new;
+    if alpha != 1.0 {
+        for x in o {
+            *x *= alpha;
+        }
+    }
+}
+
 /// `x = exp(x - m)` in place; returns the sum.
 #[inline(always)]
 pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
@@ -341,16 +358,7 @@ fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
                     row.fill(0.0);
                     continue;
                 }
-                let m_new = scr.m[r].max(row_max(row));
-                let alpha = kernels::exp(scr.m[r] - m_new);
-                let sum = exp_sub_sum(row, m_new);
-                scr.l[r] = scr.l[r] * alpha + sum;
-                scr.m[r] = m_new;
-                if alpha != 1.0 {
-                    for x in &mut scr.o[r * dvp..][..dvp] {
-                        *x *= alpha;
-                    }
-                }
+                online_softmax_step(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
             }
             let kvalid = (tk - kstart).min(BK);
             gemm_acc::<F, W>(mr, dvp, kvalid, sm, BK, vr, dvp, &mut scr.o, dvp);
@@ -937,16 +945,7 @@ fn decode_chunk<T: Element, K: KvRows<T>, F: Fma, const W: usize>(
                 row.fill(0.0);
                 continue;
             }
-            let m_new = scr.m[r].max(row_max(row));
-            let alpha = kernels::exp(scr.m[r] - m_new);
-            let sum = exp_sub_sum(row, m_new);
-            scr.l[r] = scr.l[r] * alpha + sum;
-            scr.m[r] = m_new;
-            if alpha != 1.0 {
-                for x in &mut scr.o[r * dvp..][..dvp] {
-                    *x *= alpha;
-                }
-            }
+            online_softmax_step(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
         }
         gemm_acc::<F, W>(rp, dvp, n, &scr.p, BK, &scr.v, dvp, &mut scr.o, dvp);
         kstart += BK;

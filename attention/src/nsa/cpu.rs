@@ -14,7 +14,9 @@ use squid_cuda::Element;
 use super::{
     cmp_offsets, scores_from_cmp, select_blocks_fast, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK,
 };
-use crate::dense::cpu::{backward_with, exp_sub_sum, forward_with, mask_row, row_max, transpose, Mask, Packed, BK};
+use crate::dense::cpu::{
+    backward_with, exp_sub_sum, forward_with, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
+};
 use crate::dense::{DenseConfig, DenseGrads, Dims};
 use crate::kernels::{self, dispatch, gemm_acc, round_up, Fma, Kernel, SyncPtr, TILE_ROWS};
 use crate::Heads;
@@ -489,16 +491,7 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
                     continue;
                 }
                 let row = scr.sel[i].0;
-                let m_new = scr.m[row].max(row_max(srow));
-                let alpha = kernels::exp(scr.m[row] - m_new);
-                let sum = exp_sub_sum(srow, m_new);
-                scr.l[row] = scr.l[row] * alpha + sum;
-                scr.m[row] = m_new;
-                if alpha != 1.0 {
-                    for v in &mut scr.oacc[row * dvp..][..dvp] {
-                        *v *= alpha;
-                    }
-                }
+                online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
             }
             let kvalid = (len - kstart).min(BK);
             let part = &mut scr.part[..mp * dvp];
