@@ -518,47 +518,12 @@ fn decode_matches_the_reference_row_of_the_newest_token() {
     let cfg =
         NsaConfig { block_cmp: 8, stride_cmp: 4, block_slc: 16, num_selected: 4, window: 10, ..NsaConfig::default() };
     let h = Heads::new(6, 2, 16, 8);
-    let (hq, hkv, dk, dv, n) = (6, 2, 16, 8, 4);
+    let (hkv, dk) = (2, 16);
     let lens = [1usize, 37, 70];
     for separate_win in [false, true] {
         let c = Case::new(cfg, h, &lens, separate_win, 17);
+        let cache = check_decode::<f32>(&c, false, 2e-4);
         let st = Stored::<f32>::of(&c);
-        let reference = naive::forward(&cfg, &h, &c.inputs(), None).unwrap();
-        let mut cache = NsaCache::<f32>::new(cfg, h, lens.len(), separate_win).unwrap();
-        let mut decoded: Vec<(usize, Vec<f32>, Vec<u32>)> = Vec::new(); // (row, o, indices)
-        let mut patched = reference.indices.clone();
-        let mut len = [0usize; 3];
-        for chunk in [1usize, 5, 17, 1, 2, 30, 14] {
-            for s in 0..lens.len() {
-                let add = chunk.min(lens[s] - len[s]);
-                if add == 0 {
-                    continue;
-                }
-                let (a, b) = (c.cu[s] as usize + len[s], c.cu[s] as usize + len[s] + add);
-                let win = st
-                    .kw
-                    .as_ref()
-                    .zip(st.vw.as_ref())
-                    .map(|(kw, vw)| (&kw[a * hkv * dk..b * hkv * dk], &vw[a * hkv * dv..b * hkv * dv]));
-                cache.append(s, &st.k[a * hkv * dk..b * hkv * dk], &st.v[a * hkv * dv..b * hkv * dv], win).unwrap();
-                len[s] += add;
-            }
-            let rows: Vec<usize> = (0..lens.len()).map(|s| c.cu[s] as usize + len[s] - 1).collect();
-            let q: Vec<f32> = rows.iter().flat_map(|&r| st.q[r * hq * dk..(r + 1) * hq * dk].to_vec()).collect();
-            let gates: Vec<f32> = rows.iter().flat_map(|&r| st.gates[r * hq * 3..(r + 1) * hq * 3].to_vec()).collect();
-            let out = cache.decode(&q, &gates).unwrap();
-            for (s, &r) in rows.iter().enumerate() {
-                let ix = out.indices[s * hkv * n..(s + 1) * hkv * n].to_vec();
-                patched[r * hkv * n..(r + 1) * hkv * n].copy_from_slice(&ix);
-                decoded.push((r, out.o[s * hq * dv..(s + 1) * hq * dv].to_vec(), ix));
-            }
-        }
-        assert_choice_tie_aware(&c, &patched, &reference, 1e-4);
-        let r = naive::forward(&cfg, &h, &c.inputs(), Some(&patched)).unwrap();
-        for (row, o, _) in &decoded {
-            let want = &r.o[row * hq * dv..(row + 1) * hq * dv];
-            assert!(rel_err(&f64s(o), want) <= 2e-4, "row {row}");
-        }
         for (s, &seq_len) in lens.iter().enumerate() {
             let (k_cmp, _) = cache.compressed(s).unwrap();
             let cu1 = [0u32, seq_len as u32];
@@ -577,8 +542,9 @@ fn decode_matches_the_reference_row_of_the_newest_token() {
 /// Appends every sequence in uneven chunks (1, 7, 16, 3, 33, ... tokens) and decodes after each
 /// round, with the dispatched (`portable = false`) or the build-target path; each output row and
 /// choice against the reference's row for the same token, run on the storage-rounded inputs
-/// and the cache's own compressed blocks. Output tolerance: `tol` of `rel_err`.
-fn check_decode<T: Element>(c: &Case, portable: bool, tol: f64) {
+/// and the cache's own compressed blocks. Output tolerance: `tol` of `rel_err`. Returns the
+/// filled cache.
+fn check_decode<T: Element>(c: &Case, portable: bool, tol: f64) -> NsaCache<T> {
     let (cfg, h) = (c.cfg, c.h);
     let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
     let lens: Vec<usize> = c.cu.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
@@ -644,6 +610,7 @@ fn check_decode<T: Element>(c: &Case, portable: bool, tol: f64) {
         let err = rel_err(o, &r.o[row * hq * dv..(row + 1) * hq * dv]);
         assert!(err <= tol, "row {row}: error {err} > {tol}");
     }
+    cache
 }
 
 proptest! {
