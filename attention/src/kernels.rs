@@ -103,21 +103,55 @@ pub(crate) fn gemm_acc<F: Fma, const W: usize>(
     c: &mut [f32],
     ldc: usize,
 ) {
+    gemm::<F, W, true>(m, n, k, a, lda, b, ldb, c, ldc)
+}
+
+/// `C[M x N] = A[M x K] * B[K x N]`, as [`gemm_acc`] but overwriting `C`: a buffer of scores
+/// needs no zeroing (and no reading back) before each product.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_set<F: Fma, const W: usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    gemm::<F, W, false>(m, n, k, a, lda, b, ldb, c, ldc)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm<F: Fma, const W: usize, const ACC: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
     debug_assert!(m % TILE_ROWS == 0 && n % COL_MULTIPLE == 0);
     let mut j = 0;
     while j + W <= n {
-        tile_cols::<F, W>(m, j, k, a, lda, b, ldb, c, ldc);
+        tile_cols::<F, W, ACC>(m, j, k, a, lda, b, ldb, c, ldc);
         j += W;
     }
     while j < n {
-        tile_cols::<F, COL_MULTIPLE>(m, j, k, a, lda, b, ldb, c, ldc);
+        tile_cols::<F, COL_MULTIPLE, ACC>(m, j, k, a, lda, b, ldb, c, ldc);
         j += COL_MULTIPLE;
     }
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tile_cols<F: Fma, const W: usize>(
+fn tile_cols<F: Fma, const W: usize, const ACC: bool>(
     m: usize,
     j: usize,
     k: usize,
@@ -134,8 +168,10 @@ fn tile_cols<F: Fma, const W: usize>(
         let a2 = &a[(i + 2) * lda..][..k];
         let a3 = &a[(i + 3) * lda..][..k];
         let mut acc = [[0f32; W]; TILE_ROWS];
-        for (r, row) in acc.iter_mut().enumerate() {
-            row.copy_from_slice(&c[(i + r) * ldc + j..][..W]);
+        if ACC {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row.copy_from_slice(&c[(i + r) * ldc + j..][..W]);
+            }
         }
         for p in 0..k {
             let bp: &[f32; W] = b[p * ldb + j..][..W].try_into().expect("tile width");
@@ -262,7 +298,7 @@ mod tests {
     }
 
     #[test]
-    fn gemm_acc_matches_a_triple_loop_for_every_isa_tile() {
+    fn gemm_acc_and_gemm_set_match_a_triple_loop_for_every_isa_tile() {
         let (m, n, k) = (8, 48, 13);
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
@@ -275,17 +311,24 @@ mod tests {
                 }
             }
         }
-        struct Mm<'a>(&'a [f32], &'a [f32], &'a mut [f32], usize, usize, usize);
+        struct Mm<'a>(&'a [f32], &'a [f32], &'a mut [f32], usize, usize, usize, bool);
         impl Kernel for Mm<'_> {
             type Out = ();
             #[inline(always)]
             fn run<F: Fma, const W: usize>(self) {
-                let Mm(a, b, c, m, n, k) = self;
-                gemm_acc::<F, W>(m, n, k, a, k, b, n, c, n)
+                let Mm(a, b, c, m, n, k, acc) = self;
+                if acc {
+                    gemm_acc::<F, W>(m, n, k, a, k, b, n, c, n)
+                } else {
+                    gemm_set::<F, W>(m, n, k, a, k, b, n, c, n)
+                }
             }
         }
         let mut c = c0.clone();
-        dispatch(Mm(&a, &b, &mut c, m, n, k));
+        dispatch(Mm(&a, &b, &mut c, m, n, k, true));
+        // Overwriting: whatever C held (NaN here) is gone.
+        let mut set = vec![f32::NAN; m * n];
+        dispatch(Mm(&a, &b, &mut set, m, n, k, false));
         if std::env::var("SQUID_ATTENTION_ISA").as_deref() == Ok("generic") {
             assert_eq!(isa(), Isa::Generic);
         }
@@ -294,6 +337,7 @@ mod tests {
         for i in 0..m * n {
             assert!((c[i] - want[i]).abs() < 1e-4, "{i}: {} vs {}", c[i], want[i]);
             assert!((c16[i] - want[i]).abs() < 1e-4);
+            assert!((set[i] - (want[i] - c0[i])).abs() < 1e-4, "{i}: {} vs {}", set[i], want[i] - c0[i]);
         }
     }
 }

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use squid_cuda::Element;
 
 use super::{DenseConfig, DenseGrads, DenseOutput, Dims};
-use crate::kernels::{self, dispatch, gemm_acc, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
+use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
 use crate::Heads;
 
 /// Query rows per tile.
@@ -350,8 +350,7 @@ fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
             let kt = &pk.kt[t * dk * BK..][..dk * BK];
             let vr = &pk.vr[t * BK * dvp..][..BK * dvp];
             let sm = &mut scr.s[..mr * BK];
-            sm.fill(0.0);
-            gemm_acc::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, sm, BK);
+            gemm_set::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, sm, BK);
             for r in 0..mr {
                 let row = &mut sm[r * BK..][..BK];
                 if r >= rows || !mask_row(row, kstart, scr.lo[r], scr.hi[r]) {
@@ -590,8 +589,7 @@ fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, con
             let kr = &pk.kr[t * BK * dkp..][..BK * dkp];
             let vt = &pk.vt[t * dv * BK..][..dv * BK];
             let p = &mut scr.p[..mr * BK];
-            p.fill(0.0);
-            gemm_acc::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, p, BK);
+            gemm_set::<F, W>(mr, BK, dk, &scr.q, dkp, kt, BK, p, BK);
             for r in 0..mr {
                 let row = &mut p[r * BK..][..BK];
                 let lse = scr.lse[r];
@@ -609,8 +607,7 @@ fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, con
             gemm_acc::<F, W>(BK, dvp, mr, &scr.tr, BQ, &scr.d_o, dvp, dv_tile, dvp);
             // dP = dO V^T, dS = P (dP - delta)
             let dp = &mut scr.dp[..mr * BK];
-            dp.fill(0.0);
-            gemm_acc::<F, W>(mr, BK, dv, &scr.d_o, dvp, vt, BK, dp, BK);
+            gemm_set::<F, W>(mr, BK, dv, &scr.d_o, dvp, vt, BK, dp, BK);
             for r in 0..mr {
                 let delta = scr.delta[r];
                 for (x, y) in p[r * BK..][..BK].iter_mut().zip(&dp[r * BK..][..BK]) {
@@ -932,8 +929,7 @@ fn decode_chunk<T: Element, K: KvRows<T>, F: Fma, const W: usize>(
                 *dst = x.to_f32();
             }
         }
-        scr.p.fill(0.0);
-        gemm_acc::<F, W>(rp, BK, dk, &scr.q, dk, &scr.kt, BK, &mut scr.p, BK);
+        gemm_set::<F, W>(rp, BK, dk, &scr.q, dk, &scr.kt, BK, &mut scr.p, BK);
         for r in 0..rp {
             let row = &mut scr.p[r * BK..][..BK];
             if r >= rows {

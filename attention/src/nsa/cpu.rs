@@ -11,14 +11,12 @@
 use rayon::prelude::*;
 use squid_cuda::Element;
 
-use super::{
-    cmp_offsets, scores_from_cmp, select_blocks_fast, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK,
-};
+use super::{cmp_offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
 use crate::dense::cpu::{
     backward_with, exp_sub_sum, forward_with, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
 };
 use crate::dense::{DenseConfig, DenseGrads, Dims};
-use crate::kernels::{self, dispatch, gemm_acc, round_up, Fma, Kernel, SyncPtr, TILE_ROWS};
+use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, TILE_ROWS};
 use crate::Heads;
 
 /// The compressed branch's mask: query `t` sees blocks `0..num_cmp_blocks(t + 1)`.
@@ -91,7 +89,7 @@ struct SlcScratch {
     /// then its probabilities.
     sfull: Vec<f32>,
     psum: Vec<f32>,
-    scores: Vec<f32>,
+    chooser: Chooser,
     chosen_one: Vec<u32>,
     /// `[tokens][n]`: each token's choice, [`NO_BLOCK`]-padded.
     chosen: Vec<u32>,
@@ -124,6 +122,11 @@ struct SlcScratch {
 }
 
 impl SlcScratch {
+    /// How many of the task's tokens chose block `j`.
+    fn chooser_count(&self, j: u32) -> usize {
+        (self.chooser_start[j as usize + 1] - self.chooser_start[j as usize]) as usize
+    }
+
     fn new(tokens: usize, group: usize, dkp: usize, dvp: usize) -> Self {
         let rows = tokens * group;
         let mp = round_up(rows, TILE_ROWS);
@@ -132,7 +135,7 @@ impl SlcScratch {
             qa: vec![0.0; pad * dkp],
             sfull: Vec::new(),
             psum: Vec::new(),
-            scores: Vec::new(),
+            chooser: Chooser::default(),
             chosen_one: Vec::new(),
             chosen: Vec::new(),
             union: Vec::new(),
@@ -279,13 +282,15 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
     scr.psum.clear();
     scr.psum.resize(nt * nc_max, 0.0);
     let ncp = round_up(nc_max, BK);
-    let sfull = &mut scr.sfull;
-    sfull.clear();
-    sfull.resize(mp * ncp, 0.0);
+    // Every element is written by the products below (no zeroing of 256 KiB per call).
+    if scr.sfull.len() < mp * ncp {
+        scr.sfull.resize(mp * ncp, 0.0);
+    }
+    let sfull = &mut scr.sfull[..mp * ncp];
     for b in 0..ncp / BK {
         let tile = sh.cmp.tile(s, b, g);
         let kt = &sh.cmp.kt[tile * dk * BK..][..dk * BK];
-        gemm_acc::<F, W>(mp, BK, dk, &scr.qa[row0 * sh.cmp.dkp..], sh.cmp.dkp, kt, BK, &mut sfull[b * BK..], ncp);
+        gemm_set::<F, W>(mp, BK, dk, &scr.qa[row0 * sh.cmp.dkp..], sh.cmp.dkp, kt, BK, &mut sfull[b * BK..], ncp);
     }
     for ti in 0..nt {
         let nc = cfg.num_cmp_blocks(t0 + ti + 1);
@@ -311,12 +316,19 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
         }
     }
     let ocmp = &mut scr.ocmp[..mp * dvp];
-    ocmp.fill(0.0);
+    if ncp == 0 {
+        ocmp.fill(0.0);
+    }
     for b in 0..ncp / BK {
         let tile = sh.cmp.tile(s, b, g);
         let vr = &sh.cmp.vr[tile * BK * dvp..][..BK * dvp];
         let kvalid = (nc_max - b * BK).min(BK);
-        gemm_acc::<F, W>(mp, dvp, kvalid, &sfull[b * BK..], ncp, vr, dvp, ocmp, dvp);
+        let ps = &sfull[b * BK..];
+        if b == 0 {
+            gemm_set::<F, W>(mp, dvp, kvalid, ps, ncp, vr, dvp, ocmp, dvp);
+        } else {
+            gemm_acc::<F, W>(mp, dvp, kvalid, ps, ncp, vr, dvp, ocmp, dvp);
+        }
     }
     for ti in 0..nt {
         let grow = start + t0 + ti;
@@ -454,11 +466,8 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
         for t in c0..c1 {
             let (ti, row) = (t - t0, start + t);
             let nc = cfg.num_cmp_blocks(t + 1);
-            scr.scores.clear();
-            scr.scores.resize(t / cfg.block_slc + 1, 0.0);
-            scores_from_cmp(cfg, &scr.psum[(t - c0) * nc_max..][..nc], &mut scr.scores);
             let mut one = std::mem::take(&mut scr.chosen_one);
-            select_blocks_fast(cfg, t, &scr.scores, &mut one);
+            scr.chooser.choose(cfg, t, &scr.psum[(t - c0) * nc_max..][..nc], &mut one);
             for (slot, &j) in one.iter().enumerate() {
                 scr.chosen[ti * n + slot] = j;
                 // SAFETY: (row, g) belongs to this task alone.
@@ -473,33 +482,65 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
     scr.l[..rows].fill(0.0);
     scr.oacc[..rows * dvp].fill(0.0);
     let union = std::mem::take(&mut scr.union);
-    for &j in &union {
-        let (m, mp, e_max) = gather_block(scr, j, group, t0, cfg.block_slc, dkp);
-        let a = j as usize * cfg.block_slc;
-        for b in a / BK..e_max.div_ceil(BK) {
-            let kstart = b * BK;
-            let tile = sh.kv.tile(s, b, g);
-            let kt = &sh.kv.kt[tile * dk * BK..][..dk * BK];
-            let vr = &sh.kv.vr[tile * BK * dvp..][..BK * dvp];
-            let sm = &mut scr.s[..mp * BK];
-            sm.fill(0.0);
-            gemm_acc::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, sm, BK);
-            for i in 0..mp {
-                let srow = &mut sm[i * BK..][..BK];
-                if i >= m || !mask_row(srow, kstart, a, scr.sel[i].1) {
-                    srow.fill(0.0);
-                    continue;
+    if group % TILE_ROWS == 0 {
+        // A token's heads fill whole register tiles: its rows are multiplied straight from the
+        // queries and accumulate in place (no gathered copy, no product to scatter back).
+        for &j in &union {
+            let a = j as usize * cfg.block_slc;
+            let block_end = a + cfg.block_slc;
+            let choosers = &scr.choosers[scr.chooser_start[j as usize] as usize..][..scr.chooser_count(j)];
+            let e_max = choosers.last().map_or(0, |&ti| block_end.min(t0 + ti as usize + 1));
+            for b in a / BK..e_max.div_ceil(BK) {
+                let kstart = b * BK;
+                let tile = sh.kv.tile(s, b, g);
+                let kt = &sh.kv.kt[tile * dk * BK..][..dk * BK];
+                let vr = &sh.kv.vr[tile * BK * dvp..][..BK * dvp];
+                let kvalid = (len - kstart).min(BK);
+                for &ti in choosers {
+                    let e = block_end.min(t0 + ti as usize + 1);
+                    let r0 = ti as usize * group;
+                    let sm = &mut scr.s[..group * BK];
+                    gemm_set::<F, W>(group, BK, dk, &scr.qa[r0 * dkp..], dkp, kt, BK, sm, BK);
+                    for (r, srow) in sm.chunks_exact_mut(BK).enumerate() {
+                        if !mask_row(srow, kstart, a, e) {
+                            // Not one of this token's keys: P = 0 for the product below.
+                            srow.fill(0.0);
+                            continue;
+                        }
+                        let row = r0 + r;
+                        online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
+                    }
+                    gemm_acc::<F, W>(group, dvp, kvalid, sm, BK, vr, dvp, &mut scr.oacc[r0 * dvp..], dvp);
                 }
-                let row = scr.sel[i].0;
-                online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
             }
-            let kvalid = (len - kstart).min(BK);
-            let part = &mut scr.part[..mp * dvp];
-            part.fill(0.0);
-            gemm_acc::<F, W>(mp, dvp, kvalid, sm, BK, vr, dvp, part, dvp);
-            for (i, &(row, _)) in scr.sel.iter().enumerate() {
-                for (o, p) in scr.oacc[row * dvp..][..dvp].iter_mut().zip(&part[i * dvp..][..dvp]) {
-                    *o += p;
+        }
+    } else {
+        for &j in &union {
+            let (m, mp, e_max) = gather_block(scr, j, group, t0, cfg.block_slc, dkp);
+            let a = j as usize * cfg.block_slc;
+            for b in a / BK..e_max.div_ceil(BK) {
+                let kstart = b * BK;
+                let tile = sh.kv.tile(s, b, g);
+                let kt = &sh.kv.kt[tile * dk * BK..][..dk * BK];
+                let vr = &sh.kv.vr[tile * BK * dvp..][..BK * dvp];
+                let sm = &mut scr.s[..mp * BK];
+                gemm_set::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, sm, BK);
+                for i in 0..mp {
+                    let srow = &mut sm[i * BK..][..BK];
+                    if i >= m || !mask_row(srow, kstart, a, scr.sel[i].1) {
+                        srow.fill(0.0);
+                        continue;
+                    }
+                    let row = scr.sel[i].0;
+                    online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
+                }
+                let kvalid = (len - kstart).min(BK);
+                let part = &mut scr.part[..mp * dvp];
+                gemm_set::<F, W>(mp, dvp, kvalid, sm, BK, vr, dvp, part, dvp);
+                for (i, &(row, _)) in scr.sel.iter().enumerate() {
+                    for (o, p) in scr.oacc[row * dvp..][..dvp].iter_mut().zip(&part[i * dvp..][..dvp]) {
+                        *o += p;
+                    }
                 }
             }
         }
@@ -772,8 +813,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
             let kr = &sh.kv.kr[tile * BK * dkp..][..BK * dkp];
             let vt = &sh.kv.vt[tile * dv * BK..][..dv * BK];
             let p = &mut scr.s[..mp * BK];
-            p.fill(0.0);
-            gemm_acc::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, p, BK);
+            gemm_set::<F, W>(mp, BK, dk, &scr.qg, dkp, kt, BK, p, BK);
             for i in 0..mp {
                 let prow = &mut p[i * BK..][..BK];
                 let lse = if i < m { scr.m[scr.sel[i].0] } else { f32::NEG_INFINITY };
@@ -790,8 +830,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
             gemm_acc::<F, W>(BK, dvp, mp, &scr.tr, mp, &scr.dog, dvp, &mut dv_acc[tile * BK * dvp..][..BK * dvp], dvp);
             // dS = P (dO V^T - delta)
             let dp = &mut scr.dp[..mp * BK];
-            dp.fill(0.0);
-            gemm_acc::<F, W>(mp, BK, dv, &scr.dog, dvp, vt, BK, dp, BK);
+            gemm_set::<F, W>(mp, BK, dv, &scr.dog, dvp, vt, BK, dp, BK);
             for i in 0..m {
                 let delta = scr.delta[scr.sel[i].0];
                 for (x, y) in p[i * BK..][..BK].iter_mut().zip(&dp[i * BK..][..BK]) {
@@ -800,8 +839,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
             }
             // dQ rows += dS K ; dK += dS^T (scaled Q)
             let part = &mut scr.part[..mp * dkp];
-            part.fill(0.0);
-            gemm_acc::<F, W>(mp, dkp, kvalid, p, BK, kr, dkp, part, dkp);
+            gemm_set::<F, W>(mp, dkp, kvalid, p, BK, kr, dkp, part, dkp);
             for (i, &(row, _)) in scr.sel.iter().enumerate() {
                 for (d, x) in scr.dqa[row * dkp..][..dkp].iter_mut().zip(&part[i * dkp..][..dkp]) {
                     *d += x;

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 use squid_cuda::Element;
 
-use super::{scores_from_cmp, select_blocks_fast, NsaConfig, NO_BLOCK};
+use super::{Chooser, NsaConfig, NO_BLOCK};
 use crate::kernels::{dispatch, exp, gemm_acc, round_up, Fma, Kernel, Unfused, COL_MULTIPLE, TILE_ROWS};
 use crate::layout::{check_finite, expect_len};
 use crate::{Error, Heads};
@@ -279,8 +279,8 @@ struct Scratch {
     gate: Vec<f32>,
     /// Compressed probabilities summed over the group, `[blocks]`.
     psum: Vec<f32>,
-    /// Selection block importance.
-    scores: Vec<f32>,
+    /// Selection block importance and the choice.
+    chooser: Chooser,
     /// Chosen blocks.
     chosen: Vec<u32>,
     /// Runs of consecutive keys `[start, end)` a branch attends to.
@@ -326,10 +326,7 @@ impl<T: Element> Kernel for GroupCall<'_, T> {
             let psum = Some(&mut scr.psum[..]);
             attend::<F, W>(&sc.cmp[g], &scr.runs, dims, &scr.q, &scr.gate, &mut scr.p, &mut scr.out, psum);
         }
-        scr.scores.clear();
-        scr.scores.resize(t / cfg.block_slc + 1, 0.0);
-        scores_from_cmp(cfg, &scr.psum, &mut scr.scores);
-        select_blocks_fast(cfg, t, &scr.scores, &mut scr.chosen);
+        scr.chooser.choose(cfg, t, &scr.psum, &mut scr.chosen);
         chosen[..scr.chosen.len()].copy_from_slice(&scr.chosen);
 
         // Selected branch: the chosen blocks up to t, adjacent ones merged into one run.

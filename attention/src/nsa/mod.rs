@@ -160,31 +160,55 @@ pub fn overlap_weight(cfg: &NsaConfig, j: usize, i: usize) -> usize {
     count
 }
 
-/// Maps group-summed compressed probabilities `p_cmp` (blocks `0..len`) to the importance of
-/// selection blocks `0..scores.len()`: block `i` spans stride pieces `i .. i + l/d`, each piece
-/// lies in selection block `piece / (l'/d)`, and `i` adds its probability once per shared
-/// piece. Equal to [`overlap_weight`]-weighted sums (tested), in `O(len * l/d)`.
-pub(crate) fn scores_from_cmp(cfg: &NsaConfig, p_cmp: &[f32], scores: &mut [f32]) {
-    scores.fill(0.0);
-    let pieces_per_slc = cfg.block_slc / cfg.stride_cmp;
-    let pieces_per_cmp = cfg.block_cmp / cfg.stride_cmp;
-    // l <= l': a compressed block's pieces fall in at most two selection blocks. `j` and the
-    // piece where block j ends advance with `i` (no division per block: this runs per token).
-    let (mut j, mut end) = (0, pieces_per_slc);
-    for (i, &p) in p_cmp.iter().enumerate() {
-        if i == end {
-            j += 1;
-            end += pieces_per_slc;
-        }
-        let in_first = pieces_per_cmp.min(end - i);
-        if let Some(s) = scores.get_mut(j) {
-            *s += p * in_first as f32;
-        }
-        if in_first < pieces_per_cmp {
-            if let Some(s) = scores.get_mut(j + 1) {
-                *s += p * (pieces_per_cmp - in_first) as f32;
+/// The CPU path's choice of blocks for one query, with scratch reused from token to token (no
+/// allocation per token: at 32k tokens this runs 64k times per forward).
+#[derive(Debug, Default)]
+pub(crate) struct Chooser {
+    /// The group-summed probabilities behind `l/d - 1` zeros, then zeros to the last tap.
+    padded: Vec<f32>,
+    /// Weighted sums at every stride piece (only every `l'/d`-th one is a block's score).
+    sums: Vec<f32>,
+    scores: Vec<f32>,
+    /// Candidates of [`select_blocks_fast`], as [`rank_key`]s.
+    candidates: Vec<u64>,
+}
+
+impl Chooser {
+    /// Writes the blocks query `t` attends to (ascending) into `out`, from its group-summed
+    /// compressed probabilities `p_cmp`.
+    pub(crate) fn choose(&mut self, cfg: &NsaConfig, t: usize, p_cmp: &[f32], out: &mut Vec<u32>) {
+        self.slc_scores(cfg, p_cmp, t / cfg.block_slc + 1);
+        select_blocks_fast(cfg, t, &self.scores, &mut self.candidates, out);
+    }
+
+    /// Maps group-summed compressed probabilities `p_cmp` (blocks `0..p_cmp.len()`) to the
+    /// importance of selection blocks `0..len`: block `i` spans stride pieces `i .. i + l/d`
+    /// and adds its probability once per piece it shares with selection block `j`, so
+    /// `score_j = sum_k w_k p[(l'/d) j + k - (l/d - 1)]` with `w_k` the shared pieces
+    /// ([`overlap_weight`]; 1, 2, 2, 2, 1 for the paper's settings). Computed at every piece as
+    /// `l'/d + l/d - 1` shifted multiply-adds over whole rows (they vectorise; a loop per block
+    /// does not), then read at every `l'/d`-th piece.
+    pub(crate) fn slc_scores(&mut self, cfg: &NsaConfig, p_cmp: &[f32], len: usize) -> &[f32] {
+        let per_slc = cfg.block_slc / cfg.stride_cmp;
+        let per_cmp = cfg.block_cmp / cfg.stride_cmp;
+        let taps = per_slc + per_cmp - 1;
+        let pieces = per_slc * len;
+        let used = p_cmp.len().min(pieces);
+        self.padded.clear();
+        self.padded.resize(pieces + taps, 0.0);
+        self.padded[per_cmp - 1..][..used].copy_from_slice(&p_cmp[..used]);
+        self.sums.clear();
+        self.sums.resize(pieces, 0.0);
+        for k in 0..taps {
+            // Pieces `k + 1 - l/d ..= k` of a block, counted from the selection block's start.
+            let w = ((k + 1).min(per_slc) - (k + 1).saturating_sub(per_cmp)) as f32;
+            for (s, &p) in self.sums.iter_mut().zip(&self.padded[k..]) {
+                *s += w * p;
             }
         }
+        self.scores.clear();
+        self.scores.extend(self.sums.iter().step_by(per_slc));
+        &self.scores
     }
 }
 
@@ -232,32 +256,84 @@ pub fn select_blocks<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mu
     out.sort_unstable();
 }
 
-/// [`select_blocks`] without sorting every candidate: keeps the best `n - forced` in a small
-/// sorted list. Same order (score descending by `total_cmp`, then index ascending).
-pub(crate) fn select_blocks_fast<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mut Vec<u32>) {
+/// `s` as a `u32` whose unsigned order is `f32::total_cmp`'s.
+#[inline(always)]
+fn total_key(s: f32) -> u32 {
+    let b = s.to_bits();
+    b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
+}
+
+/// Block `j` with score `s` as one `u64`: higher score first, then lower index, so the ranking
+/// of [`select_blocks`] is the plain order of these keys (all distinct).
+#[inline(always)]
+fn rank_key(s: f32, j: usize) -> u64 {
+    ((total_key(s) as u64) << 32) | (!(j as u32)) as u64
+}
+
+/// Lanes of the threshold pass in [`select_blocks_fast`].
+const LANES: usize = 64;
+
+/// [`select_blocks`] in time linear in the blocks with no sort of them: the free blocks
+/// (`1 ..= t/l' - 2`; the forced ones sit at both ends) are dealt into [`LANES`] lanes and each
+/// lane's best score is taken (vectorised). The `free`-th best of those maxima is a score at
+/// least `free` blocks reach, so no block below it can be chosen: only the few blocks at or
+/// above it become candidates, ranked exactly. Same order as [`select_blocks`] (score
+/// descending by `total_cmp`, then index ascending); `candidates` is scratch.
+pub(crate) fn select_blocks_fast(
+    cfg: &NsaConfig,
+    t: usize,
+    scores: &[f32],
+    candidates: &mut Vec<u64>,
+    out: &mut Vec<u32>,
+) {
     out.clear();
     let cur = t / cfg.block_slc;
     push_forced(cfg, t, out);
     let free = cfg.num_selected - out.len();
-    let is_forced = |j: usize| j == 0 || j == cur || j + 1 == cur;
-    if free > 0 {
-        let mut best: Vec<(S, usize)> = Vec::with_capacity(free + 1);
-        for j in 1..=cur {
-            if is_forced(j) {
-                continue;
-            }
-            let s = scores.get(j).copied().unwrap_or_default();
-            if best.len() == free {
-                // Only a strictly higher score displaces the worst kept (equal keeps the lower index).
-                if s.total(&best[free - 1].0) != std::cmp::Ordering::Greater {
-                    continue;
+    // Blocks 1 .. cur - 1 are the free ones; those without a score count as 0.
+    let (first, end) = (1, cur.saturating_sub(1).max(1));
+    candidates.clear();
+    if free > 0 && end > first {
+        let scored = &scores[first.min(scores.len())..end.min(scores.len())];
+        let mut threshold = 0u32;
+        if scored.len() >= free * 2 {
+            let mut lane_max = [0u32; LANES];
+            let mut rows = scored.chunks_exact(LANES);
+            for row in rows.by_ref() {
+                for (m, &s) in lane_max.iter_mut().zip(row) {
+                    *m = (*m).max(total_key(s));
                 }
-                best.pop();
             }
-            let pos = best.partition_point(|(bs, _)| bs.total(&s) != std::cmp::Ordering::Less);
-            best.insert(pos, (s, j));
+            for (m, &s) in lane_max.iter_mut().zip(rows.remainder()) {
+                *m = (*m).max(total_key(s));
+            }
+            let lanes = scored.len().min(LANES);
+            if lanes >= free {
+                // Descending: the free-th largest lane maximum.
+                let (_, kth, _) = lane_max[..lanes].select_nth_unstable_by(free - 1, |a, b| b.cmp(a));
+                threshold = *kth;
+            }
         }
-        out.extend(best.iter().map(|&(_, j)| j as u32));
+        for (c, chunk) in scored.chunks(16).enumerate() {
+            let hits =
+                chunk.iter().enumerate().fold(0u32, |m, (l, &s)| m | (((total_key(s) >= threshold) as u32) << l));
+            let mut bits = hits;
+            while bits != 0 {
+                let l = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                candidates.push(rank_key(chunk[l], first + c * 16 + l));
+            }
+        }
+        // Free blocks past the scores: score 0.
+        let zero_from = first.max(scores.len());
+        if total_key(0.0) >= threshold {
+            candidates.extend((zero_from..end).map(|j| rank_key(0.0, j)));
+        }
+        if candidates.len() > free {
+            candidates.select_nth_unstable_by(free - 1, |a, b| b.cmp(a));
+            candidates.truncate(free);
+        }
+        out.extend(candidates.iter().map(|&k| !(k as u32)));
     }
     out.sort_unstable();
 }

@@ -212,18 +212,28 @@ proptest! {
         prop_assert!(b <= 1e-3, "backward error {b}");
     }
 
-    /// The fast choice equals the full sort, ties included (scores drawn from a few values).
+    /// The fast choice equals the full sort, ties included: scores drawn from a few values
+    /// (many ties), or spread (the threshold pass prunes), with signed zeros, negatives and NaN
+    /// (ordered as `total_cmp` orders them), fewer scores than blocks, up to 1700 blocks.
     #[test]
     fn fast_choice_equals_reference(
-        n in 3usize..20,
-        t in 0usize..3000,
-        raw in prop::collection::vec(0u8..4, 0..60),
+        n in 3usize..40,
+        t in 0usize..110_000,
+        few in prop::collection::vec(0u8..4, 0..60),
+        spread in prop::collection::vec(-0.1f32..1.0, 0..1700),
+        odd in prop::collection::vec((0usize..1700, prop::sample::select(vec![-0.0f32, 0.0, -1.0, f32::NAN, -f32::NAN, f32::INFINITY])), 0..6),
+        use_spread in any::<bool>(),
     ) {
         let cfg = NsaConfig { num_selected: n, ..NsaConfig::default() };
-        let scores: Vec<f32> = raw.iter().map(|&x| x as f32 * 0.25).collect();
-        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let mut scores: Vec<f32> = if use_spread { spread } else { few.iter().map(|&x| x as f32 * 0.25).collect() };
+        for (at, v) in odd {
+            if let Some(s) = scores.get_mut(at) {
+                *s = v;
+            }
+        }
+        let (mut a, mut b, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         select_blocks(&cfg, t, &scores, &mut a);
-        select_blocks_fast(&cfg, t, &scores, &mut b);
+        select_blocks_fast(&cfg, t, &scores, &mut scratch, &mut b);
         prop_assert_eq!(a, b);
     }
 }
@@ -298,8 +308,8 @@ fn overlap_mapping_weights_blocks_by_shared_length() {
         // The scatter used by the CPU path equals the literal sum of the reference.
         let p: Vec<f64> = values(37, l as u64).iter().map(|x| x.abs()).collect();
         let want = naive::slc_scores(&cfg, &p, 9);
-        let mut got = vec![0f32; 9];
-        scores_from_cmp(&cfg, &p.iter().map(|&x| x as f32).collect::<Vec<_>>(), &mut got);
+        let mut chooser = Chooser::default();
+        let got = chooser.slc_scores(&cfg, &p.iter().map(|&x| x as f32).collect::<Vec<_>>(), 9).to_vec();
         for (a, b) in got.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-5, "{got:?} vs {want:?}");
         }
