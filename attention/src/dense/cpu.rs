@@ -151,14 +151,16 @@ fn row_ranges<M: Mask>(
     (kmin < kmax).then(|| (kmin / BK, kmax.div_ceil(BK)))
 }
 
-/// Masks `s_row` (keys `kstart..kstart+BK`) to `lo..hi`; returns false when no key is left.
+/// Masks `s_row` (keys `kstart..kstart + s_row.len()`) to `lo..hi`; returns false when no key
+/// is left.
 #[inline(always)]
 pub(crate) fn mask_row(s_row: &mut [f32], kstart: usize, lo: usize, hi: usize) -> bool {
-    if hi <= kstart || lo >= kstart + BK {
+    let n = s_row.len();
+    if hi <= kstart || lo >= kstart + n {
         return false;
     }
-    let (a, b) = (lo.saturating_sub(kstart), (hi - kstart).min(BK));
-    if a > 0 || b < BK {
+    let (a, b) = (lo.saturating_sub(kstart), (hi - kstart).min(n));
+    if a > 0 || b < n {
         for (c, x) in s_row.iter_mut().enumerate() {
             if c < a || c >= b {
                 *x = f32::NEG_INFINITY;

@@ -13,10 +13,10 @@ use squid_cuda::Element;
 
 use super::{cmp_offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
 use crate::dense::cpu::{
-    backward_with, exp_sub_sum, forward_with, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
+    backward_with, exp_sub_sum, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
 };
 use crate::dense::{DenseConfig, DenseGrads, Dims};
-use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, TILE_ROWS};
+use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
 use crate::Heads;
 
 /// The compressed branch's mask: query `t` sees blocks `0..num_cmp_blocks(t + 1)`.
@@ -55,7 +55,8 @@ const CMP_ROWS: usize = 64;
 const MIN_TOKENS_PER_TASK: usize = 16;
 
 /// Tokens per selected-branch task for a GQA group of `group` heads: [`ROWS_PER_TASK`] rows,
-/// halved (down to [`MIN_TOKENS_PER_TASK`]) until there are about 8 tasks per worker.
+/// halved (down to [`MIN_TOKENS_PER_TASK`]) until there are about 8 tasks per worker, in whole
+/// [`WIN_TOKENS`] groups.
 fn tokens_per_task(group: usize, dims: NsaDims, hkv: usize) -> usize {
     #[cfg(test)]
     if let Some(per) = TASK_TOKENS.with(|t| t.get()) {
@@ -66,7 +67,8 @@ fn tokens_per_task(group: usize, dims: NsaDims, hkv: usize) -> usize {
     while per > MIN_TOKENS_PER_TASK && dims.total.div_ceil(per) * hkv < want {
         per /= 2;
     }
-    per
+    // Whole window groups: the rows a window product covers then do not depend on the task.
+    round_up(per, WIN_TOKENS)
 }
 
 #[cfg(test)]
@@ -99,7 +101,7 @@ struct SlcScratch {
     /// tokens (ascending) that chose it (a counting sort of `chosen`).
     chooser_start: Vec<u32>,
     choosers: Vec<u32>,
-    /// `[CMP_ROWS + pad][dvp]`: the compressed branch's output rows.
+    /// `[rows + pad][dvp]`: the compressed branch's output rows (f32, for the gated output).
     ocmp: Vec<f32>,
     /// Task rows that chose the current block, and the end of their visible keys in it.
     sel: Vec<(usize, usize)>,
@@ -110,6 +112,13 @@ struct SlcScratch {
     l: Vec<f32>,
     /// `[rows][dvp]` (forward) output accumulators.
     oacc: Vec<f32>,
+    /// The window branch's running softmax: row max, sum and `[rows][dvp]` output.
+    mw: Vec<f32>,
+    lw: Vec<f32>,
+    ow: Vec<f32>,
+    /// A shared local tile's row max and sum (rows of one window group).
+    tile_m: Vec<f32>,
+    tile_l: Vec<f32>,
     /// `[mp][max(dkp, dvp)]`: one product before it is added to its rows.
     part: Vec<f32>,
     // backward only
@@ -141,13 +150,18 @@ impl SlcScratch {
             union: Vec::new(),
             chooser_start: Vec::new(),
             choosers: Vec::new(),
-            ocmp: vec![0.0; round_up(CMP_ROWS.max(group), TILE_ROWS) * dvp],
+            ocmp: vec![0.0; pad * dvp],
             sel: Vec::new(),
             qg: vec![0.0; mp * dkp],
             s: vec![0.0; mp * BK],
             m: vec![0.0; rows],
             l: vec![0.0; rows],
             oacc: vec![0.0; mp * dvp],
+            mw: vec![0.0; rows],
+            lw: vec![0.0; rows],
+            ow: vec![0.0; mp * dvp],
+            tile_m: vec![0.0; mp],
+            tile_l: vec![0.0; mp],
             part: vec![0.0; mp * dkp.max(dvp)],
             doa: vec![0.0; mp * dvp],
             dog: vec![0.0; mp * dvp],
@@ -183,54 +197,46 @@ pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: 
     let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
     let offs = cmp_offsets(cfg, x.cu_seqlens);
-    // The compressed branch runs inside the selected branch's tasks (it shares their scores).
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
-    // Window branch: dense causal attention with a window of w keys.
-    let win_dims = Dims { total_q: total, total_k: total, num_seqs: dims.num_seqs };
-    let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
     let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, false);
-    let (o_win, lse_win): (Vec<f32>, Vec<f32>) = match (x.k_win, x.v_win) {
-        (Some(kw), Some(vw)) => {
-            let win_packed = Packed::new(h, kw, vw, x.cu_seqlens, false);
-            forward_with(&win_cfg, &win_cfg, win_dims, x.q, &win_packed, x.cu_seqlens, x.cu_seqlens)
-        }
-        _ => forward_with(&win_cfg, &win_cfg, win_dims, x.q, &kv_packed, x.cu_seqlens, x.cu_seqlens),
+    let win_packed = match (x.k_win, x.v_win) {
+        (Some(kw), Some(vw)) => Some(Packed::new(h, kw, vw, x.cu_seqlens, false)),
+        _ => None,
     };
-    // Selected branch.
-    let mut o_slc = vec![0f32; total * hq * dv];
-    let mut lse_slc = vec![f32::NEG_INFINITY; hq * total];
-    let mut indices = vec![NO_BLOCK; total * hkv * n];
-    let mut o_cmp = vec![0f32; total * hq * dv];
-    let mut lse_cmp = vec![f32::NEG_INFINITY; hq * total];
-    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
+    let mut out = NsaOutput {
+        o: vec![T::default(); total * hq * dv],
+        o_cmp: vec![T::default(); total * hq * dv],
+        o_slc: vec![T::default(); total * hq * dv],
+        o_win: vec![T::default(); total * hq * dv],
+        lse_cmp: vec![f32::NEG_INFINITY; hq * total],
+        lse_slc: vec![f32::NEG_INFINITY; hq * total],
+        lse_win: vec![f32::NEG_INFINITY; hq * total],
+        indices: vec![NO_BLOCK; total * hkv * n],
+    };
     let outs = FwdOuts {
-        o_slc: SyncPtr(o_slc.as_mut_ptr()),
-        lse_slc: SyncPtr(lse_slc.as_mut_ptr()),
-        indices: SyncPtr(indices.as_mut_ptr()),
-        o_cmp: SyncPtr(o_cmp.as_mut_ptr()),
-        lse_cmp: SyncPtr(lse_cmp.as_mut_ptr()),
+        o: SyncPtr(out.o.as_mut_ptr()),
+        o_cmp: SyncPtr(out.o_cmp.as_mut_ptr()),
+        o_slc: SyncPtr(out.o_slc.as_mut_ptr()),
+        o_win: SyncPtr(out.o_win.as_mut_ptr()),
+        lse_cmp: SyncPtr(out.lse_cmp.as_mut_ptr()),
+        lse_slc: SyncPtr(out.lse_slc.as_mut_ptr()),
+        lse_win: SyncPtr(out.lse_win.as_mut_ptr()),
+        indices: SyncPtr(out.indices.as_mut_ptr()),
+    };
+    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
+    let win = Window {
+        kv: win_packed.as_ref().unwrap_or(&kv_packed),
+        gates: x.gates,
+        share_local: win_packed.is_none() && cfg.block_slc == BK && cfg.window >= 2 * BK,
     };
     let per = tokens_per_task(h.group(), dims, hkv);
     for tasks in slc_tasks(h, dims, x.cu_seqlens, per) {
         tasks.par_iter().for_each_init(
             || SlcScratch::new(per, h.group(), kv_packed.dkp, kv_packed.dvp),
-            |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, scr, outs, s, g, t0, t1 }),
+            |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, win: &win, scr, outs, s, g, t0, t1 }),
         );
     }
-    // Gates.
-    let mut o = vec![T::default(); total * hq * dv];
-    o.par_chunks_mut(hq * dv).enumerate().for_each(|(row, out)| {
-        for head in 0..hq {
-            let gates = &x.gates[(row * hq + head) * 3..][..3];
-            let (gc, gs, gw) = (gates[0].to_f32(), gates[1].to_f32(), gates[2].to_f32());
-            let base = (row * hq + head) * dv;
-            for d in 0..dv {
-                out[head * dv + d] = T::from_f32(gc * o_cmp[base + d] + gs * o_slc[base + d] + gw * o_win[base + d]);
-            }
-        }
-    });
-    let store = |v: Vec<f32>| -> Vec<T> { v.into_iter().map(T::from_f32).collect() };
-    NsaOutput { o, o_cmp: store(o_cmp), o_slc: store(o_slc), o_win: store(o_win), lse_cmp, lse_slc, lse_win, indices }
+    out
 }
 
 /// Loads the scaled query rows of group `g` for tokens `t0..t1` of sequence `s` into `scr.qa`
@@ -264,7 +270,7 @@ fn load_queries<T: Element>(sh: &Shared<'_, T>, scr: &mut SlcScratch, s: usize, 
 fn cmp_branch<T: Element, F: Fma, const W: usize>(
     sh: &Shared<'_, T>,
     scr: &mut SlcScratch,
-    outs: FwdOuts,
+    outs: FwdOuts<T>,
     s: usize,
     g: usize,
     t0: usize,
@@ -315,7 +321,8 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
             unsafe { outs.lse_cmp.write((g * group + r) * sh.dims.total + start + t0 + ti, lse) };
         }
     }
-    let ocmp = &mut scr.ocmp[..mp * dvp];
+    // The task's rows of `o_cmp` stay in f32 for the gated output.
+    let ocmp = &mut scr.ocmp[row0 * dvp..][..mp * dvp];
     if ncp == 0 {
         ocmp.fill(0.0);
     }
@@ -336,21 +343,24 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
             let row = ti * group + r;
             for d in 0..dv {
                 // SAFETY: (token, head) belongs to this task alone.
-                unsafe { outs.o_cmp.write((grow * hq + g * group + r) * dv + d, ocmp[row * dvp + d]) };
+                unsafe { outs.o_cmp.write((grow * hq + g * group + r) * dv + d, T::from_f32(ocmp[row * dvp + d])) };
             }
         }
     }
 }
 
 /// Buckets the task's choices (`scr.chosen`, tokens `t0..`) by block: the ascending union of
-/// the chosen blocks in `scr.union`, and for each block the tokens that chose it.
-fn bucket_choices(scr: &mut SlcScratch, n: usize, block_slc: usize, t1: usize) {
+/// the chosen blocks in `scr.union`, and for each block the tokens that chose it, leaving out
+/// the choices `(token index, block)` that `done` says were attended to already.
+fn bucket_choices(scr: &mut SlcScratch, n: usize, block_slc: usize, t1: usize, done: impl Fn(usize, u32) -> bool) {
     let blocks = t1.div_ceil(block_slc) + 1;
     let start = &mut scr.chooser_start;
     start.clear();
     start.resize(blocks + 1, 0);
-    for &j in scr.chosen.iter().filter(|&&j| j != NO_BLOCK) {
-        start[j as usize + 1] += 1;
+    for (ti, choice) in scr.chosen.chunks_exact(n).enumerate() {
+        for &j in choice.iter().filter(|&&j| j != NO_BLOCK && !done(ti, j)) {
+            start[j as usize + 1] += 1;
+        }
     }
     scr.union.clear();
     for j in 0..blocks {
@@ -363,7 +373,7 @@ fn bucket_choices(scr: &mut SlcScratch, n: usize, block_slc: usize, t1: usize) {
     scr.choosers.resize(start[blocks] as usize, 0);
     // `start[j]` walks forward while block j is filled, then is restored below.
     for (ti, choice) in scr.chosen.chunks_exact(n).enumerate() {
-        for &j in choice.iter().filter(|&&j| j != NO_BLOCK) {
+        for &j in choice.iter().filter(|&&j| j != NO_BLOCK && !done(ti, j)) {
             let at = &mut start[j as usize];
             scr.choosers[*at as usize] = ti as u32;
             *at += 1;
@@ -409,19 +419,34 @@ fn gather_block(
 
 /// Where the forward tasks write: each task its own (token, head) rows of every output.
 #[derive(Clone, Copy)]
-struct FwdOuts {
-    o_slc: SyncPtr<f32>,
-    lse_slc: SyncPtr<f32>,
-    indices: SyncPtr<u32>,
-    o_cmp: SyncPtr<f32>,
+struct FwdOuts<T> {
+    o: SyncPtr<T>,
+    o_cmp: SyncPtr<T>,
+    o_slc: SyncPtr<T>,
+    o_win: SyncPtr<T>,
     lse_cmp: SyncPtr<f32>,
+    lse_slc: SyncPtr<f32>,
+    lse_win: SyncPtr<f32>,
+    indices: SyncPtr<u32>,
+}
+
+/// What only the forward's tasks need: the window branch's tiles and the gates.
+struct Window<'a, T> {
+    /// The window branch's keys and values (the selected branch's unless it has its own).
+    kv: &'a Packed,
+    /// `[total, HQ, 3]`.
+    gates: &'a [T],
+    /// The selected branch's two local blocks are the window's last two key tiles for every
+    /// query (shared K/V, `l' = BK`, `w >= 2 BK`): each is scored once, for both branches.
+    share_local: bool,
 }
 
 /// One selected-branch forward task, as a [`Kernel`].
 struct SlcFwdCall<'a, 'b, T> {
     sh: &'a Shared<'a, T>,
+    win: &'a Window<'a, T>,
     scr: &'b mut SlcScratch,
-    outs: FwdOuts,
+    outs: FwdOuts<T>,
     s: usize,
     g: usize,
     t0: usize,
@@ -432,22 +457,24 @@ impl<T: Element> Kernel for SlcFwdCall<'_, '_, T> {
     type Out = ();
     #[inline(always)]
     fn run<F: Fma, const W: usize>(self) {
-        slc_forward_task::<T, F, W>(self.sh, self.scr, self.outs, self.s, self.g, self.t0, self.t1)
+        slc_forward_task::<T, F, W>(self.sh, self.win, self.scr, self.outs, self.s, self.g, self.t0, self.t1)
     }
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn slc_forward_task<T: Element, F: Fma, const W: usize>(
     sh: &Shared<'_, T>,
+    win: &Window<'_, T>,
     scr: &mut SlcScratch,
-    outs: FwdOuts,
+    outs: FwdOuts<T>,
     s: usize,
     g: usize,
     t0: usize,
     t1: usize,
 ) {
     let (cfg, h) = (sh.cfg, sh.h);
-    let (hq, hkv, dk, dv, group) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, h.group());
+    let (hkv, dk, group) = (h.num_kv_heads, h.head_dim_k, h.group());
     let (dkp, dvp) = (sh.kv.dkp, sh.kv.dvp);
     let n = cfg.num_selected;
     let start = sh.cu[s] as usize;
@@ -476,11 +503,16 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
             scr.chosen_one = one;
         }
     }
-    // Attention, block by block over the union of the choices.
-    bucket_choices(scr, n, cfg.block_slc, t1);
     scr.m[..rows].fill(f32::NEG_INFINITY);
     scr.l[..rows].fill(0.0);
     scr.oacc[..rows * dvp].fill(0.0);
+    // The window branch (and the local blocks, where they are its last tiles).
+    window_phase::<T, F, W>(sh, win, scr, s, g, t0, t1);
+    // The selected branch, block by block over the union of the remaining choices.
+    let ls = cfg.block_slc;
+    // Blocks t/l' - 1 and t/l' (every token chose them) were attended to with the window.
+    let local = |ti: usize, j: u32| win.share_local && j as usize + 1 >= (t0 + ti) / ls;
+    bucket_choices(scr, n, ls, t1, local);
     let union = std::mem::take(&mut scr.union);
     if group % TILE_ROWS == 0 {
         // A token's heads fill whole register tiles: its rows are multiplied straight from the
@@ -546,19 +578,178 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
         }
     }
     scr.union = union;
-    for ti in 0..nt {
+    finish_rows(sh, win, scr, outs, s, g, t0, t1);
+}
+
+/// `1 / l` and `lse = m + ln l` of a finished online softmax (`0` and `-inf` for no keys).
+#[inline(always)]
+fn finish_softmax(m: f32, l: f32) -> (f32, f32) {
+    if l > 0.0 {
+        (1.0 / l, m + l.ln())
+    } else {
+        (0.0, f32::NEG_INFINITY)
+    }
+}
+
+/// Writes the task's rows of `o_slc`, `o_win`, their `lse` and the gated output `o`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish_rows<T: Element>(
+    sh: &Shared<'_, T>,
+    win: &Window<'_, T>,
+    scr: &SlcScratch,
+    outs: FwdOuts<T>,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let (hq, dv, group) = (sh.h.num_q_heads, sh.h.head_dim_v, sh.h.group());
+    let dvp = sh.kv.dvp;
+    let start = sh.cu[s] as usize;
+    for ti in 0..t1 - t0 {
         let grow = start + t0 + ti;
         for r in 0..group {
             let (row, head) = (ti * group + r, g * group + r);
-            let l = scr.l[row];
-            let (inv, lse) = if l > 0.0 { (1.0 / l, scr.m[row] + l.ln()) } else { (0.0, f32::NEG_INFINITY) };
+            let (inv_s, lse_s) = finish_softmax(scr.m[row], scr.l[row]);
+            let (inv_w, lse_w) = finish_softmax(scr.mw[row], scr.lw[row]);
+            let gates = &win.gates[(grow * hq + head) * 3..][..3];
+            let (gc, gs, gw) = (gates[0].to_f32(), gates[1].to_f32(), gates[2].to_f32());
+            let base = (grow * hq + head) * dv;
+            let (os, ow, oc) = (&scr.oacc[row * dvp..], &scr.ow[row * dvp..], &scr.ocmp[row * dvp..]);
             for d in 0..dv {
+                let (o_slc, o_win) = (os[d] * inv_s, ow[d] * inv_w);
                 // SAFETY: (token, head) belongs to this task alone.
-                unsafe { outs.o_slc.write((grow * hq + head) * dv + d, scr.oacc[row * dvp + d] * inv) };
+                unsafe {
+                    outs.o_slc.write(base + d, T::from_f32(o_slc));
+                    outs.o_win.write(base + d, T::from_f32(o_win));
+                    outs.o.write(base + d, T::from_f32(gc * oc[d] + gs * o_slc + gw * o_win));
+                }
             }
             // SAFETY: as above.
-            unsafe { outs.lse_slc.write(head * sh.dims.total + grow, lse) };
+            unsafe {
+                outs.lse_slc.write(head * sh.dims.total + grow, lse_s);
+                outs.lse_win.write(head * sh.dims.total + grow, lse_w);
+            }
         }
+    }
+}
+
+/// Tokens per row group of [`window_phase`]: each group's key columns are trimmed to
+/// multiples of 16 at both ends of its window, so fewer masked scores are computed than with
+/// whole tiles (512 keys of window span 9 tiles: 576 scores a row).
+const WIN_TOKENS: usize = 16;
+
+/// Adds a tile's partial softmax (row max `m_t`, sum `l_t`, unnormalised output `o_t`) to a
+/// running one `(m, l, o)`.
+#[inline(always)]
+fn merge_partial(m_t: f32, l_t: f32, o_t: &[f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
+    let m_new = m.max(m_t);
+    let (a, b) = (kernels::exp(*m - m_new), kernels::exp(m_t - m_new));
+    *l = *l * a + l_t * b;
+    *m = m_new;
+    for (x, y) in o.iter_mut().zip(o_t) {
+        *x = *x * a + y * b;
+    }
+}
+
+/// The window branch of the task's tokens, [`WIN_TOKENS`] at a time: every row of a group (its
+/// tokens x the GQA group's heads, contiguous in `scr.qa`) against each key tile its window
+/// touches, each tile read once for all the group's heads. With `share_local`, the last two
+/// tiles are also the selected branch's local blocks: their scores are exponentiated against the
+/// tile's own row max, multiplied by V once, and merged into both branches' running softmax.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn window_phase<T: Element, F: Fma, const W: usize>(
+    sh: &Shared<'_, T>,
+    win: &Window<'_, T>,
+    scr: &mut SlcScratch,
+    s: usize,
+    g: usize,
+    t0: usize,
+    t1: usize,
+) {
+    let group = sh.h.group();
+    let (dk, dkp, dvp) = (sh.h.head_dim_k, win.kv.dkp, win.kv.dvp);
+    let len = (sh.cu[s + 1] - sh.cu[s]) as usize;
+    let w = sh.cfg.window;
+    scr.mw[..(t1 - t0) * group].fill(f32::NEG_INFINITY);
+    scr.lw[..(t1 - t0) * group].fill(0.0);
+    scr.ow[..(t1 - t0) * group * dvp].fill(0.0);
+    let mut ta = t0;
+    while ta < t1 {
+        let tb = ((ta / WIN_TOKENS + 1) * WIN_TOKENS).min(t1);
+        let (row0, rows) = ((ta - t0) * group, (tb - ta) * group);
+        let mp = round_up(rows, TILE_ROWS);
+        // Keys lo..hi: from the first token's window start to the last token.
+        let (lo, hi) = ((ta + 1).saturating_sub(w), tb);
+        // The tokens' selection block (one: WIN_TOKENS divides BK = l' when sharing).
+        let cur = ta / BK;
+        for b in lo / BK..hi.div_ceil(BK) {
+            let kstart = b * BK;
+            let c0 = (lo.max(kstart) - kstart) / COL_MULTIPLE * COL_MULTIPLE;
+            let c1 = round_up(hi.min(kstart + BK) - kstart, COL_MULTIPLE);
+            let (cols, kvalid) = (c1 - c0, (len - kstart).min(c1) - c0);
+            let tile = win.kv.tile(s, b, g);
+            let kt = &win.kv.kt[tile * dk * BK..][..dk * BK];
+            let vr = &win.kv.vr[tile * BK * dvp + c0 * dvp..][..cols * dvp];
+            let sm = &mut scr.s[..mp * BK];
+            gemm_set::<F, W>(mp, cols, dk, &scr.qa[row0 * dkp..], dkp, &kt[c0..], BK, sm, BK);
+            let shared = win.share_local && b + 1 >= cur;
+            for i in 0..mp {
+                let srow = &mut sm[i * BK..][..cols];
+                let t = ta + i / group;
+                if i >= rows || !mask_row(srow, kstart + c0, (t + 1).saturating_sub(w), t + 1) {
+                    // Not one of this row's keys: P = 0 for the product below.
+                    srow.fill(0.0);
+                    scr.tile_m[i] = f32::NEG_INFINITY;
+                    continue;
+                }
+                let row = row0 + i;
+                if shared {
+                    let m = row_max(srow);
+                    scr.tile_m[i] = m;
+                    scr.tile_l[i] = exp_sub_sum(srow, m);
+                } else {
+                    online_softmax_step(srow, &mut scr.mw[row], &mut scr.lw[row], &mut scr.ow[row * dvp..][..dvp]);
+                }
+            }
+            if shared || rows % TILE_ROWS != 0 {
+                // Into a buffer of its own: merged into two branches, or padding rows that
+                // would land on the next token's rows.
+                let part = &mut scr.part[..mp * dvp];
+                gemm_set::<F, W>(mp, dvp, kvalid, sm, BK, vr, dvp, part, dvp);
+                for i in 0..rows {
+                    let (row, o_t) = (row0 + i, &part[i * dvp..][..dvp]);
+                    if !shared {
+                        for (o, p) in scr.ow[row * dvp..][..dvp].iter_mut().zip(o_t) {
+                            *o += p;
+                        }
+                    } else if scr.tile_m[i] != f32::NEG_INFINITY {
+                        let (m_t, l_t) = (scr.tile_m[i], scr.tile_l[i]);
+                        merge_partial(
+                            m_t,
+                            l_t,
+                            o_t,
+                            &mut scr.mw[row],
+                            &mut scr.lw[row],
+                            &mut scr.ow[row * dvp..][..dvp],
+                        );
+                        merge_partial(
+                            m_t,
+                            l_t,
+                            o_t,
+                            &mut scr.m[row],
+                            &mut scr.l[row],
+                            &mut scr.oacc[row * dvp..][..dvp],
+                        );
+                    }
+                }
+            } else {
+                gemm_acc::<F, W>(mp, dvp, kvalid, sm, BK, vr, dvp, &mut scr.ow[row0 * dvp..], dvp);
+            }
+        }
+        ta = tb;
     }
 }
 
@@ -795,7 +986,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
         let grow = start + t0 + ti;
         scr.chosen.extend_from_slice(&bufs.indices[(grow * hkv + g) * n..][..n]);
     }
-    bucket_choices(scr, n, cfg.block_slc, t1);
+    bucket_choices(scr, n, cfg.block_slc, t1, |_, _| false);
     scr.dqa[..rows * dkp].fill(0.0);
     let union = std::mem::take(&mut scr.union);
     for &j in &union {

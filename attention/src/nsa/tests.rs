@@ -240,18 +240,27 @@ proptest! {
 
 /// Tasks of any size give the same forward, bit for bit (each row's blocks are visited in the
 /// same order), and a backward within tolerance of the reference: tasks that span several
-/// compressed-branch chunks, that end mid-sequence, and that hold a whole short sequence.
+/// compressed-branch chunks, that end mid-sequence, and that hold a whole short sequence; with
+/// the local blocks scored apart from the window and (l' = 64, w >= 128) together with it.
 #[test]
 fn task_size_does_not_change_the_result() {
-    let cfg =
+    let small =
         NsaConfig { block_cmp: 8, stride_cmp: 4, block_slc: 16, num_selected: 5, window: 24, ..Default::default() };
-    for (group, lens) in [(4usize, vec![300usize, 7, 129]), (3, vec![200, 1, 65])] {
+    let shared =
+        NsaConfig { block_cmp: 16, stride_cmp: 8, block_slc: 64, num_selected: 4, window: 130, ..Default::default() };
+    for (cfg, group, lens) in [
+        (small, 4usize, vec![300usize, 7, 129]),
+        (small, 3, vec![200, 1, 65]),
+        (shared, 4, vec![330, 7, 129]),
+        (shared, 3, vec![260, 1, 65]),
+    ] {
         let h = Heads::new(group * 2, 2, 16, 8);
         let c = Case::new(cfg, h, &lens, false, 11);
         let st = Stored::<f32>::of(&c);
         let x = st.inputs(&c.cu);
         let mut first: Option<NsaOutput<f32>> = None;
-        for per in [16usize, 37, 128, 1024] {
+        // Tasks are whole groups of 16 tokens (the window branch's row groups).
+        for per in [16usize, 48, 128, 1024] {
             cpu::TASK_TOKENS.with(|t| t.set(Some(per)));
             let (err_f, err_b) = check_against_naive(&c);
             let fwd = forward(&c.cfg, &c.h, &x).unwrap();
