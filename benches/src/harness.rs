@@ -157,6 +157,24 @@ fn time_once(f: &mut Runner) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// Keeps freed memory in this process's heap (glibc: large blocks come from the heap instead
+/// of fresh `mmap`s, and the heap is not trimmed), as a framework's caching allocator would.
+/// Without it every call's outputs are first-touch page faults (about 1.2 us per 4 KiB page on
+/// the bench machine; NSA's four outputs at 32k tokens are 65 k pages), which times the kernel
+/// zeroing pages rather than the op. Both sides of every case run under the same setting.
+/// Returns whether it took (false off glibc).
+pub fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes malloc's tuning parameters (under malloc's own lock).
+        unsafe { libc::mallopt(libc::M_MMAP_MAX, 0) == 1 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// The median of a non-empty sample (mean of the middle two for even counts).
 pub fn median(samples: &mut [f64]) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));

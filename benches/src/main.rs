@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use squid_benches::harness::{run_case, Budget, Case, Row};
+use squid_benches::harness::{keep_freed_memory, run_case, Budget, Case, Row};
 use squid_benches::suites;
 
 #[derive(Parser)]
@@ -27,6 +27,10 @@ struct Cli {
     /// under `mpirun`, needs the `mpi` feature; rank 0 prints).
     #[arg(long, default_value = "local")]
     backend: String,
+    /// Leave the C heap at its defaults: large outputs are then fresh pages on every call
+    /// (first-touch page faults timed with the op). By default freed memory is kept.
+    #[arg(long)]
+    fresh_pages: bool,
 }
 
 impl Cli {
@@ -45,6 +49,11 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let heap = if !cli.fresh_pages && keep_freed_memory() {
+        "freed memory kept in the heap (--fresh-pages: OS defaults)"
+    } else {
+        "C heap defaults: large outputs are fresh pages each call"
+    };
     let (_, _, build) = match squid_benches::find_suite(&cli.suite) {
         Ok(entry) => entry,
         Err(e) => {
@@ -96,7 +105,8 @@ fn main() -> ExitCode {
         }
     }
     if !cli.json {
-        println!("\nratio = baseline / ours (> 1: ours is faster). Baselines:");
+        println!("\nheap: {heap}");
+        println!("ratio = baseline / ours (> 1: ours is faster). Baselines:");
         for (case, baseline) in baselines {
             println!("  {case}: {baseline}");
         }

@@ -48,7 +48,7 @@ struct Shared<'a, T> {
 /// the more tokens a task holds, the fewer times a block is read: the selected branch is bound
 /// by reading key/value tiles (at 32k tokens, 16-token tasks read 17 GB per forward), and even
 /// unrelated (random) choices repeat within a few hundred tokens.
-const ROWS_PER_TASK: usize = 1024;
+const ROWS_PER_TASK: usize = 2048;
 /// Query rows the compressed branch scores at once (its scores are held whole per row).
 const CMP_ROWS: usize = 64;
 /// Fewest tokens per task when a short input shrinks tasks to keep every worker busy.
@@ -296,7 +296,9 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
     for b in 0..ncp / BK {
         let tile = sh.cmp.tile(s, b, g);
         let kt = &sh.cmp.kt[tile * dk * BK..][..dk * BK];
-        gemm_set::<F, W>(mp, BK, dk, &scr.qa[row0 * sh.cmp.dkp..], sh.cmp.dkp, kt, BK, &mut sfull[b * BK..], ncp);
+        // The last tile only as far as the blocks (in 16s) the last token sees.
+        let cols = (round_up(nc_max, COL_MULTIPLE) - b * BK).min(BK);
+        gemm_set::<F, W>(mp, cols, dk, &scr.qa[row0 * sh.cmp.dkp..], sh.cmp.dkp, kt, BK, &mut sfull[b * BK..], ncp);
     }
     for ti in 0..nt {
         let nc = cfg.num_cmp_blocks(t0 + ti + 1);
