@@ -212,6 +212,26 @@ proptest! {
         prop_assert!(b <= 1e-3, "backward error {b}");
     }
 
+    /// The shape where the CPU path scores the two local blocks once for both the selected and
+    /// the window branch (l' = 64, w >= 128, shared K/V), and its edges (w just 128, sequences
+    /// shorter than a block, many blocks).
+    #[test]
+    fn cpu_matches_naive_with_shared_local_blocks(
+        (l, d) in prop::sample::select(vec![(8usize, 4usize), (16, 8), (32, 16), (64, 32)]),
+        n in 3usize..9,
+        w in prop::sample::select(vec![128usize, 129, 200, 512]),
+        hkv in 1usize..=2,
+        ratio in prop::sample::select(vec![1usize, 3, 4, 8]),
+        lens in prop::collection::vec(1usize..420, 1..3),
+        seed in any::<u64>(),
+    ) {
+        let cfg = NsaConfig { block_cmp: l, stride_cmp: d, block_slc: 64, num_selected: n, window: w, ..Default::default() };
+        let c = Case::new(cfg, Heads::new(hkv * ratio, hkv, 16, 8), &lens, false, seed);
+        let (f, b) = check_against_naive(&c);
+        prop_assert!(f <= 2e-4, "forward error {f}");
+        prop_assert!(b <= 1e-3, "backward error {b}");
+    }
+
     /// The fast choice equals the full sort, ties included: scores drawn from a few values
     /// (many ties), or spread (the threshold pass prunes), with signed zeros, negatives and NaN
     /// (ordered as `total_cmp` orders them), fewer scores than blocks, up to 1700 blocks.
