@@ -8,6 +8,8 @@
 //! product. The compressed branch's backward is the dense one with its mask; the selected
 //! branch's holds the indices fixed and accumulates `dk, dv` per worker chunk, summed at the end.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use rayon::prelude::*;
 use squid_cuda::Element;
 
@@ -230,12 +232,16 @@ pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: 
         share_local: win_packed.is_none() && cfg.block_slc == BK && cfg.window >= 2 * BK,
     };
     let per = tokens_per_task(h.group(), dims, hkv);
-    for tasks in slc_tasks(h, dims, x.cu_seqlens, per) {
-        tasks.par_iter().for_each_init(
-            || SlcScratch::new(per, h.group(), kv_packed.dkp, kv_packed.dvp),
-            |scr, &(s, g, t0, t1)| dispatch(SlcFwdCall { sh: &sh, win: &win, scr, outs, s, g, t0, t1 }),
-        );
-    }
+    let tasks = slc_tasks(h, dims, x.cu_seqlens, per).concat();
+    // Every worker takes the next task in list order: the heads run one after the other with
+    // no barrier between them (a worker done with head 0 starts on head 1).
+    let next = AtomicUsize::new(0);
+    rayon::broadcast(|_| {
+        let mut scr = SlcScratch::new(per, h.group(), kv_packed.dkp, kv_packed.dvp);
+        while let Some(&(s, g, t0, t1)) = tasks.get(next.fetch_add(1, Ordering::Relaxed)) {
+            dispatch(SlcFwdCall { sh: &sh, win: &win, scr: &mut scr, outs, s, g, t0, t1 });
+        }
+    });
     out
 }
 
