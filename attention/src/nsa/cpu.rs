@@ -1,12 +1,14 @@
-//! NSA on the CPU. The window branch is a dense attention with a window, so it runs on
-//! [`crate::dense`]'s tiled kernels (forward and backward). The compressed and selected branches
-//! run together, one task per (sequence, kv head, run of up to [`ROWS_PER_TASK`] query rows):
-//! the compressed branch's scores for a few tokens at a time are held whole, so one softmax
-//! gives its output, its `lse` and the selection scores (no second `Q K_cmp^T`); each token
-//! chooses its blocks; then the task walks the union of its tokens' chosen blocks once, each
-//! block's key and value tiles read once for all the rows that chose it, as one register-tiled
-//! product. The compressed branch's backward is the dense one with its mask; the selected
-//! branch's holds the indices fixed and accumulates `dk, dv` per worker chunk, summed at the end.
+//! NSA on the CPU. The forward runs all three branches in one task per (sequence, kv head, run
+//! of up to [`ROWS_PER_TASK`] query rows): the compressed branch's scores for a few tokens at a
+//! time are held whole, so one softmax gives its output, its `lse` and the selection scores (no
+//! second `Q K_cmp^T`); each token chooses its blocks; the window branch takes the task's rows
+//! 16 tokens at a time against the key tiles of their windows (scoring the two local blocks for
+//! the selected branch too when they are the window's last tiles); then the task walks the union
+//! of its tokens' other chosen blocks once, each block's key and value tiles read once for all
+//! the rows that chose it, and writes every output with the gates applied. The backward runs the
+//! compressed and window branches on [`crate::dense`]'s tiled kernels (with their masks); the
+//! selected branch's holds the indices fixed and accumulates `dk, dv` per worker chunk, summed at
+//! the end.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -734,23 +736,13 @@ fn window_phase<T: Element, F: Fma, const W: usize>(
                             *o += p;
                         }
                     } else if scr.tile_m[i] != f32::NEG_INFINITY {
+                        // Into the window's running softmax and the selected branch's.
                         let (m_t, l_t) = (scr.tile_m[i], scr.tile_l[i]);
-                        merge_partial(
-                            m_t,
-                            l_t,
-                            o_t,
-                            &mut scr.mw[row],
-                            &mut scr.lw[row],
-                            &mut scr.ow[row * dvp..][..dvp],
-                        );
-                        merge_partial(
-                            m_t,
-                            l_t,
-                            o_t,
-                            &mut scr.m[row],
-                            &mut scr.l[row],
-                            &mut scr.oacc[row * dvp..][..dvp],
-                        );
+                        for (m, l, o) in
+                            [(&mut scr.mw, &mut scr.lw, &mut scr.ow), (&mut scr.m, &mut scr.l, &mut scr.oacc)]
+                        {
+                            merge_partial(m_t, l_t, o_t, &mut m[row], &mut l[row], &mut o[row * dvp..][..dvp]);
+                        }
                     }
                 }
             } else {
