@@ -185,10 +185,10 @@ pub(crate) fn row_max(x: &[f32]) -> f32 {
 /// with `m'` the new running max, the running sum `l` and the output row `o` are rescaled to
 /// `m'`, and the row's sum is added to `l` (the caller then adds `row V` to `o`).
 #[inline(always)]
-pub(crate) fn online_softmax_step(row: &mut [f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
+pub(crate) fn online_softmax_step<F: Fma>(row: &mut [f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
     let m_new = m.max(row_max(row));
-    let alpha = kernels::exp(*m - m_new);
-    let sum = exp_sub_sum(row, m_new);
+    let alpha = kernels::exp::<F>(*m - m_new);
+    let sum = exp_sub_sum::<F>(row, m_new);
     *l = *l * alpha + sum;
     *m = m_new;
     if alpha != 1.0 {
@@ -200,11 +200,11 @@ pub(crate) fn online_softmax_step(row: &mut [f32], m: &mut f32, l: &mut f32, o: 
 
 /// `x = exp(x - m)` in place; returns the sum.
 #[inline(always)]
-pub(crate) fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+pub(crate) fn exp_sub_sum<F: Fma>(x: &mut [f32], m: f32) -> f32 {
     let mut lanes = [0f32; 16];
     for chunk in x.chunks_exact_mut(16) {
         for l in 0..16 {
-            let e = kernels::exp(chunk[l] - m);
+            let e = kernels::exp::<F>(chunk[l] - m);
             chunk[l] = e;
             lanes[l] += e;
         }
@@ -359,7 +359,7 @@ fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
                     row.fill(0.0);
                     continue;
                 }
-                online_softmax_step(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
+                online_softmax_step::<F>(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
             }
             let kvalid = (tk - kstart).min(BK);
             gemm_acc::<F, W>(mr, dvp, kvalid, sm, BK, vr, dvp, &mut scr.o, dvp);
@@ -600,7 +600,7 @@ fn bwd_task<T: Element, O: Element, G: Element, R: Element, M: Mask, F: Fma, con
                     continue;
                 }
                 for x in row.iter_mut() {
-                    *x = kernels::exp(*x - lse);
+                    *x = kernels::exp::<F>(*x - lse);
                 }
             }
             // dV += P^T dO
@@ -943,7 +943,7 @@ fn decode_chunk<T: Element, K: KvRows<T>, F: Fma, const W: usize>(
                 row.fill(0.0);
                 continue;
             }
-            online_softmax_step(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
+            online_softmax_step::<F>(row, &mut scr.m[r], &mut scr.l[r], &mut scr.o[r * dvp..][..dvp]);
         }
         gemm_acc::<F, W>(rp, dvp, n, &scr.p, BK, &scr.v, dvp, &mut scr.o, dvp);
         kstart += BK;

@@ -318,7 +318,7 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
             if nc > 0 {
                 srow[nc..ncr].fill(f32::NEG_INFINITY);
                 let m = row_max(&srow[..ncr]);
-                let sum = exp_sub_sum(&mut srow[..ncr], m);
+                let sum = exp_sub_sum::<F>(&mut srow[..ncr], m);
                 let inv = 1.0 / sum;
                 for (p, ps) in srow[..nc].iter_mut().zip(&mut scr.psum[ti * nc_max..][..nc]) {
                     *p *= inv;
@@ -550,7 +550,12 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
                             continue;
                         }
                         let row = r0 + r;
-                        online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
+                        online_softmax_step::<F>(
+                            srow,
+                            &mut scr.m[row],
+                            &mut scr.l[row],
+                            &mut scr.oacc[row * dvp..][..dvp],
+                        );
                     }
                     gemm_acc::<F, W>(group, dvp, kvalid, sm, BK, vr, dvp, &mut scr.oacc[r0 * dvp..], dvp);
                 }
@@ -574,7 +579,7 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
                         continue;
                     }
                     let row = scr.sel[i].0;
-                    online_softmax_step(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
+                    online_softmax_step::<F>(srow, &mut scr.m[row], &mut scr.l[row], &mut scr.oacc[row * dvp..][..dvp]);
                 }
                 let kvalid = (len - kstart).min(BK);
                 let part = &mut scr.part[..mp * dvp];
@@ -653,9 +658,9 @@ const WIN_TOKENS: usize = 16;
 /// Adds a tile's partial softmax (row max `m_t`, sum `l_t`, unnormalised output `o_t`) to a
 /// running one `(m, l, o)`.
 #[inline(always)]
-fn merge_partial(m_t: f32, l_t: f32, o_t: &[f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
+fn merge_partial<F: Fma>(m_t: f32, l_t: f32, o_t: &[f32], m: &mut f32, l: &mut f32, o: &mut [f32]) {
     let m_new = m.max(m_t);
-    let (a, b) = (kernels::exp(*m - m_new), kernels::exp(m_t - m_new));
+    let (a, b) = (kernels::exp::<F>(*m - m_new), kernels::exp::<F>(m_t - m_new));
     *l = *l * a + l_t * b;
     *m = m_new;
     for (x, y) in o.iter_mut().zip(o_t) {
@@ -719,9 +724,9 @@ fn window_phase<T: Element, F: Fma, const W: usize>(
                 if shared {
                     let m = row_max(srow);
                     scr.tile_m[i] = m;
-                    scr.tile_l[i] = exp_sub_sum(srow, m);
+                    scr.tile_l[i] = exp_sub_sum::<F>(srow, m);
                 } else {
-                    online_softmax_step(srow, &mut scr.mw[row], &mut scr.lw[row], &mut scr.ow[row * dvp..][..dvp]);
+                    online_softmax_step::<F>(srow, &mut scr.mw[row], &mut scr.lw[row], &mut scr.ow[row * dvp..][..dvp]);
                 }
             }
             if shared || rows % TILE_ROWS != 0 {
@@ -741,7 +746,7 @@ fn window_phase<T: Element, F: Fma, const W: usize>(
                         for (m, l, o) in
                             [(&mut scr.mw, &mut scr.lw, &mut scr.ow), (&mut scr.m, &mut scr.l, &mut scr.oacc)]
                         {
-                            merge_partial(m_t, l_t, o_t, &mut m[row], &mut l[row], &mut o[row * dvp..][..dvp]);
+                            merge_partial::<F>(m_t, l_t, o_t, &mut m[row], &mut l[row], &mut o[row * dvp..][..dvp]);
                         }
                     }
                 }
@@ -1013,7 +1018,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
                     continue;
                 }
                 for v in prow.iter_mut() {
-                    *v = kernels::exp(*v - lse);
+                    *v = kernels::exp::<F>(*v - lse);
                 }
             }
             // dV += P^T dO

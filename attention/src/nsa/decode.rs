@@ -428,7 +428,7 @@ fn attend<F: Fma, const W: usize>(
         let mut sum = [0f32; 16];
         for c in row.chunks_exact_mut(16) {
             for l in 0..16 {
-                c[l] = exp(c[l] - m);
+                c[l] = exp::<F>(c[l] - m);
                 sum[l] += c[l];
             }
         }
