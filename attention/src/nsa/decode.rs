@@ -208,17 +208,24 @@ impl<T: Element> NsaCache<T> {
     /// The NSA output of each sequence's newest token: `q [num_seqs, HQ, Dk]`, `gates
     /// [num_seqs, HQ, 3]`. Every sequence must hold at least one token.
     pub fn decode(&self, q: &[T], gates: &[T]) -> Result<NsaDecodeOutput<T>, Error> {
-        self.decode_with(q, gates, false)
+        self.decode_with(q, gates, false, self.step_flops() >= SERIAL_FLOPS)
     }
 
     /// [`NsaCache::decode`] with the tasks compiled for the build target, whatever the machine
     /// has: tests hold both paths to the reference in one run.
     #[cfg(test)]
     pub(super) fn decode_portable(&self, q: &[T], gates: &[T]) -> Result<NsaDecodeOutput<T>, Error> {
-        self.decode_with(q, gates, true)
+        self.decode_with(q, gates, true, self.step_flops() >= SERIAL_FLOPS)
     }
 
-    fn decode_with(&self, q: &[T], gates: &[T], portable: bool) -> Result<NsaDecodeOutput<T>, Error> {
+    /// [`NsaCache::decode`] with its tasks spread over the pool however small the step (tests
+    /// hold the parallel path to the serial one).
+    #[cfg(test)]
+    pub(super) fn decode_in_parallel(&self, q: &[T], gates: &[T]) -> Result<NsaDecodeOutput<T>, Error> {
+        self.decode_with(q, gates, false, true)
+    }
+
+    fn decode_with(&self, q: &[T], gates: &[T], portable: bool, parallel: bool) -> Result<NsaDecodeOutput<T>, Error> {
         let h = self.heads;
         let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, self.cfg.num_selected);
         let ns = self.seqs.len();
@@ -235,7 +242,7 @@ impl<T: Element> NsaCache<T> {
         let mut indices = vec![NO_BLOCK; ns * hkv * n];
         // Task (s, g) owns the group's output rows `[s, g * group .. (g + 1) * group]` and its
         // index slots: consecutive chunks.
-        o.par_chunks_mut(h.group() * dv).zip(indices.par_chunks_mut(n)).enumerate().for_each(|(task, (o, chosen))| {
+        let run = |(task, (o, chosen)): (usize, (&mut [T], &mut [u32]))| {
             // Nothing in a task re-enters it, so the borrow is never contended. (Borrowed
             // out here: a closure inside the kernel would miss its target features.)
             SCRATCH.with(|scratch| {
@@ -247,8 +254,25 @@ impl<T: Element> NsaCache<T> {
                     dispatch(call)
                 }
             })
-        });
+        };
+        if parallel {
+            o.par_chunks_mut(h.group() * dv).zip(indices.par_chunks_mut(n)).enumerate().for_each(run);
+        } else {
+            o.chunks_mut(h.group() * dv).zip(indices.chunks_mut(n)).enumerate().for_each(run);
+        }
         Ok(NsaDecodeOutput { o, indices })
+    }
+
+    /// Multiply-adds times 2 of one decode step: every kv head's group against its compressed
+    /// blocks, its selected keys and its window, scores and outputs.
+    fn step_flops(&self) -> usize {
+        let (cfg, h) = (&self.cfg, &self.heads);
+        let keys: usize = self
+            .seqs
+            .iter()
+            .map(|sc| sc.blocks + (cfg.num_selected * cfg.block_slc).min(sc.len) + cfg.window.min(sc.len))
+            .sum();
+        keys * h.num_q_heads * (h.head_dim_k + h.head_dim_v) * 2
     }
 }
 
@@ -286,6 +310,11 @@ struct Scratch {
     /// Runs of consecutive keys `[start, end)` a branch attends to.
     runs: Vec<(usize, usize)>,
 }
+
+/// Below this many flops a decode step runs on the calling thread: about 100 us of one core
+/// here, where waking the pool's workers costs tens of us and varies from call to call (one
+/// token of the paper's config against 32k cached tokens is ~7 MFLOP).
+const SERIAL_FLOPS: usize = 10_000_000;
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());

@@ -613,6 +613,10 @@ fn check_decode<T: Element>(c: &Case, portable: bool, tol: f64) -> NsaCache<T> {
         let q: Vec<T> = rows.iter().flat_map(|&r| st.q[r * hq * dk..(r + 1) * hq * dk].to_vec()).collect();
         let gates: Vec<T> = rows.iter().flat_map(|&r| st.gates[r * hq * 3..(r + 1) * hq * 3].to_vec()).collect();
         let out = if portable { cache.decode_portable(&q, &gates) } else { cache.decode(&q, &gates) }.unwrap();
+        if !portable {
+            // Small steps run on the calling thread; spread over the pool they give the same.
+            assert_eq!(cache.decode_in_parallel(&q, &gates).unwrap(), out);
+        }
         for (s, &r) in rows.iter().enumerate() {
             let ix = out.indices[s * hkv * n..(s + 1) * hkv * n].to_vec();
             decoded.push((r, back(&out.o[s * hq * dv..(s + 1) * hq * dv]), ix));
