@@ -160,22 +160,27 @@ pub fn fma32(a: f32, b: f32, c: f32, mode: Rnd) -> f32 {
     adjust32(r, cmp32_pair(r, s, t), mode)
 }
 
+/// Where a rounded quotient `r` lies against the exact one, from the exact remainder
+/// `a - r*b`: below it when the remainder has the divisor's sign.
+fn quotient_order(rem: f64, divisor_positive: bool) -> Ordering {
+    if rem == 0.0 {
+        Ordering::Equal
+    } else if (rem > 0.0) == divisor_positive {
+        Ordering::Less
+    } else {
+        Ordering::Greater
+    }
+}
+
 /// `a / b` in f32 under `mode`.
 pub fn div32(a: f32, b: f32, mode: Rnd) -> f32 {
     let r = a / b;
     if mode == Rnd::Rn || !r.is_finite() || r == 0.0 || b == 0.0 {
         return r;
     }
-    // rem = a - r*b, exact in f64; r is below the quotient when rem has b's sign.
+    // rem = a - r*b, exact in f64.
     let rem = f64::from(r).mul_add(-f64::from(b), f64::from(a));
-    let ord = if rem == 0.0 {
-        Ordering::Equal
-    } else if (rem > 0.0) == (b > 0.0) {
-        Ordering::Less
-    } else {
-        Ordering::Greater
-    };
-    adjust32(r, ord, mode)
+    adjust32(r, quotient_order(rem, b > 0.0), mode)
 }
 
 /// `sqrt(a)` in f32 under `mode`.
@@ -213,14 +218,7 @@ pub fn div64(a: f64, b: f64, mode: Rnd) -> f64 {
         return r;
     }
     let rem = (-r).mul_add(b, a);
-    let ord = if rem == 0.0 {
-        Ordering::Equal
-    } else if (rem > 0.0) == (b > 0.0) {
-        Ordering::Less
-    } else {
-        Ordering::Greater
-    };
-    adjust64(r, ord, mode)
+    adjust64(r, quotient_order(rem, b > 0.0), mode)
 }
 
 /// `sqrt(a)` in f64 under `mode`.
@@ -378,5 +376,23 @@ mod tests {
         assert_eq!(int_to_f32((1 << 24) + 1, Rnd::Rp), 16_777_218.0);
         assert_eq!(int_to_f32((1 << 24) + 1, Rnd::Rz), 16_777_216.0);
         assert_eq!(sqrt32(2.0, Rnd::Rz), sqrt32(2.0, Rnd::Rm));
+    }
+
+    /// Division under every mode and every sign of dividend and divisor: Rm and Rp bracket the
+    /// quotient one ulp apart (or meet on it), Rz is the one nearer zero, exact quotients stay.
+    #[test]
+    fn directed_division_brackets_the_quotient_for_every_sign() {
+        for (a, b) in [(1.0, 3.0), (-1.0, 3.0), (1.0, -3.0), (-1.0, -3.0), (2.0, 7.0), (-5.0, 0.3), (6.0, -2.0)] {
+            let (lo, hi) = (div32(a as f32, b as f32, Rnd::Rm), div32(a as f32, b as f32, Rnd::Rp));
+            // The f32 operands' quotient (0.3 is not an f32), to f64's far finer precision.
+            let q = f64::from(a as f32) / f64::from(b as f32);
+            assert!(f64::from(lo) <= q && q <= f64::from(hi), "{a}/{b}: {lo} {hi}");
+            assert!(hi == lo || hi == next_up32(lo), "{a}/{b}: {lo} {hi}");
+            let rz = div32(a as f32, b as f32, Rnd::Rz);
+            assert_eq!(rz, if q > 0.0 { lo } else { hi }, "{a}/{b}");
+            let (lo, hi) = (div64(a, b, Rnd::Rm), div64(a, b, Rnd::Rp));
+            assert!(lo <= hi && (hi == lo || hi == next_up64(lo)), "{a}/{b}: {lo} {hi}");
+            assert_eq!(div64(a, b, Rnd::Rz), if q > 0.0 { lo } else { hi }, "{a}/{b}");
+        }
     }
 }
