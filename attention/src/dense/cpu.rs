@@ -198,6 +198,16 @@ pub(crate) fn online_softmax_step<F: Fma>(row: &mut [f32], m: &mut f32, l: &mut 
     }
 }
 
+/// `1 / l` and `lse = m + ln l` of a finished online softmax (`0` and `-inf` for no keys).
+#[inline(always)]
+pub(crate) fn finish_softmax(m: f32, l: f32) -> (f32, f32) {
+    if l > 0.0 {
+        (1.0 / l, m + l.ln())
+    } else {
+        (0.0, f32::NEG_INFINITY)
+    }
+}
+
 /// `x = exp(x - m)` in place; returns the sum.
 #[inline(always)]
 pub(crate) fn exp_sub_sum<F: Fma>(x: &mut [f32], m: f32) -> f32 {
@@ -368,7 +378,7 @@ fn fwd_task<T: Element, R: Element, M: Mask, F: Fma, const W: usize>(
     for r in 0..rows {
         let i = q0 + i0 + r;
         let l = scr.l[r];
-        let (inv, lse) = if l > 0.0 { (1.0 / l, scr.m[r] + l.ln()) } else { (0.0, f32::NEG_INFINITY) };
+        let (inv, lse) = finish_softmax(scr.m[r], l);
         let base = (i * hq + head) * dv;
         for d in 0..dv {
             // SAFETY: row `i` of head `head` belongs to this task alone.

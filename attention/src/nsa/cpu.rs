@@ -17,7 +17,7 @@ use squid_cuda::Element;
 
 use super::{cmp_offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
 use crate::dense::cpu::{
-    backward_with, exp_sub_sum, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
+    backward_with, exp_sub_sum, finish_softmax, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
 };
 use crate::dense::{DenseConfig, DenseGrads, Dims};
 use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
@@ -594,16 +594,6 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
     }
     scr.union = union;
     finish_rows(sh, win, scr, outs, s, g, t0, t1);
-}
-
-/// `1 / l` and `lse = m + ln l` of a finished online softmax (`0` and `-inf` for no keys).
-#[inline(always)]
-fn finish_softmax(m: f32, l: f32) -> (f32, f32) {
-    if l > 0.0 {
-        (1.0 / l, m + l.ln())
-    } else {
-        (0.0, f32::NEG_INFINITY)
-    }
 }
 
 /// Writes the task's rows of `o_slc`, `o_win`, their `lse` and the gated output `o`.

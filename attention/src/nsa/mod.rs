@@ -166,8 +166,6 @@ pub fn overlap_weight(cfg: &NsaConfig, j: usize, i: usize) -> usize {
 pub(crate) struct Chooser {
     /// The group-summed probabilities behind `l/d - 1` zeros, then zeros to the last tap.
     padded: Vec<f32>,
-    /// Weighted sums at every stride piece (only every `l'/d`-th one is a block's score).
-    sums: Vec<f32>,
     scores: Vec<f32>,
     /// Candidates of [`select_blocks_fast`], as [`rank_key`]s.
     candidates: Vec<u64>,
@@ -185,9 +183,7 @@ impl Chooser {
     /// importance of selection blocks `0..len`: block `i` spans stride pieces `i .. i + l/d`
     /// and adds its probability once per piece it shares with selection block `j`, so
     /// `score_j = sum_k w_k p[(l'/d) j + k - (l/d - 1)]` with `w_k` the shared pieces
-    /// ([`overlap_weight`]; 1, 2, 2, 2, 1 for the paper's settings). Computed at every piece as
-    /// `l'/d + l/d - 1` shifted multiply-adds over whole rows (they vectorise; a loop per block
-    /// does not), then read at every `l'/d`-th piece.
+    /// ([`overlap_weight`]; 1, 2, 2, 2, 1 for the paper's settings).
     pub(crate) fn slc_scores(&mut self, cfg: &NsaConfig, p_cmp: &[f32], len: usize) -> &[f32] {
         let per_slc = cfg.block_slc / cfg.stride_cmp;
         let per_cmp = cfg.block_cmp / cfg.stride_cmp;
@@ -197,29 +193,14 @@ impl Chooser {
         self.padded.clear();
         self.padded.resize(pieces + taps, 0.0);
         self.padded[per_cmp - 1..][..used].copy_from_slice(&p_cmp[..used]);
-        if (per_slc, per_cmp) == (4, 2) {
-            // The paper's l' / d = 4, l / d = 2: taps 1, 2, 2, 2, 1 at every 4th piece,
-            // written out so that the loop vectorises over blocks.
-            self.scores.clear();
-            self.scores.resize(len, 0.0);
-            let padded = &self.padded[..4 * len + 1];
-            for (j, s) in self.scores.iter_mut().enumerate() {
-                let x = &padded[4 * j..][..5];
-                *s = x[0] + 2.0 * (x[1] + x[2] + x[3]) + x[4];
-            }
-            return &self.scores;
-        }
-        self.sums.clear();
-        self.sums.resize(pieces, 0.0);
-        for k in 0..taps {
-            // Pieces `k + 1 - l/d ..= k` of a block, counted from the selection block's start.
-            let w = ((k + 1).min(per_slc) - (k + 1).saturating_sub(per_cmp)) as f32;
-            for (s, &p) in self.sums.iter_mut().zip(&self.padded[k..]) {
-                *s += w * p;
-            }
-        }
         self.scores.clear();
-        self.scores.extend(self.sums.iter().step_by(per_slc));
+        self.scores.resize(len, 0.0);
+        if (per_slc, per_cmp) == (4, 2) {
+            // The paper's settings as constants: the taps unroll and the loop over blocks vectorises.
+            block_sums(&self.padded, 4, 2, &mut self.scores);
+        } else {
+            block_sums(&self.padded, per_slc, per_cmp, &mut self.scores);
+        }
         &self.scores
     }
 }
@@ -266,6 +247,22 @@ pub fn select_blocks<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mu
     let free = cfg.num_selected - out.len();
     out.extend(rest.iter().take(free).map(|&j| j as u32));
     out.sort_unstable();
+}
+
+/// `scores[j] = sum_k w_k padded[per_slc * j + k]` over the `per_slc + per_cmp - 1` taps, `w_k`
+/// the stride pieces that compressed block and selection block `j` share.
+#[inline(always)]
+fn block_sums(padded: &[f32], per_slc: usize, per_cmp: usize, scores: &mut [f32]) {
+    let taps = per_slc + per_cmp - 1;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let x = &padded[per_slc * j..][..taps];
+        // Pieces `k + 1 - l/d ..= k` of a block, counted from the selection block's start.
+        *s = x
+            .iter()
+            .enumerate()
+            .map(|(k, &p)| ((k + 1).min(per_slc) - (k + 1).saturating_sub(per_cmp)) as f32 * p)
+            .sum();
+    }
 }
 
 /// `s` as a `u32` whose unsigned order is `f32::total_cmp`'s.
