@@ -82,13 +82,30 @@ impl Heads {
 
 /// The number of rows of a `[rows, heads, dim]` tensor, or a shape error naming it.
 pub(crate) fn rows_of(name: &'static str, len: usize, heads: usize, dim: usize) -> Result<usize, Error> {
-    let row = heads * dim;
+    let row = heads
+        .checked_mul(dim)
+        .ok_or_else(|| Error::Shape(format!("{name}: heads x dim = {heads} x {dim} overflows usize")))?;
     if row == 0 || len % row != 0 {
         return Err(Error::Shape(format!(
             "{name} has {len} elements, not a multiple of heads x dim = {heads} x {dim}"
         )));
     }
     Ok(len / row)
+}
+
+/// The element count of a tensor of shape `dims`, or a shape error naming it if the product
+/// overflows `usize` (sizes come from the caller: a wrapped product could pass a length check).
+pub(crate) fn numel(name: &'static str, dims: &[usize]) -> Result<usize, Error> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Shape(format!("{name}: the shape {dims:?} has more elements than usize holds")))
+}
+
+/// A zero-filled buffer of `len` elements, or [`Error::OutOfMemory`] if the allocator refuses
+/// it (sizes that come from the caller must not abort the process).
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(name: &'static str, len: usize) -> Result<Vec<T>, Error> {
+    bytemuck::allocation::try_zeroed_vec(len)
+        .map_err(|()| Error::OutOfMemory { what: name, bytes: len.saturating_mul(std::mem::size_of::<T>()) })
 }
 
 /// An exact length check.

@@ -37,4 +37,12 @@ pub enum Error {
     /// A decode cache used inconsistently (unknown sequence, wrong token count).
     #[error("cache: {0}")]
     Cache(String),
+    /// A buffer whose size comes from the inputs could not be allocated.
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory {
+        /// Which buffer.
+        what: &'static str,
+        /// Its size (saturated at `usize::MAX`).
+        bytes: usize,
+    },
 }

@@ -30,14 +30,24 @@ impl<'a, T> PagedKvView<'a, T> {
     /// Checks that the page table covers `len` tokens and every page lies inside both pools, so
     /// reading through the view cannot go out of bounds.
     pub fn validate(&self) -> Result<(), Error> {
-        let row = self.row_len();
-        if self.page_size == 0 || row == 0 {
+        if self.page_size == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err(Error::Cache(format!(
                 "paged view: page_size {}, kv_heads {}, head_dim {} must all be positive",
                 self.page_size, self.kv_heads, self.head_dim
             )));
         }
-        if self.page_table.len() * self.page_size < self.len {
+        // Sizes are the caller's: a product that wrapped could pass the checks below.
+        let page_len = [self.page_size, self.kv_heads, self.head_dim]
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                Error::Cache(format!(
+                    "paged view: a page of {} tokens x {} kv heads x {} dims has more elements than usize holds",
+                    self.page_size, self.kv_heads, self.head_dim
+                ))
+            })?;
+        let needed_pages = self.len.div_ceil(self.page_size);
+        if self.page_table.len() < needed_pages {
             return Err(Error::Cache(format!(
                 "paged view: {} pages of {} tokens cannot hold {} tokens",
                 self.page_table.len(),
@@ -45,7 +55,6 @@ impl<'a, T> PagedKvView<'a, T> {
                 self.len
             )));
         }
-        let page_len = self.page_size * row;
         let pages = (self.k_pages.len() / page_len).min(self.v_pages.len() / page_len);
         if let Some(p) = self.page_table.iter().find(|&&p| p as usize >= pages) {
             return Err(Error::Cache(format!("paged view: page {p} is outside the pools ({pages} pages)")));

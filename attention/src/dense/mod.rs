@@ -13,7 +13,7 @@
 
 use squid_cuda::Element;
 
-use crate::layout::{check_finite, expect_len, rows_of, seq_lens, validate_cu_seqlens};
+use crate::layout::{check_finite, expect_len, numel, rows_of, validate_cu_seqlens};
 use crate::{Error, Heads};
 
 pub(crate) mod cpu;
@@ -67,11 +67,18 @@ impl DenseConfig {
         let p = i as i64 + tk as i64 - tq as i64;
         let hi = if self.causal { (p + 1).clamp(0, tk as i64) } else { tk as i64 };
         let lo = match self.window {
-            Some(w) => (p - w as i64 + 1).clamp(0, tk as i64),
+            Some(w) => (p.saturating_sub(window_i64(w)) + 1).clamp(0, tk as i64),
             None => 0,
         };
         (lo as usize, hi.max(lo) as usize)
     }
+}
+
+/// A window as `i64` for the mask arithmetic: any window past `i64::MAX` keys (`usize::MAX`
+/// among them) holds every key, as no window does (a plain `as` cast would turn it negative and
+/// hide every key).
+pub(crate) fn window_i64(w: usize) -> i64 {
+    i64::try_from(w).unwrap_or(i64::MAX)
 }
 
 /// Forward result.
@@ -116,7 +123,7 @@ pub(crate) fn validate_lens(
     let h = cfg.heads;
     let total_q = rows_of("q", q_len, h.num_q_heads, h.head_dim_k)?;
     let total_k = rows_of("k", k_len, h.num_kv_heads, h.head_dim_k)?;
-    expect_len("v", v_len, total_k * h.num_kv_heads * h.head_dim_v, "[total_k, HKV, Dv]")?;
+    expect_len("v", v_len, numel("v", &[total_k, h.num_kv_heads, h.head_dim_v])?, "[total_k, HKV, Dv]")?;
     let num_seqs = validate_cu_seqlens(cu_seqlens_q, total_q)?;
     let num_k = validate_cu_seqlens(cu_seqlens_k, total_k)?;
     if num_seqs != num_k {
@@ -151,10 +158,10 @@ pub(crate) fn validate_backward_inputs<T: Element>(
     d_o: &[T],
 ) -> Result<(), Error> {
     let h = cfg.heads;
-    let o_len = dims.total_q * h.num_q_heads * h.head_dim_v;
+    let o_len = numel("o", &[dims.total_q, h.num_q_heads, h.head_dim_v])?;
     expect_len("o", o.len(), o_len, "[total_q, HQ, Dv]")?;
     expect_len("d_o", d_o.len(), o_len, "[total_q, HQ, Dv]")?;
-    expect_len("lse", lse.len(), dims.total_q * h.num_q_heads, "[HQ, total_q]")?;
+    expect_len("lse", lse.len(), numel("lse", &[dims.total_q, h.num_q_heads])?, "[HQ, total_q]")?;
     if cfg.check_finite {
         check_finite("d_o", d_o)?;
         check_finite("o", o)?;
@@ -249,11 +256,13 @@ pub fn decode_paged<T: Element>(
 pub fn forward_flops(cfg: &DenseConfig, cu_seqlens_q: &[u32], cu_seqlens_k: &[u32]) -> f64 {
     let h = cfg.heads;
     let mut pairs = 0f64;
-    for (tq, tk) in seq_lens(cu_seqlens_q).zip(seq_lens(cu_seqlens_k)) {
+    // Not validated (a planning helper): a decreasing pair counts as an empty sequence.
+    let lens = |cu: &'_ [u32]| cu.windows(2).map(|w| w[1].saturating_sub(w[0]) as usize).collect::<Vec<_>>();
+    for (tq, tk) in lens(cu_seqlens_q).into_iter().zip(lens(cu_seqlens_k)) {
         for i in 0..tq {
             let (lo, hi) = cfg.key_range(i, tq, tk);
             pairs += (hi - lo) as f64;
         }
     }
-    2.0 * pairs * h.num_q_heads as f64 * (h.head_dim_k + h.head_dim_v) as f64
+    2.0 * pairs * h.num_q_heads as f64 * (h.head_dim_k as f64 + h.head_dim_v as f64)
 }

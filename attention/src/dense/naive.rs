@@ -20,7 +20,7 @@ pub fn visible(cfg: &DenseConfig, i: usize, j: usize, tq: usize, tk: usize) -> b
     let j = j as i64;
     let causal_ok = !cfg.causal || j <= p;
     let window_ok = match cfg.window {
-        Some(w) => j > p - w as i64,
+        Some(w) => j > p.saturating_sub(super::window_i64(w)),
         None => true,
     };
     causal_ok && window_ok

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 use squid_cuda::Element;
 
-use super::{cmp_offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
+use super::{offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
 use crate::dense::cpu::{
     backward_with, exp_sub_sum, finish_softmax, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
 };
@@ -200,7 +200,7 @@ fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32], per: usize) -> Vec<Vec<(usize
 pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: &NsaInputs<'_, T>) -> NsaOutput<T> {
     let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
-    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, x.cu_seqlens);
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
     let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, false);
     let win_packed = match (x.k_win, x.v_win) {
@@ -786,7 +786,7 @@ pub(super) fn backward<T: Element>(
                 }
             });
     }
-    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, x.cu_seqlens);
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, true);
     let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
     let g_cmp: DenseGrads<f32> = backward_with(

@@ -21,7 +21,7 @@ use squid_cuda::Element;
 
 use super::{Chooser, NsaConfig, NO_BLOCK};
 use crate::kernels::{dispatch, exp, gemm_acc, round_up, Fma, Kernel, Unfused, COL_MULTIPLE, TILE_ROWS};
-use crate::layout::{check_finite, expect_len};
+use crate::layout::{check_finite, expect_len, numel};
 use crate::{Error, Heads};
 
 /// Keys per transposed key tile.
@@ -78,16 +78,26 @@ struct SeqCache<T> {
 }
 
 impl<T> SeqCache<T> {
-    fn new(hkv: usize, separate_win: bool) -> Self {
-        Self {
-            kv: vec![KvStore::default(); hkv],
-            win: vec![KvStore::default(); if separate_win { hkv } else { 0 }],
-            cmp: vec![KvStore::default(); hkv],
+    /// An empty sequence; its per-head stores are allocated fallibly (`hkv` is the caller's).
+    fn new(hkv: usize, separate_win: bool) -> Result<Self, Error> {
+        let stores = |n: usize| -> Result<Vec<KvStore>, Error> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+                what: "NsaCache per-head stores",
+                bytes: n.saturating_mul(std::mem::size_of::<KvStore>()),
+            })?;
+            v.resize_with(n, KvStore::default);
+            Ok(v)
+        };
+        Ok(Self {
+            kv: stores(hkv)?,
+            win: stores(if separate_win { hkv } else { 0 })?,
+            cmp: stores(hkv)?,
             k_cmp: Vec::new(),
             v_cmp: Vec::new(),
             len: 0,
             blocks: 0,
-        }
+        })
     }
 }
 
@@ -115,8 +125,21 @@ impl<T: Element> NsaCache<T> {
     pub fn new(cfg: NsaConfig, heads: Heads, num_seqs: usize, separate_win: bool) -> Result<Self, Error> {
         cfg.validate()?;
         heads.validate()?;
-        let seq = SeqCache::new(heads.num_kv_heads, separate_win);
-        Ok(Self { cfg, heads, separate_win, seqs: vec![seq; num_seqs] })
+        // Every sequence holds 2 or 3 stores per kv head: refuse what cannot be counted, and
+        // allocate the rest fallibly (a huge `num_seqs` must be an error, not an abort).
+        let per_seq = std::mem::size_of::<SeqCache<T>>().saturating_add(
+            (if separate_win { 3 } else { 2 } * std::mem::size_of::<KvStore>()).saturating_mul(heads.num_kv_heads),
+        );
+        let bytes = num_seqs.saturating_mul(per_seq);
+        if bytes > isize::MAX as usize {
+            return Err(Error::OutOfMemory { what: "NsaCache", bytes });
+        }
+        let mut seqs = Vec::new();
+        seqs.try_reserve_exact(num_seqs).map_err(|_| Error::OutOfMemory { what: "NsaCache", bytes })?;
+        for _ in 0..num_seqs {
+            seqs.push(SeqCache::new(heads.num_kv_heads, separate_win)?);
+        }
+        Ok(Self { cfg, heads, separate_win, seqs })
     }
 
     /// Tokens cached for sequence `seq`.
@@ -142,7 +165,7 @@ impl<T: Element> NsaCache<T> {
         let (hkv, dk, dv) = (h.num_kv_heads, h.head_dim_k, h.head_dim_v);
         let dvp = round_up(dv, COL_MULTIPLE);
         let n = crate::layout::rows_of("k", k.len(), hkv, dk)?;
-        expect_len("v", v.len(), n * hkv * dv, "[n, HKV, Dv]")?;
+        expect_len("v", v.len(), numel("v", &[n, hkv, dv])?, "[n, HKV, Dv]")?;
         if self.cfg.check_finite {
             check_finite("k", k)?;
             check_finite("v", v)?;
@@ -163,8 +186,8 @@ impl<T: Element> NsaCache<T> {
         };
         match (separate, win) {
             (true, Some((kw, vw))) => {
-                expect_len("k_win", kw.len(), n * hkv * dk, "[n, HKV, Dk]")?;
-                expect_len("v_win", vw.len(), n * hkv * dv, "[n, HKV, Dv]")?;
+                expect_len("k_win", kw.len(), numel("k_win", &[n, hkv, dk])?, "[n, HKV, Dk]")?;
+                expect_len("v_win", vw.len(), numel("v_win", &[n, hkv, dv])?, "[n, HKV, Dv]")?;
                 push_all(&mut sc.win, kw, vw);
             }
             (false, None) => {}
@@ -229,8 +252,8 @@ impl<T: Element> NsaCache<T> {
         let h = self.heads;
         let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, self.cfg.num_selected);
         let ns = self.seqs.len();
-        expect_len("q", q.len(), ns * hq * dk, "[num_seqs, HQ, Dk]")?;
-        expect_len("gates", gates.len(), ns * hq * 3, "[num_seqs, HQ, 3]")?;
+        expect_len("q", q.len(), numel("q", &[ns, hq, dk])?, "[num_seqs, HQ, Dk]")?;
+        expect_len("gates", gates.len(), numel("gates", &[ns, hq, 3])?, "[num_seqs, HQ, 3]")?;
         if let Some(s) = self.seqs.iter().position(|s| s.len == 0) {
             return Err(Error::Cache(format!("sequence {s} is empty: append its token before decoding")));
         }
@@ -270,9 +293,10 @@ impl<T: Element> NsaCache<T> {
         let keys: usize = self
             .seqs
             .iter()
-            .map(|sc| sc.blocks + (cfg.num_selected * cfg.block_slc).min(sc.len) + cfg.window.min(sc.len))
-            .sum();
-        keys * h.num_q_heads * (h.head_dim_k + h.head_dim_v) * 2
+            .map(|sc| sc.blocks + cfg.num_selected.saturating_mul(cfg.block_slc).min(sc.len) + cfg.window.min(sc.len))
+            .fold(0usize, usize::saturating_add);
+        // Saturating: an estimate that picks serial or parallel, never an error.
+        keys.saturating_mul(h.num_q_heads).saturating_mul((h.head_dim_k + h.head_dim_v) * 2)
     }
 }
 

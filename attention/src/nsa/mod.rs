@@ -26,7 +26,7 @@
 
 use squid_cuda::Element;
 
-use crate::layout::{check_finite, expect_len, rows_of, seq_lens, validate_cu_seqlens};
+use crate::layout::{check_finite, expect_len, numel, rows_of, seq_lens, try_zeroed, validate_cu_seqlens};
 use crate::{Error, Heads};
 
 mod cpu;
@@ -77,8 +77,14 @@ impl Default for NsaConfig {
 /// Blocks forced into every selection: the first and the two local ones.
 pub const FORCED_BLOCKS: usize = 3;
 
+/// The most selected blocks per query [`NsaConfig::validate`] accepts: every (token, kv head)
+/// gets `n` index slots in the outputs, so a huge `n` would be a huge allocation from a small
+/// input (the paper uses 16).
+pub const MAX_SELECTED: usize = 1 << 16;
+
 impl NsaConfig {
-    /// Checks the sizes: all non-zero, `d | l`, `d | l'`, `l <= l'`, `n >= 3`, a finite scale.
+    /// Checks the sizes: all non-zero, `d | l`, `d | l'`, `l <= l'`, `3 <= n <= MAX_SELECTED`, a
+    /// finite scale.
     pub fn validate(&self) -> Result<(), Error> {
         let named = [
             ("block_cmp (l)", self.block_cmp),
@@ -106,6 +112,9 @@ impl NsaConfig {
                 self.num_selected
             )));
         }
+        if self.num_selected > MAX_SELECTED {
+            return Err(Error::Config(format!("n = {} exceeds {MAX_SELECTED} selected blocks", self.num_selected)));
+        }
         if let Some(s) = self.scale {
             if !s.is_finite() || s == 0.0 {
                 return Err(Error::Config(format!("softmax scale {s} must be finite and non-zero")));
@@ -115,17 +124,22 @@ impl NsaConfig {
     }
 
     /// Compressed blocks of a sequence of `len` tokens (complete blocks only).
+    /// (0 for a zero stride, which [`NsaConfig::validate`] refuses.)
     pub fn num_cmp_blocks(&self, len: usize) -> usize {
-        if len >= self.block_cmp {
-            (len - self.block_cmp) / self.stride_cmp + 1
-        } else {
-            0
+        match len.checked_sub(self.block_cmp).and_then(|rest| rest.checked_div(self.stride_cmp)) {
+            Some(blocks) => blocks + 1,
+            None => 0,
         }
     }
 
     /// Selection blocks of a sequence of `len` tokens (the last one may be partial).
+    /// (0 for a zero block length, which [`NsaConfig::validate`] refuses.)
     pub fn num_slc_blocks(&self, len: usize) -> usize {
-        len.div_ceil(self.block_slc)
+        if self.block_slc == 0 {
+            0
+        } else {
+            len.div_ceil(self.block_slc)
+        }
     }
 
     /// The softmax scale in use for heads `h`.
@@ -134,8 +148,17 @@ impl NsaConfig {
     }
 }
 
-/// Offsets of each sequence's compressed blocks in `k_cmp`/`v_cmp` (`[num_seqs + 1]`).
-pub fn cmp_offsets(cfg: &NsaConfig, cu_seqlens: &[u32]) -> Vec<u32> {
+/// Offsets of each sequence's compressed blocks in `k_cmp`/`v_cmp` (`[num_seqs + 1]`), after
+/// checking the config (a zero stride has no blocks to count) and the offsets.
+pub fn cmp_offsets(cfg: &NsaConfig, cu_seqlens: &[u32]) -> Result<Vec<u32>, Error> {
+    cfg.validate()?;
+    validate_cu_seqlens(cu_seqlens, *cu_seqlens.last().unwrap_or(&0) as usize)?;
+    Ok(offsets(cfg, cu_seqlens))
+}
+
+/// [`cmp_offsets`] of a validated config and offsets: `d >= 1` gives at most one block per
+/// token, so the sums stay below the last offset and cannot overflow.
+pub(crate) fn offsets(cfg: &NsaConfig, cu_seqlens: &[u32]) -> Vec<u32> {
     let mut out = vec![0u32];
     for len in seq_lens(cu_seqlens) {
         out.push(out.last().copied().unwrap_or(0) + cfg.num_cmp_blocks(len) as u32);
@@ -147,17 +170,19 @@ pub fn cmp_offsets(cfg: &NsaConfig, cu_seqlens: &[u32]) -> Vec<u32> {
 /// `(m, n)`, `m < l'/d`, `n < l/d`, with `i = (l'/d) j + m - n` (the corrected Eq. 9). It equals
 /// the length of the overlap of `[i d, i d + l)` and `[j l', (j + 1) l')` divided by `d`: the
 /// paper's settings give weights 1, 2, 2, 2, 1 to blocks `4j - 1 ..= 4j + 3`.
+///
+/// Counted in closed form (for each `m` one `n` at most), in `i128` so no index overflows; 0 for
+/// a zero stride, which [`NsaConfig::validate`] refuses.
 pub fn overlap_weight(cfg: &NsaConfig, j: usize, i: usize) -> usize {
-    let (a, b) = (cfg.block_slc / cfg.stride_cmp, cfg.block_cmp / cfg.stride_cmp);
-    let mut count = 0;
-    for m in 0..a {
-        for n in 0..b {
-            if (a * j + m) as i64 - n as i64 == i as i64 {
-                count += 1;
-            }
-        }
-    }
-    count
+    let (Some(a), Some(b)) = (cfg.block_slc.checked_div(cfg.stride_cmp), cfg.block_cmp.checked_div(cfg.stride_cmp))
+    else {
+        return 0;
+    };
+    // m in [0, a) with n = a j + m - i in [0, b).
+    let shift = i as i128 - a as i128 * j as i128;
+    let lo = shift.max(0);
+    let hi = (shift + b as i128).min(a as i128);
+    (hi - lo).max(0) as usize
 }
 
 /// The CPU path's choice of blocks for one query, with scratch reused from token to token (no
@@ -237,12 +262,20 @@ fn push_forced(cfg: &NsaConfig, t: usize, out: &mut Vec<u32>) {
 /// `0..=t / l'` (missing scores count as 0; later ones are ignored): the forced blocks, then the
 /// highest scores, ties to the lower index. Writes them ascending into `out` (cleared first).
 /// A full sort: this is the reference; the CPU path's faster choice must agree exactly.
+///
+/// Leaves `out` empty for `l' = 0` or `n < 3`, which [`NsaConfig::validate`] refuses. Blocks past
+/// `scores.len() + n` are never ranked: at least `n - 2` unforced blocks of score 0 and lower
+/// index come before them, so none of them can be chosen.
 pub fn select_blocks<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mut Vec<u32>) {
     out.clear();
+    if cfg.block_slc == 0 || cfg.num_selected < FORCED_BLOCKS {
+        return;
+    }
     let cur = t / cfg.block_slc;
     push_forced(cfg, t, out);
     let score = |j: usize| scores.get(j).copied().unwrap_or_default();
-    let mut rest: Vec<usize> = (0..=cur).filter(|j| !out.contains(&(*j as u32))).collect();
+    let last = cur.min(scores.len().saturating_add(cfg.num_selected));
+    let mut rest: Vec<usize> = (0..=last).filter(|j| !out.contains(&(*j as u32))).collect();
     rest.sort_by(|&x, &y| score(y).total(&score(x)).then(x.cmp(&y)));
     let free = cfg.num_selected - out.len();
     out.extend(rest.iter().take(free).map(|&j| j as u32));
@@ -426,20 +459,22 @@ pub(crate) fn validate_lens<E>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, E>)
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let total = rows_of("q", x.q.len(), hq, dk)?;
     let num_seqs = validate_cu_seqlens(x.cu_seqlens, total)?;
-    expect_len("k", x.k.len(), total * hkv * dk, "[total, HKV, Dk]")?;
-    expect_len("v", x.v.len(), total * hkv * dv, "[total, HKV, Dv]")?;
+    let k_len = numel("k", &[total, hkv, dk])?;
+    let v_len = numel("v", &[total, hkv, dv])?;
+    expect_len("k", x.k.len(), k_len, "[total, HKV, Dk]")?;
+    expect_len("v", x.v.len(), v_len, "[total, HKV, Dv]")?;
     match (x.k_win, x.v_win) {
         (Some(kw), Some(vw)) => {
-            expect_len("k_win", kw.len(), total * hkv * dk, "[total, HKV, Dk]")?;
-            expect_len("v_win", vw.len(), total * hkv * dv, "[total, HKV, Dv]")?;
+            expect_len("k_win", kw.len(), k_len, "[total, HKV, Dk]")?;
+            expect_len("v_win", vw.len(), v_len, "[total, HKV, Dv]")?;
         }
         (None, None) => {}
         _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
     }
-    let total_cmp = *cmp_offsets(cfg, x.cu_seqlens).last().unwrap_or(&0) as usize;
-    expect_len("k_cmp", x.k_cmp.len(), total_cmp * hkv * dk, "[total_cmp, HKV, Dk]")?;
-    expect_len("v_cmp", x.v_cmp.len(), total_cmp * hkv * dv, "[total_cmp, HKV, Dv]")?;
-    expect_len("gates", x.gates.len(), total * hq * 3, "[total, HQ, 3]")?;
+    let total_cmp = *offsets(cfg, x.cu_seqlens).last().unwrap_or(&0) as usize;
+    expect_len("k_cmp", x.k_cmp.len(), numel("k_cmp", &[total_cmp, hkv, dk])?, "[total_cmp, HKV, Dk]")?;
+    expect_len("v_cmp", x.v_cmp.len(), numel("v_cmp", &[total_cmp, hkv, dv])?, "[total_cmp, HKV, Dv]")?;
+    expect_len("gates", x.gates.len(), numel("gates", &[total, hq, 3])?, "[total, HQ, 3]")?;
     Ok(NsaDims { total, total_cmp, num_seqs })
 }
 
@@ -476,8 +511,8 @@ pub fn backward<T: Element>(
 ) -> Result<NsaGrads<T>, Error> {
     let dims = validate(cfg, heads, x)?;
     let h = heads;
-    let o_len = dims.total * h.num_q_heads * h.head_dim_v;
-    let lse_len = dims.total * h.num_q_heads;
+    let o_len = numel("o", &[dims.total, h.num_q_heads, h.head_dim_v])?;
+    let lse_len = numel("lse", &[dims.total, h.num_q_heads])?;
     expect_len("d_o", d_o.len(), o_len, "[total, HQ, Dv]")?;
     for (name, t) in [("o_cmp", &fwd.o_cmp), ("o_slc", &fwd.o_slc), ("o_win", &fwd.o_win)] {
         expect_len(name, t.len(), o_len, "[total, HQ, Dv]")?;
@@ -485,11 +520,45 @@ pub fn backward<T: Element>(
     for (name, t) in [("lse_cmp", &fwd.lse_cmp), ("lse_slc", &fwd.lse_slc), ("lse_win", &fwd.lse_win)] {
         expect_len(name, t.len(), lse_len, "[HQ, total]")?;
     }
-    expect_len("indices", fwd.indices.len(), dims.total * h.num_kv_heads * cfg.num_selected, "[total, HKV, n]")?;
+    validate_indices(cfg, h, x.cu_seqlens, &fwd.indices)?;
     if cfg.check_finite {
         check_finite("d_o", d_o)?;
     }
     Ok(cpu::backward(cfg, heads, dims, x, fwd, d_o))
+}
+
+/// Checks chosen blocks that come back in (a forward's public `indices`, perhaps edited): the
+/// shape `[total, HKV, n]`, and per (token `t`, kv head) blocks strictly ascending, each at most
+/// `t / l'` (no block starting after the token), [`NO_BLOCK`] only after the chosen ones. What
+/// the forward writes always passes; anything else would index outside the sequence.
+pub(crate) fn validate_indices(cfg: &NsaConfig, h: &Heads, cu_seqlens: &[u32], indices: &[u32]) -> Result<(), Error> {
+    let (hkv, n) = (h.num_kv_heads, cfg.num_selected);
+    let total = *cu_seqlens.last().unwrap_or(&0) as usize;
+    expect_len("indices", indices.len(), numel("indices", &[total, hkv, n])?, "[total, HKV, n]")?;
+    for (s, w) in cu_seqlens.windows(2).enumerate() {
+        for t in 0..(w[1] - w[0]) as usize {
+            let row = w[0] as usize + t;
+            for g in 0..hkv {
+                let chosen = &indices[(row * hkv + g) * n..][..n];
+                let used = chosen.iter().position(|&j| j == NO_BLOCK).unwrap_or(n);
+                let bad = if chosen[used..].iter().any(|&j| j != NO_BLOCK) {
+                    Some("a block after NO_BLOCK padding")
+                } else if chosen[..used].iter().any(|&j| j as usize > t / cfg.block_slc) {
+                    Some("a block that starts after the token")
+                } else if chosen[..used].windows(2).any(|p| p[1] <= p[0]) {
+                    Some("blocks not strictly ascending")
+                } else {
+                    None
+                };
+                if let Some(why) = bad {
+                    return Err(Error::Shape(format!(
+                        "indices of sequence {s}, token {t}, kv head {g}: {why}: {chosen:?}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Mean pooling over compression blocks: `x [total, H, D] -> [total_cmp, H, D]`, block `i` of
@@ -504,7 +573,7 @@ pub fn compress_mean<T: Element>(
     cfg.validate()?;
     let total = rows_of("x", x.len(), heads, dim)?;
     validate_cu_seqlens(cu_seqlens, total)?;
-    let offs = cmp_offsets(cfg, cu_seqlens);
+    let offs = offsets(cfg, cu_seqlens);
     let row = heads * dim;
     let mut out = vec![T::default(); *offs.last().unwrap_or(&0) as usize * row];
     let inv = 1.0 / cfg.block_cmp as f32;
@@ -538,10 +607,18 @@ pub fn compress_mean_backward<T: Element>(
     cfg.validate()?;
     let total = *cu_seqlens.last().ok_or_else(|| Error::CuSeqlens("empty".into()))? as usize;
     validate_cu_seqlens(cu_seqlens, total)?;
-    let offs = cmp_offsets(cfg, cu_seqlens);
-    let row = heads * dim;
-    expect_len("dx_cmp", dx_cmp.len(), *offs.last().unwrap_or(&0) as usize * row, "[total_cmp, H, D]")?;
-    let mut acc = vec![0f32; total * row];
+    let offs = offsets(cfg, cu_seqlens);
+    let row = numel("dx", &[heads, dim])?;
+    if row == 0 {
+        return Err(Error::Shape(format!("heads x dim = {heads} x {dim} is empty")));
+    }
+    let total_cmp = *offs.last().unwrap_or(&0) as usize;
+    expect_len("dx_cmp", dx_cmp.len(), numel("dx_cmp", &[total_cmp, row])?, "[total_cmp, H, D]")?;
+    // The output's size comes from `cu_seqlens` alone (the rows no block covers get zeros), so
+    // it may be far larger than the gradient: allocate it fallibly.
+    let out_len = numel("dx", &[total, row])?;
+    let mut acc: Vec<f32> = try_zeroed("compress_mean_backward output (f32 accumulator)", out_len)?;
+    let mut out: Vec<T> = try_zeroed("compress_mean_backward output", out_len)?;
     let inv = 1.0 / cfg.block_cmp as f32;
     for (s, w) in cu_seqlens.windows(2).enumerate() {
         let start = w[0] as usize;
@@ -554,5 +631,11 @@ pub fn compress_mean_backward<T: Element>(
             }
         }
     }
-    Ok(acc.into_iter().map(T::from_f32).collect())
+    // Rows no block covers stay as the allocator zeroed them (untouched, they cost no memory).
+    for (o, a) in out.iter_mut().zip(&acc) {
+        if a.to_bits() != 0 {
+            *o = T::from_f32(*a);
+        }
+    }
+    Ok(out)
 }

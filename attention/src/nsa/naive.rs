@@ -2,7 +2,7 @@
 //! branch, run a textbook softmax attention over them, mix by the gates. Slow and obviously
 //! right; the CPU path, decode and the finite-difference tests are held to it.
 
-use super::{cmp_offsets, select_blocks, validate_lens, NsaConfig, NsaGrads, NsaInputs, NO_BLOCK};
+use super::{offsets, select_blocks, validate_lens, NsaConfig, NsaGrads, NsaInputs, NO_BLOCK};
 use crate::dense::naive::check_finite_f64;
 use crate::{Error, Heads};
 
@@ -102,8 +102,17 @@ fn attend_backward(
 }
 
 /// Mean pooling over compression blocks, f64.
-pub fn compress_mean(cfg: &NsaConfig, heads: usize, dim: usize, x: &[f64], cu_seqlens: &[u32]) -> Vec<f64> {
-    let offs = cmp_offsets(cfg, cu_seqlens);
+pub fn compress_mean(
+    cfg: &NsaConfig,
+    heads: usize,
+    dim: usize,
+    x: &[f64],
+    cu_seqlens: &[u32],
+) -> Result<Vec<f64>, Error> {
+    cfg.validate()?;
+    let total = crate::layout::rows_of("x", x.len(), heads, dim)?;
+    crate::validate_cu_seqlens(cu_seqlens, total)?;
+    let offs = offsets(cfg, cu_seqlens);
     let row = heads * dim;
     let mut out = vec![0.0; *offs.last().unwrap_or(&0) as usize * row];
     for s in 0..cu_seqlens.len().saturating_sub(1) {
@@ -116,7 +125,7 @@ pub fn compress_mean(cfg: &NsaConfig, heads: usize, dim: usize, x: &[f64], cu_se
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// One branch's keys, values, their row indices, and its gate index.
@@ -154,7 +163,7 @@ pub fn forward(
     }
     let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
     if let Some(ix) = indices {
-        crate::layout::expect_len("indices", ix.len(), dims.total * hkv * n, "[total, HKV, n]")?;
+        super::validate_indices(cfg, h, x.cu_seqlens, ix)?;
     }
     let total = dims.total;
     let group = hq / hkv;
@@ -170,7 +179,7 @@ pub fn forward(
         scores: vec![Vec::new(); total * hkv],
         indices: vec![NO_BLOCK; total * hkv * n],
     };
-    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, x.cu_seqlens);
     let mut chosen = Vec::new();
     for s in 0..dims.num_seqs {
         let start = x.cu_seqlens[s] as usize;
@@ -278,7 +287,7 @@ pub fn backward(
     let dims = validate_lens(cfg, h, x)?;
     let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
-    crate::layout::expect_len("indices", indices.len(), total * hkv * n, "[total, HKV, n]")?;
+    super::validate_indices(cfg, h, x.cu_seqlens, indices)?;
     crate::layout::expect_len("d_o", d_o.len(), total * hq * dv, "[total, HQ, Dv]")?;
     let group = hq / hkv;
     let scale = cfg.softmax_scale(h) as f64;
@@ -293,7 +302,7 @@ pub fn backward(
         dv_cmp: vec![0.0; x.v_cmp.len()],
         dgates: vec![0.0; x.gates.len()],
     };
-    let offs = cmp_offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, x.cu_seqlens);
     for s in 0..dims.num_seqs {
         let start = x.cu_seqlens[s] as usize;
         let len = x.cu_seqlens[s + 1] as usize - start;

@@ -62,6 +62,9 @@ impl Segment {
 pub struct SegmentLayout {
     /// Per context, `(start, end, kind)` of each segment in context key positions.
     spans: Vec<Vec<(usize, usize, SegmentKind)>>,
+    /// The `cu_seqlens_k` it was validated against: a call with other offsets is refused (its
+    /// tokens would get the ranges of other segments, some of them none at all).
+    cu_seqlens_k: Vec<u32>,
 }
 
 impl SegmentLayout {
@@ -74,7 +77,10 @@ impl SegmentLayout {
         let mut spans = Vec::with_capacity(num);
         for (s, segs) in contexts.iter().enumerate() {
             let tk = (cu_seqlens_k[s + 1] - cu_seqlens_k[s]) as usize;
-            let total: usize = segs.iter().map(|g| g.len).sum();
+            let total = segs.iter().try_fold(0usize, |acc, g| acc.checked_add(g.len));
+            let Some(total) = total else {
+                return Err(Error::Shape(format!("context {s}: segment lengths overflow usize")));
+            };
             if total != tk {
                 return Err(Error::Shape(format!("context {s}: segments hold {total} tokens but it has {tk} keys")));
             }
@@ -89,7 +95,12 @@ impl SegmentLayout {
                     .collect(),
             );
         }
-        Ok(Self { spans })
+        Ok(Self { spans, cu_seqlens_k: cu_seqlens_k.to_vec() })
+    }
+
+    /// The key offsets it was validated against (and only works with).
+    pub fn cu_seqlens_k(&self) -> &[u32] {
+        &self.cu_seqlens_k
     }
 
     /// The contexts' count.
@@ -100,10 +111,11 @@ impl SegmentLayout {
     /// The keys `lo..hi` that key position `p` of context `s` sees (its own segment's start, or
     /// 0 for a global token, up to itself).
     pub fn visible_range(&self, s: usize, p: usize) -> (usize, usize) {
-        let spans = &self.spans[s];
+        let Some(spans) = self.spans.get(s) else { return (0, 0) };
         // Segments are sorted and contiguous: binary search for the one holding p.
         let idx = spans.partition_point(|&(_, end, _)| end <= p);
         match spans.get(idx) {
+            // p lies inside a segment, so p + 1 <= its end does not overflow.
             Some(&(start, _, SegmentKind::Document)) => (start, p + 1),
             Some(&(_, _, SegmentKind::Global)) => (0, p + 1),
             None => (0, 0),
@@ -113,15 +125,18 @@ impl SegmentLayout {
     /// Multiply-adds of a forward pass x 2: the work the layout allows, for benchmarks.
     pub fn forward_flops(&self, heads: &Heads, cu_seqlens_q: &[u32], cu_seqlens_k: &[u32]) -> f64 {
         let mut pairs = 0f64;
+        let lens = |cu: &[u32], s: usize| match (cu.get(s), cu.get(s + 1)) {
+            (Some(&a), Some(&b)) => b.saturating_sub(a) as usize,
+            _ => 0,
+        };
         for s in 0..self.spans.len() {
-            let tq = (cu_seqlens_q[s + 1] - cu_seqlens_q[s]) as usize;
-            let tk = (cu_seqlens_k[s + 1] - cu_seqlens_k[s]) as usize;
+            let (tq, tk) = (lens(cu_seqlens_q, s), lens(cu_seqlens_k, s));
             for i in 0..tq.min(tk) {
                 let (lo, hi) = self.visible_range(s, i + tk - tq.min(tk));
                 pairs += (hi - lo) as f64;
             }
         }
-        2.0 * pairs * heads.num_q_heads as f64 * (heads.head_dim_k + heads.head_dim_v) as f64
+        2.0 * pairs * heads.num_q_heads as f64 * (heads.head_dim_k as f64 + heads.head_dim_v as f64)
     }
 }
 
@@ -183,6 +198,13 @@ fn validate<T: Element>(
             "the segment layout has {} contexts but cu_seqlens {}",
             layout.num_contexts(),
             dims.num_seqs
+        )));
+    }
+    if let Some(i) = (0..cu_k.len()).find(|&i| layout.cu_seqlens_k.get(i) != Some(&cu_k[i])) {
+        return Err(Error::CuSeqlens(format!(
+            "the segment layout was validated for other cu_seqlens_k: entry {i} is {} in the call, {:?} in the layout",
+            cu_k[i],
+            layout.cu_seqlens_k.get(i)
         )));
     }
     Ok(dims)
