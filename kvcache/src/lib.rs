@@ -52,9 +52,24 @@ pub enum Error {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// A buffer whose size comes from the caller could not be allocated; nothing was changed.
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory {
+        /// Which buffer.
+        what: &'static str,
+        /// Its size (saturated at `usize::MAX`).
+        bytes: usize,
+    },
     /// The caller's prefill closure failed; nothing was cached.
     #[error("prefill failed: {0}")]
     Prefill(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A zero-filled buffer of `len` elements, or [`Error::OutOfMemory`] if the allocator refuses it
+/// (a size from the caller must give an error, not abort the process).
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(what: &'static str, len: usize) -> Result<Vec<T>, Error> {
+    bytemuck::allocation::try_zeroed_vec(len)
+        .map_err(|()| Error::OutOfMemory { what, bytes: len.saturating_mul(std::mem::size_of::<T>()) })
 }
 
 impl Error {

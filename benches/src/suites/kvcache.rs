@@ -75,7 +75,7 @@ pub fn cases(quick: bool) -> Vec<Case> {
     let bytes = (tokens * heads * head_dim * 4) as f64;
     let (mut x3, mut x4) = (x.clone(), x.clone());
     let (cos2, sin2, positions2) = (cos.clone(), sin.clone(), positions.clone());
-    let rope_cached = rope.clone().with_cached_positions(tokens);
+    let rope_cached = rope.clone().with_cached_positions(tokens).expect("rope tables");
     let forward = Case {
         suite: "kvcache",
         case: "rope_forward".into(),
@@ -101,7 +101,7 @@ pub fn cases(quick: bool) -> Vec<Case> {
     let mut k: Vec<f32> = filled(doc_tokens * kv_heads * head_dim, 2);
     let mut k2 = k.clone();
     // The baseline gets every position it touches precomputed, so it pays for passes, not angles.
-    let (rope_a, rope_b) = (rope.clone(), rope.with_cached_positions(doc_tokens + 10_000));
+    let (rope_a, rope_b) = (rope.clone(), rope.with_cached_positions(doc_tokens + 10_000).expect("rope tables"));
     let from: Vec<u64> = (0..doc_tokens as u64).collect();
     let to: Vec<u64> = (0..doc_tokens as u64).map(|t| t + 10_000).collect();
     let reposition = Case {

@@ -47,6 +47,8 @@ pub(super) enum Rejected {
     Foreign(String),
     /// The checksum does not match the bytes.
     Corrupt,
+    /// Something other than a regular file at the entry's path (a directory, a FIFO, a device).
+    NotAFile,
 }
 
 impl std::fmt::Display for Rejected {
@@ -55,6 +57,7 @@ impl std::fmt::Display for Rejected {
             Self::Truncated => write!(f, "truncated"),
             Self::Foreign(why) => write!(f, "foreign: {why}"),
             Self::Corrupt => write!(f, "checksum mismatch"),
+            Self::NotAFile => write!(f, "not a regular file"),
         }
     }
 }
@@ -150,12 +153,18 @@ impl DiskTier {
     /// Reads and verifies the entry of `key`.
     pub(super) fn load<T: Element>(&self, key: &DocKey, expect: &Expect<'_>) -> Result<Loaded<T>, Error> {
         let path = self.path_of(key);
-        let file = match File::open(&path) {
+        let file = match open_entry(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Loaded::Absent),
             Err(e) => return Err(Error::io(&path, e)),
         };
-        let file_len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(&path, e))?;
+        // Only a regular file is an entry: reading a directory fails for ever, a FIFO or a
+        // device may never end. Anything else is a miss, replaced by the next store.
+        if !meta.is_file() {
+            return Ok(Loaded::Rejected(Rejected::NotAFile));
+        }
+        let file_len = meta.len();
         match read_entry(io::BufReader::with_capacity(1 << 20, file), file_len, key, expect) {
             Ok(result) => Ok(result),
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(Loaded::Rejected(Rejected::Truncated)),
@@ -172,7 +181,8 @@ impl DiskTier {
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let written = write_file(&temp_path, key, model_id, kv).and_then(|()| fs::rename(&temp_path, &final_path));
+        let written =
+            write_file(&temp_path, key, model_id, kv).and_then(|()| self.rename_into_place(&temp_path, &final_path));
         if let Err(e) = written {
             let _ = fs::remove_file(&temp_path);
             return Err(Error::io(&final_path, e));
@@ -183,6 +193,46 @@ impl DiskTier {
         }
         Ok(())
     }
+}
+
+impl DiskTier {
+    /// Renames a finished temporary file over the entry's path. A directory there (which a rename
+    /// cannot replace) is first moved aside under a unique name and removed, so the entry heals
+    /// instead of failing for ever; readers meanwhile see no entry (a miss).
+    fn rename_into_place(&self, temp_path: &Path, final_path: &Path) -> io::Result<()> {
+        let first = fs::rename(temp_path, final_path);
+        if first.is_ok() || !fs::symlink_metadata(final_path).is_ok_and(|m| m.is_dir()) {
+            return first;
+        }
+        let aside = self.dir.join(format!(
+            ".{}.{}.{}.not-an-entry",
+            final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match fs::rename(final_path, &aside) {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&aside);
+            }
+            // Another writer moved it first: fine, as long as it is gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        fs::rename(temp_path, final_path)
+    }
+}
+
+/// Opens an entry's path for reading without blocking on a FIFO (`O_NONBLOCK`; it has no effect
+/// on a regular file's reads).
+fn open_entry(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK);
+    }
+    options.open(path)
 }
 
 /// Temporary files older than this were left by a writer that died before its rename.

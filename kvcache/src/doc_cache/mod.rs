@@ -48,14 +48,21 @@ pub struct DocShape {
 }
 
 impl DocShape {
-    /// Elements of one layer's K (or V): `tokens * kv_heads * head_dim`.
+    /// Elements of one layer's K (or V): `tokens * kv_heads * head_dim` (wrapping if the
+    /// product overflows: [`DocShape::checked_len`] says whether it fits).
     pub fn layer_len(&self) -> usize {
-        self.tokens * self.kv_heads * self.head_dim
+        self.tokens.wrapping_mul(self.kv_heads).wrapping_mul(self.head_dim)
     }
 
-    /// Elements of K (or V) over all layers.
+    /// Elements of K (or V) over all layers (wrapping like [`DocShape::layer_len`]; every
+    /// [`DocKv`] has a shape whose count fits).
     pub fn len(&self) -> usize {
-        self.layers * self.layer_len()
+        self.layers.wrapping_mul(self.layer_len())
+    }
+
+    /// Elements of K (or V) over all layers, or `None` if the count overflows `usize`.
+    pub fn checked_len(&self) -> Option<usize> {
+        [self.layers, self.tokens, self.kv_heads, self.head_dim].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d))
     }
 
     /// Whether the document has no elements.
@@ -77,8 +84,12 @@ pub struct DocKv<T: Element> {
 impl<T: Element> DocKv<T> {
     /// Wraps K and V after checking their lengths against the shape.
     pub fn new(shape: DocShape, k: Vec<T>, v: Vec<T>) -> Result<Self, Error> {
+        // A count that wrapped could match a short buffer: refuse it first.
+        let Some(len) = shape.checked_len() else {
+            return Err(Error::ShapeMismatch(format!("document shape {shape:?} has more elements than usize holds")));
+        };
         for (name, x) in [("K", &k), ("V", &v)] {
-            if x.len() != shape.len() {
+            if x.len() != len {
                 return Err(Error::ShapeMismatch(format!(
                     "document {name} has {} elements, shape {shape:?} needs {}",
                     x.len(),

@@ -37,13 +37,15 @@ pub struct PagedKvConfig {
 
 impl PagedKvConfig {
     /// Elements of one token row (`kv_heads * head_dim`).
+    /// (Saturating: a config [`PagedKv::new`] accepts never overflows.)
     pub fn row_len(&self) -> usize {
-        self.kv_heads * self.head_dim
+        self.kv_heads.saturating_mul(self.head_dim)
     }
 
     /// Elements of one page of one layer's K (or V).
+    /// (Saturating, as [`PagedKvConfig::row_len`].)
     pub fn page_len(&self) -> usize {
-        self.page_size * self.row_len()
+        self.page_size.saturating_mul(self.row_len())
     }
 
     fn validate(&self) -> Result<(), Error> {
@@ -54,7 +56,7 @@ impl PagedKvConfig {
         if self.num_pages > u32::MAX as usize {
             return Err(Error::InvalidConfig(format!("paged kv: {} pages exceed u32 page ids", self.num_pages)));
         }
-        if dims[1..].iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).is_none() {
+        if dims.iter().try_fold(2usize, |acc, &d| acc.checked_mul(d)).is_none() {
             return Err(Error::InvalidConfig(format!("paged kv: pool size overflows: {self:?}")));
         }
         Ok(())
@@ -104,15 +106,31 @@ impl<T: Element> PagedKv<T> {
             .num_pages
             .checked_mul(config.page_len())
             .ok_or_else(|| Error::InvalidConfig(format!("paged kv: pool size overflows: {config:?}")))?;
-        Ok(Self {
-            config,
-            k: (0..config.layers).map(|_| vec![T::default(); pool]).collect(),
-            v: (0..config.layers).map(|_| vec![T::default(); pool]).collect(),
-            refcount: vec![0; config.num_pages],
-            free: (0..config.num_pages as u32).rev().collect(),
-            seqs: BTreeMap::new(),
-            next_id: 0,
-        })
+        // Sizes from the caller: a pool the allocator refuses is an error, not an abort. The
+        // pools are zeroed by the allocator (`T::default()` is all-zero bits for every element
+        // type), so untouched pages cost no memory until written.
+        let whole = pool.checked_mul(2 * config.layers).and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
+        if whole.is_none_or(|bytes| bytes > isize::MAX as usize) {
+            return Err(Error::OutOfMemory { what: "paged kv pools", bytes: whole.unwrap_or(usize::MAX) });
+        }
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for pools in [&mut k, &mut v] {
+            pools.try_reserve_exact(config.layers).map_err(|_| Error::OutOfMemory {
+                what: "paged kv layer list",
+                bytes: config.layers.saturating_mul(std::mem::size_of::<Vec<T>>()),
+            })?;
+        }
+        for _ in 0..config.layers {
+            k.push(crate::try_zeroed::<T>("paged kv K pool", pool)?);
+            v.push(crate::try_zeroed::<T>("paged kv V pool", pool)?);
+        }
+        let refcount = crate::try_zeroed::<u32>("paged kv refcounts", config.num_pages)?;
+        let mut free = crate::try_zeroed::<u32>("paged kv free list", config.num_pages)?;
+        for (slot, page) in free.iter_mut().zip((0..config.num_pages as u32).rev()) {
+            *slot = page;
+        }
+        Ok(Self { config, k, v, refcount, free, seqs: BTreeMap::new(), next_id: 0 })
     }
 
     /// Its configuration.
@@ -226,7 +244,9 @@ impl<T: Element> PagedKv<T> {
         let page_size = self.config.page_size;
         let seq = self.seq(id)?;
         let (len, have) = (seq.len, seq.pages.len());
-        let new_len = len + n;
+        let new_len = len
+            .checked_add(n)
+            .ok_or_else(|| Error::OutOfRange(format!("grow a {len}-token sequence by {n} tokens: overflows usize")))?;
         let new_pages = new_len.div_ceil(page_size) - have;
         let last_shared = n > 0 && len % page_size != 0 && self.refcount[seq.pages[have - 1] as usize] > 1;
         let needed = new_pages + usize::from(last_shared);
@@ -265,12 +285,8 @@ impl<T: Element> PagedKv<T> {
             return Err(Error::OutOfRange(format!("layer {layer} of {}", self.config.layers)));
         }
         let seq = self.seq(id)?;
-        if start + n > seq.len {
-            return Err(Error::OutOfRange(format!(
-                "write of rows {start}..{} in a {}-token sequence",
-                start + n,
-                seq.len
-            )));
+        if start.checked_add(n).is_none_or(|end| end > seq.len) {
+            return Err(Error::OutOfRange(format!("write of {n} rows from {start} in a {}-token sequence", seq.len)));
         }
         if n == 0 {
             return Ok(());
@@ -302,6 +318,7 @@ impl<T: Element> PagedKv<T> {
     /// positions. All or nothing.
     pub fn append(&mut self, id: SeqId, k: &[T], v: &[T]) -> Result<Range<usize>, Error> {
         let layers = self.config.layers;
+        // `layers x row` fits: `validate` checked the product of all the dims (times 2).
         let n = self.rows_of("paged append", k, v, layers * self.config.row_len())?;
         let positions = self.grow(id, n)?;
         let per_layer = n * self.config.row_len();

@@ -31,6 +31,10 @@ pub enum RopeLayout {
     Interleaved,
 }
 
+/// The largest head dimension a [`RopeConfig`] accepts (the tables scale with it; models use at
+/// most a few hundred).
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 /// Shape and frequencies of a rotary embedding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeConfig {
@@ -57,8 +61,8 @@ impl RopeConfig {
     /// Checks that the dims and numbers make a rotation.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |why: String| Err(Error::InvalidConfig(format!("rope: {why}")));
-        if self.head_dim == 0 {
-            return bad("head_dim must be positive".into());
+        if self.head_dim == 0 || self.head_dim > MAX_HEAD_DIM {
+            return bad(format!("head_dim {} must be in 1..={MAX_HEAD_DIM}", self.head_dim));
         }
         if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > self.head_dim {
             return bad(format!(
@@ -109,15 +113,18 @@ impl Rope {
 
     /// Precomputes cos/sin for positions `0..positions` (`positions * rotary_dim * 4` bytes), so
     /// [`Rope::forward`] and [`Rope::backward`] look angles up instead of computing them there.
-    pub fn with_cached_positions(mut self, positions: usize) -> Self {
+    /// A table the allocator refuses is [`Error::OutOfMemory`] (the count is the caller's).
+    pub fn with_cached_positions(mut self, positions: usize) -> Result<Self, Error> {
         let half = self.config.rotary_dim / 2;
-        let (mut cos, mut sin) = (vec![0f32; positions * half], vec![0f32; positions * half]);
+        let len = positions.checked_mul(half).ok_or(Error::OutOfMemory { what: "rope tables", bytes: usize::MAX })?;
+        let mut cos = crate::try_zeroed::<f32>("rope cos table", len)?;
+        let mut sin = crate::try_zeroed::<f32>("rope sin table", len)?;
         for (p, (c, s)) in cos.chunks_exact_mut(half).zip(sin.chunks_exact_mut(half)).enumerate() {
             cpu::fill_table(&self, p as f64, 1.0, c, s);
         }
         self.cos_table = cos.into();
         self.sin_table = sin.into();
-        self
+        Ok(self)
     }
 
     /// How many positions have precomputed tables.
@@ -147,6 +154,9 @@ impl Rope {
     /// Rotates `x: [tokens, heads, head_dim]` in place at positions `start, start + 1, ...`.
     pub fn forward_contiguous<T: Element>(&self, x: &mut [T], heads: usize, start: u64) -> Result<(), Error> {
         let tokens = self.tokens_of(x.len(), heads)?;
+        if tokens > 0 && start.checked_add(tokens as u64 - 1).is_none() {
+            return Err(Error::OutOfRange(format!("rope: {tokens} positions from {start} pass u64::MAX")));
+        }
         let positions: Vec<u64> = (0..tokens as u64).map(|t| start + t).collect();
         self.forward(x, heads, &positions)
     }
@@ -187,7 +197,9 @@ impl Rope {
         if heads == 0 {
             return Err(Error::InvalidConfig("rope: heads must be positive".into()));
         }
-        let row = heads * self.config.head_dim;
+        let row = heads.checked_mul(self.config.head_dim).ok_or_else(|| {
+            Error::ShapeMismatch(format!("rope: heads {heads} x head_dim {} overflows usize", self.config.head_dim))
+        })?;
         if len % row != 0 {
             return Err(Error::ShapeMismatch(format!(
                 "rope: {len} elements is not a whole number of [heads {heads}, head_dim {}] rows",

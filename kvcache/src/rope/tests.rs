@@ -194,7 +194,7 @@ fn cached_positions_give_the_same_bits() {
     for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
         let cfg = RopeConfig { rotary_dim: 6, base: 500_000.0, position_scale: 0.5, layout, ..RopeConfig::new(10) };
         let plain = Rope::new(cfg).unwrap();
-        let cached = plain.clone().with_cached_positions(100);
+        let cached = plain.clone().with_cached_positions(100).unwrap();
         assert_eq!(cached.cached_positions(), 100);
         let positions: Vec<u64> = (0..150).map(|t| (t * 37) % 160).collect();
         let x: Vec<bf16> = Rng(3).vec(150 * 3 * 10);
