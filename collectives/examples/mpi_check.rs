@@ -4,6 +4,7 @@
 //! cargo build -p squid-collectives --features mpi --example mpi_check
 //! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_check
 //! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_check timeout
+//! mpirun --allow-run-as-root --oversubscribe -np 2 target/debug/examples/mpi_check drop-timeout
 //! ```
 //!
 //! `check` (the default) runs every collective over every element type, reduction and root, on
@@ -19,6 +20,10 @@
 //! `timeout` checks the failure semantics: rank 1 never arrives at a barrier, rank 0 gets
 //! `Error::Timeout` naming rank 1 (and again from its next call), prints `TIMEOUT-OK`, and the
 //! watchdog then aborts the whole job: `mpirun` must exit non-zero.
+//!
+//! `drop-timeout`: rank 1 never drops its communicator; rank 0's drop (the exchange before
+//! `MPI_Finalize`) times out naming rank 1, and the watchdog aborts the job with that error
+//! (`rank 0 waited ... for rank 1`) instead of hanging in `MPI_Finalize` without a name.
 
 use squid_collectives::reference::{seeded_inputs, SeededValue};
 use std::process::ExitCode;
@@ -305,10 +310,37 @@ fn timeout() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn drop_timeout() -> ExitCode {
+    let options =
+        MpiOptions { timeout: Duration::from_secs(2), abort_grace: Duration::from_secs(2), ..MpiOptions::default() };
+    let comm = match MpiComm::init(options) {
+        Ok(comm) => comm,
+        Err(e) => {
+            eprintln!("mpi_check drop-timeout: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if comm.world_size() < 2 {
+        eprintln!("mpi_check drop-timeout: needs at least 2 ranks");
+        return ExitCode::FAILURE;
+    }
+    if comm.rank() == 1 {
+        // Never drops; rank 0's watchdog aborts the job long before this ends.
+        std::thread::sleep(Duration::from_secs(60));
+        std::mem::forget(comm);
+        return ExitCode::SUCCESS;
+    }
+    drop(comm);
+    // The abort comes from the watchdog `abort_grace` after the failed drop.
+    std::thread::sleep(Duration::from_secs(60));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     match std::env::args().nth(1).as_deref() {
         None | Some("check") => check(),
         Some("timeout") => timeout(),
+        Some("drop-timeout") => drop_timeout(),
         Some("bench") => {
             eprintln!(
                 "mpi_check: the benchmark moved to the squid-bench suite: cargo build --release -p squid-benches \
@@ -317,7 +349,7 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
         Some(other) => {
-            eprintln!("mpi_check: unknown mode {other:?} (check | timeout)");
+            eprintln!("mpi_check: unknown mode {other:?} (check | timeout | drop-timeout)");
             ExitCode::FAILURE
         }
     }

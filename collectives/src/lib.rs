@@ -19,6 +19,16 @@ pub use communicator::Communicator;
 pub use dtype::{DataType, Scalar};
 pub use local::{LocalComm, LocalGroup};
 
+/// The ranks a timeout waited for, in words (none: every rank arrived and a transfer stalled, or
+/// a blocking MPI call never returned).
+fn missing_ranks(missing: &[usize]) -> String {
+    match missing {
+        [] => "an operation to complete (every rank had arrived, or none is known missing)".to_string(),
+        [r] => format!("rank {r}"),
+        rs => format!("ranks {rs:?}"),
+    }
+}
+
 /// What a collective call can fail with.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum Error {
@@ -72,7 +82,7 @@ pub enum Error {
         panicked: bool,
     },
     /// A rank waited past the group's deadline for peers that did not arrive. Sticky.
-    #[error("rank {waiting} waited {after:?} for rank(s) {missing:?}; the group is unusable")]
+    #[error("rank {waiting} waited {after:?} for {}; the group is unusable", missing_ranks(.missing))]
     Timeout {
         /// The rank whose deadline passed first.
         waiting: usize,

@@ -156,6 +156,8 @@ struct Buffers {
 /// A buffered send MPI has not finished with.
 struct PendingSend {
     request: ffi::MPI_Request,
+    /// The destination rank (named if the send never completes).
+    peer: usize,
     _data: Vec<u64>,
 }
 
@@ -388,7 +390,12 @@ enum Kind {
     AllReduce(ReduceOp),
     AllGather,
     ReduceScatter(ReduceOp),
-    Broadcast { root: usize },
+    Broadcast {
+        root: usize,
+    },
+    /// The exchange before `MPI_Finalize`: every rank must arrive, and one that does not is
+    /// named (`MPI_Finalize` itself would hang without saying whom it waits for).
+    Finalize,
 }
 
 impl Kind {
@@ -399,6 +406,7 @@ impl Kind {
             Self::AllGather => Collective::AllGather.name(),
             Self::ReduceScatter(_) => Collective::ReduceScatter.name(),
             Self::Broadcast { .. } => Collective::Broadcast.name(),
+            Self::Finalize => "drop",
         }
     }
 
@@ -409,6 +417,7 @@ impl Kind {
             Self::AllGather => (2, 0),
             Self::ReduceScatter(op) => (3, op_code(op)),
             Self::Broadcast { root } => (4, root as i64),
+            Self::Finalize => (5, 0),
         }
     }
 
@@ -421,6 +430,7 @@ impl Kind {
             2 => "all_gather".to_string(),
             3 => format!("reduce_scatter({op})"),
             4 => format!("broadcast(root {})", desc[1]),
+            5 => "drop (MPI_Finalize)".to_string(),
             _ => "an unknown call".to_string(),
         };
         let dtype = dtype_of_code(desc[2]).map_or("-", DataType::name);
@@ -765,7 +775,14 @@ impl MpiComm {
         let _busy = self.busy();
         let mut bufs = self.bufs.borrow_mut();
         let mut requests: Vec<ffi::MPI_Request> = bufs.sends.iter().map(|s| s.request).collect();
-        self.wait(OP, &mut requests, self.deadline(), |_| Vec::new())?;
+        let peers: Vec<usize> = bufs.sends.iter().map(|s| s.peer).collect();
+        // The ranks whose receives never took our sends.
+        self.wait(OP, &mut requests, self.deadline(), |pending| {
+            let mut missing: Vec<usize> = peers.iter().zip(pending).filter(|(_, &p)| p).map(|(&r, _)| r).collect();
+            missing.sort_unstable();
+            missing.dedup();
+            missing
+        })?;
         bufs.sends.clear();
         Ok(())
     }
@@ -773,7 +790,10 @@ impl MpiComm {
 
 impl Drop for MpiComm {
     fn drop(&mut self) {
-        let clean = self.usable().is_ok() && self.flush_sends().is_ok();
+        // Every rank must reach its drop: the exchange names one that does not (a timeout, then
+        // the watchdog's abort) where MPI_Finalize would wait for it without a word.
+        let clean =
+            self.usable().is_ok() && self.flush_sends().is_ok() && self.start(Kind::Finalize, None, 0, Ok(())).is_ok();
         if !clean {
             // MPI may still read or write these buffers, and MPI_Finalize would wait for peers
             // that may never come: leak them and leave MPI running; the watchdog aborts the job
@@ -961,7 +981,7 @@ impl Communicator for MpiComm {
             )
         };
         self.mpi(code, OP, "MPI_Isend")?;
-        self.bufs.borrow_mut().sends.push(PendingSend { request, _data: data });
+        self.bufs.borrow_mut().sends.push(PendingSend { request, peer, _data: data });
         Ok(())
     }
 
