@@ -49,6 +49,14 @@ pub enum Error {
     /// A world of zero ranks cannot run a collective.
     #[error("world size must be at least 1")]
     EmptyWorld,
+    /// More ranks than a local (thread) group can hold: each pair of ranks has a mailbox.
+    #[error("a local group of {world} ranks exceeds {max}")]
+    WorldTooLarge {
+        /// The ranks asked for.
+        world: usize,
+        /// The most a group holds.
+        max: usize,
+    },
     /// A root or peer that is not a rank of the group (or, for send/recv, is this rank).
     #[error("{op}: {what} {rank} is not a valid rank (world size {world}, this rank {this})")]
     InvalidRank {

@@ -60,6 +60,9 @@ impl LocalGroup {
     /// minutes; threads of one process need less).
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+    /// The most ranks a group holds (each is a thread, each pair has a mailbox).
+    pub const MAX_WORLD: usize = 1 << 12;
+
     /// A group of `world` ranks with [`LocalGroup::DEFAULT_TIMEOUT`].
     pub fn new(world: usize) -> Result<Self, Error> {
         Self::with_timeout(world, Self::DEFAULT_TIMEOUT)
@@ -70,6 +73,10 @@ impl LocalGroup {
     pub fn with_timeout(world: usize, timeout: Duration) -> Result<Self, Error> {
         if world == 0 {
             return Err(Error::EmptyWorld);
+        }
+        // One thread per rank and `world^2` mailboxes: a huge world is an error, not an abort.
+        if world > Self::MAX_WORLD {
+            return Err(Error::WorldTooLarge { world, max: Self::MAX_WORLD });
         }
         let shared = Arc::new(Shared::new(world, timeout));
         let comms =

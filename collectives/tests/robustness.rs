@@ -1,0 +1,82 @@
+//! Bad input never panics, aborts or hangs: a fuzz-style proptest over the thread backend's
+//! entry points with world sizes, buffer lengths, roots and peers near the integer limits. Every
+//! call gets a typed error or a result checked against a plain sum.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use squid_collectives::{Communicator, Error, LocalGroup, ReduceOp};
+
+#[test]
+fn a_huge_local_world_is_an_error_not_an_abort() {
+    for world in [LocalGroup::MAX_WORLD + 1, 1 << 32, usize::MAX / 2 + 1, usize::MAX] {
+        let got = std::panic::catch_unwind(|| LocalGroup::new(world).map(|_| ()));
+        assert!(matches!(got, Ok(Err(Error::WorldTooLarge { .. }))), "world {world}: {got:?}");
+    }
+    assert!(matches!(LocalGroup::new(0), Err(Error::EmptyWorld)));
+}
+
+/// Lengths, roots and peers: small, or near the integer limits.
+fn size() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        4 => 0usize..9,
+        1 => prop::sample::select(vec![usize::MAX, usize::MAX - 1, usize::MAX / 2 + 1, 1 << 32, u32::MAX as usize]),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 60, ..ProptestConfig::default() })]
+
+    /// Every rank makes the same call (so a hang could only be the backend's): a typed error or
+    /// the right values, never a panic (a panicking rank shows as an `Err` thread result).
+    #[test]
+    fn local_collectives_give_a_result_or_a_typed_error(
+        world in 1usize..4,
+        op in 0u8..7,
+        len in size(),
+        out_len in size(),
+        target in size(),
+    ) {
+        // Buffers are only as long as the small sizes: a huge length goes to the backend as a
+        // shape of an empty or short slice.
+        let (len, out_len) = (len.min(64), out_len.min(64));
+        let group = LocalGroup::with_timeout(world, Duration::from_secs(20)).unwrap();
+        let results = group.run(move |comm| {
+            let rank = comm.rank();
+            let send: Vec<f32> = vec![(rank + 1) as f32; len];
+            let mut recv = vec![0f32; out_len];
+            let res = match op {
+                0 => comm.all_reduce(&send, &mut recv, ReduceOp::Sum),
+                1 => comm.all_gather(&send, &mut recv),
+                2 => comm.reduce_scatter(&send, &mut recv, ReduceOp::Max),
+                3 => comm.broadcast(&mut recv, target),
+                4 => comm.barrier(),
+                5 => {
+                    // A ring: every rank sends to the next and receives from the previous.
+                    let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+                    comm.send(&send, if target < 9 { next } else { target })
+                        .and_then(|()| comm.recv(&mut recv, if target < 9 { prev } else { target }))
+                }
+                _ => comm.all_reduce_in_place(&mut recv, ReduceOp::Avg),
+            };
+            (res, recv)
+        });
+        for (rank, r) in results.into_iter().enumerate() {
+            let (res, recv) = r.map_err(|_| TestCaseError::fail(format!("rank {rank} panicked")))?;
+            match res {
+                Ok(()) if op == 0 => {
+                    let sum = (world * (world + 1) / 2) as f32;
+                    prop_assert!(recv.iter().all(|&x| x == sum), "all_reduce: {recv:?}");
+                }
+                Ok(()) if op == 1 => {
+                    let want: Vec<f32> = (0..world).flat_map(|r| vec![(r + 1) as f32; len]).collect();
+                    prop_assert_eq!(recv, want);
+                }
+                Ok(()) => {}
+                // A typed error, but never a timeout: every rank made the same call, so a
+                // timeout would be a hang the deadline cut short.
+                Err(e) => prop_assert!(!matches!(e, Error::Timeout { .. }), "rank {rank}: {e}"),
+            }
+        }
+    }
+}
