@@ -111,6 +111,17 @@ fn nsa_window_larger_than_anything_sees_the_whole_prefix() {
     let got = no_panic("NSA window usize::MAX", || nsa::forward(&huge, &heads, &x)).unwrap();
     assert_eq!(got.o_win, want.o_win);
     assert_eq!(got.o, want.o);
+    let d_o = values(total * 32, 9);
+    let want_bwd = nsa::backward(&wide, &heads, &x, &want, &d_o).unwrap();
+    let got_bwd = no_panic("NSA backward window usize::MAX", || nsa::backward(&huge, &heads, &x, &got, &d_o)).unwrap();
+    assert_eq!(got_bwd, want_bwd);
+    // Decode of the last token through the cache.
+    let mut caches = [wide, huge].map(|c| NsaCache::<f32>::new(c, heads, 1, false).unwrap());
+    for cache in &mut caches {
+        cache.append(0, &k, &v, None).unwrap();
+    }
+    let (q_last, g_last) = (&q[(total - 1) * 32..], &gates[(total - 1) * 6..]);
+    assert_eq!(caches[1].decode(q_last, g_last).unwrap(), caches[0].decode(q_last, g_last).unwrap());
 }
 
 #[test]
