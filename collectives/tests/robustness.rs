@@ -80,3 +80,52 @@ proptest! {
         }
     }
 }
+
+mod tp {
+    use super::size;
+    use proptest::prelude::*;
+    use squid_collectives::tp::{
+        ColumnParallelLinear, RowParallelLinear, TpRank, VocabParallelCrossEntropy, VocabParallelEmbedding,
+    };
+    use squid_collectives::LocalGroup;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 80, ..ProptestConfig::default() })]
+
+        /// The tensor-parallel layers on one rank with dims near the integer limits: a typed
+        /// `TpError` or a result, never a panic.
+        #[test]
+        fn tp_layers_give_a_result_or_a_typed_error(
+            a in size(),
+            b in size(),
+            len in 0usize..48,
+            id in prop_oneof![0u32..8, Just(u32::MAX)],
+        ) {
+            let results = LocalGroup::new(1).unwrap().run(move |comm| {
+                let tp = TpRank::of(&comm);
+                let x = vec![0.5f32; len];
+                let mut y = vec![0f32; len];
+                if let Ok(col) = ColumnParallelLinear::new(a, b, true, tp) {
+                    let _ = col.shard_weight(&x);
+                    let _ = col.forward(&x, &x, Some(&x), &mut y);
+                }
+                if let Ok(row) = RowParallelLinear::new(a, b, false, tp) {
+                    let _ = row.shard_weight(&x);
+                    let _ = row.forward(&comm, &x, &x, None, &mut y);
+                }
+                if let Ok(emb) = VocabParallelEmbedding::new(a, b, tp) {
+                    let _ = emb.shard_table(&x);
+                    let _ = emb.forward(&comm, &[id, 0], &x, &mut y);
+                    let _ = emb.backward(&[id], &x, &mut y);
+                }
+                if let Ok(ce) = VocabParallelCrossEntropy::new(a, tp) {
+                    let _ = ce.forward(&comm, &x, &[id, 1]);
+                }
+                let _ = TpRank::new(a, b);
+            });
+            for r in results {
+                prop_assert!(r.is_ok(), "a layer panicked on a = {a}, b = {b}, len = {len}, id = {id}");
+            }
+        }
+    }
+}

@@ -214,9 +214,9 @@ impl ParallelAttention {
     pub fn shard(&self, wq: &[f32], wk: &[f32], wv: &[f32], wo: &[f32]) -> Result<AttentionWeights> {
         let l = &self.layout;
         let (d, hd) = (self.d_model, l.head_dim);
-        check_len("ParallelAttention::shard", "wq", wq.len(), l.q_heads * hd * d)?;
-        check_len("ParallelAttention::shard", "wk", wk.len(), l.kv_heads * hd * d)?;
-        check_len("ParallelAttention::shard", "wv", wv.len(), l.kv_heads * hd * d)?;
+        check_len("ParallelAttention::shard", "wq", wq.len(), l.q_heads.saturating_mul(hd).saturating_mul(d))?;
+        check_len("ParallelAttention::shard", "wk", wk.len(), l.kv_heads.saturating_mul(hd).saturating_mul(d))?;
+        check_len("ParallelAttention::shard", "wv", wv.len(), l.kv_heads.saturating_mul(hd).saturating_mul(d))?;
         let kv_rows = |w: &[f32]| w[l.kv_head_start * hd * d..(l.kv_head_start + l.local_kv_heads) * hd * d].to_vec();
         Ok(AttentionWeights {
             wq: shard::split_rows(wq, l.q_heads * hd, d, l.tp)?,
@@ -246,7 +246,7 @@ impl ParallelAttention {
 
     fn check(&self, op: &'static str, x: &[f32], cu_seqlens: &[u32], w: &AttentionWeights) -> Result<usize> {
         let tokens = x.len() / self.d_model;
-        check_len(op, "x", x.len(), tokens * self.d_model)?;
+        check_len(op, "x", x.len(), tokens.saturating_mul(self.d_model))?;
         check_seqlens(op, cu_seqlens, tokens)?;
         let (q, kv) = (self.q_width() * self.d_model, self.kv_width() * self.d_model);
         check_len(op, "wq", w.wq.len(), q)?;

@@ -70,7 +70,7 @@ impl VocabParallelCrossEntropy {
     }
 
     fn check(&self, op: &'static str, logits: usize, targets: &[u32]) -> Result<()> {
-        check_len(op, "logits", logits, targets.len() * self.local_vocab)?;
+        check_len(op, "logits", logits, targets.len().saturating_mul(self.local_vocab))?;
         match targets.iter().position(|&id| id as usize >= self.vocab) {
             Some(position) => Err(TpError::Token { op, position, token: targets[position], vocab: self.vocab }),
             None => Ok(()),

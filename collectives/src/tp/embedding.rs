@@ -82,8 +82,8 @@ impl VocabParallelEmbedding {
     pub fn forward<C: Communicator>(&self, comm: &C, ids: &[u32], table: &[f32], y: &mut [f32]) -> Result<()> {
         const OP: &str = "VocabParallelEmbedding::forward";
         self.tp.check(comm)?;
-        check_len(OP, "table", table.len(), self.local_vocab * self.dim)?;
-        check_len(OP, "y", y.len(), ids.len() * self.dim)?;
+        check_len(OP, "table", table.len(), self.local_vocab.saturating_mul(self.dim))?;
+        check_len(OP, "y", y.len(), ids.len().saturating_mul(self.dim))?;
         self.check_ids(OP, ids)?;
         for (&id, out) in ids.iter().zip(y.chunks_exact_mut(self.dim)) {
             match self.local_row(id) {
@@ -97,8 +97,8 @@ impl VocabParallelEmbedding {
     /// `dtable[ids[t]] += dy[t]` for the ids this rank holds; no communication.
     pub fn backward(&self, ids: &[u32], dy: &[f32], dtable: &mut [f32]) -> Result<()> {
         const OP: &str = "VocabParallelEmbedding::backward";
-        check_len(OP, "dtable", dtable.len(), self.local_vocab * self.dim)?;
-        check_len(OP, "dy", dy.len(), ids.len() * self.dim)?;
+        check_len(OP, "dtable", dtable.len(), self.local_vocab.saturating_mul(self.dim))?;
+        check_len(OP, "dy", dy.len(), ids.len().saturating_mul(self.dim))?;
         self.check_ids(OP, ids)?;
         for (&id, grad) in ids.iter().zip(dy.chunks_exact(self.dim)) {
             if let Some(row) = self.local_row(id) {

@@ -84,7 +84,7 @@ impl ColumnParallelLinear {
     }
 
     fn check_params(&self, op: &'static str, weight: usize, bias: Option<usize>) -> Result<()> {
-        check_len(op, "weight", weight, self.local_out * self.in_features)?;
+        check_len(op, "weight", weight, self.local_out.saturating_mul(self.in_features))?;
         match (self.has_bias, bias) {
             (true, Some(b)) => check_len(op, "bias", b, self.local_out)?,
             (false, None) => {}
@@ -98,8 +98,8 @@ impl ColumnParallelLinear {
     pub fn forward(&self, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) -> Result<()> {
         const OP: &str = "ColumnParallelLinear::forward";
         let tokens = x.len() / self.in_features;
-        check_len(OP, "x", x.len(), tokens * self.in_features)?;
-        check_len(OP, "y", y.len(), tokens * self.local_out)?;
+        check_len(OP, "x", x.len(), tokens.saturating_mul(self.in_features))?;
+        check_len(OP, "y", y.len(), tokens.saturating_mul(self.local_out))?;
         self.check_params(OP, weight.len(), bias.map(<[f32]>::len))?;
         linear_forward(x, tokens, self.in_features, weight, self.local_out, bias, y);
         Ok(())
@@ -121,8 +121,8 @@ impl ColumnParallelLinear {
         const OP: &str = "ColumnParallelLinear::backward";
         self.tp.check(comm)?;
         let tokens = x.len() / self.in_features;
-        check_len(OP, "x", x.len(), tokens * self.in_features)?;
-        check_len(OP, "dy", dy.len(), tokens * self.local_out)?;
+        check_len(OP, "x", x.len(), tokens.saturating_mul(self.in_features))?;
+        check_len(OP, "dy", dy.len(), tokens.saturating_mul(self.local_out))?;
         check_len(OP, "dx", dx.len(), x.len())?;
         check_len(OP, "dweight", dweight.len(), weight.len())?;
         self.check_params(OP, weight.len(), dbias.as_ref().map(|b| b.len()))?;
@@ -192,7 +192,7 @@ impl RowParallelLinear {
     }
 
     fn check_params(&self, op: &'static str, weight: usize, bias: Option<usize>) -> Result<()> {
-        check_len(op, "weight", weight, self.out_features * self.local_in)?;
+        check_len(op, "weight", weight, self.out_features.saturating_mul(self.local_in))?;
         match (self.has_bias, bias) {
             (true, Some(b)) => check_len(op, "bias", b, self.out_features),
             (false, None) => Ok(()),
@@ -213,8 +213,8 @@ impl RowParallelLinear {
         const OP: &str = "RowParallelLinear::forward";
         self.tp.check(comm)?;
         let tokens = x.len() / self.local_in;
-        check_len(OP, "x", x.len(), tokens * self.local_in)?;
-        check_len(OP, "y", y.len(), tokens * self.out_features)?;
+        check_len(OP, "x", x.len(), tokens.saturating_mul(self.local_in))?;
+        check_len(OP, "y", y.len(), tokens.saturating_mul(self.out_features))?;
         self.check_params(OP, weight.len(), bias.map(<[f32]>::len))?;
         linear_forward(x, tokens, self.local_in, weight, self.out_features, None, y);
         reduce_from_tp_region(comm, y)?;
@@ -238,8 +238,8 @@ impl RowParallelLinear {
     ) -> Result<()> {
         const OP: &str = "RowParallelLinear::backward";
         let tokens = x.len() / self.local_in;
-        check_len(OP, "x", x.len(), tokens * self.local_in)?;
-        check_len(OP, "dy", dy.len(), tokens * self.out_features)?;
+        check_len(OP, "x", x.len(), tokens.saturating_mul(self.local_in))?;
+        check_len(OP, "dy", dy.len(), tokens.saturating_mul(self.out_features))?;
         check_len(OP, "dx", dx.len(), x.len())?;
         check_len(OP, "dweight", dweight.len(), weight.len())?;
         self.check_params(OP, weight.len(), dbias.as_ref().map(|b| b.len()))?;

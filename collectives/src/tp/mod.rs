@@ -145,7 +145,9 @@ pub(crate) fn nonzero(what: &'static str, n: usize) -> Result<()> {
     }
 }
 
-/// Checks a buffer length.
+/// Checks a buffer length. Expected lengths are products of the caller's dims, taken
+/// saturating: an overflowing product becomes `usize::MAX`, which no buffer has, so it fails
+/// here as a shape error instead of wrapping to a length that passes.
 pub(crate) fn check_len(op: &'static str, what: &'static str, got: usize, expected: usize) -> Result<()> {
     if got == expected {
         Ok(())

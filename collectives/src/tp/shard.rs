@@ -10,14 +10,14 @@ use crate::Communicator;
 
 /// Rank `tp.rank()`'s block of rows of the `rows x cols` matrix `full`: `[rows / p, cols]`.
 pub fn split_rows(full: &[f32], rows: usize, cols: usize, tp: TpRank) -> Result<Vec<f32>> {
-    check_len("split_rows", "full", full.len(), rows * cols)?;
+    check_len("split_rows", "full", full.len(), rows.saturating_mul(cols))?;
     let local = split_dim("rows", rows, tp.world)?;
     Ok(full[tp.rank() * local * cols..(tp.rank() + 1) * local * cols].to_vec())
 }
 
 /// Rank `tp.rank()`'s block of columns of the `rows x cols` matrix `full`: `[rows, cols / p]`.
 pub fn split_cols(full: &[f32], rows: usize, cols: usize, tp: TpRank) -> Result<Vec<f32>> {
-    check_len("split_cols", "full", full.len(), rows * cols)?;
+    check_len("split_cols", "full", full.len(), rows.saturating_mul(cols))?;
     let local = split_dim("cols", cols, tp.world)?;
     let start = tp.rank() * local;
     Ok(full.chunks_exact(cols).flat_map(|row| &row[start..start + local]).copied().collect())
@@ -26,7 +26,7 @@ pub fn split_cols(full: &[f32], rows: usize, cols: usize, tp: TpRank) -> Result<
 /// The full `[p * local_rows, cols]` matrix from every rank's `[local_rows, cols]` shard (an
 /// all-gather: rank blocks of rows are contiguous).
 pub fn gather_rows<C: Communicator>(comm: &C, shard: &[f32], local_rows: usize, cols: usize) -> Result<Vec<f32>> {
-    check_len("gather_rows", "shard", shard.len(), local_rows * cols)?;
+    check_len("gather_rows", "shard", shard.len(), local_rows.saturating_mul(cols))?;
     let mut full = vec![0.0f32; shard.len() * comm.world_size()];
     comm.all_gather(shard, &mut full)?;
     Ok(full)
@@ -35,7 +35,7 @@ pub fn gather_rows<C: Communicator>(comm: &C, shard: &[f32], local_rows: usize, 
 /// The full `[rows, p * local_cols]` matrix from every rank's `[rows, local_cols]` shard (an
 /// all-gather into rank-major blocks, then each row is put back together).
 pub fn gather_cols<C: Communicator>(comm: &C, shard: &[f32], rows: usize, local_cols: usize) -> Result<Vec<f32>> {
-    check_len("gather_cols", "shard", shard.len(), rows * local_cols)?;
+    check_len("gather_cols", "shard", shard.len(), rows.saturating_mul(local_cols))?;
     let world = comm.world_size();
     let mut blocks = vec![0.0f32; shard.len() * world];
     comm.all_gather(shard, &mut blocks)?;
