@@ -85,7 +85,8 @@ mod tp {
     use super::size;
     use proptest::prelude::*;
     use squid_collectives::tp::{
-        ColumnParallelLinear, RowParallelLinear, TpRank, VocabParallelCrossEntropy, VocabParallelEmbedding,
+        ColumnParallelLinear, ParallelAttention, RowParallelLinear, TpRank, VocabParallelCrossEntropy,
+        VocabParallelEmbedding,
     };
     use squid_collectives::LocalGroup;
 
@@ -122,6 +123,19 @@ mod tp {
                     let _ = ce.forward(&comm, &x, &[id, 1]);
                 }
                 let _ = TpRank::new(a, b);
+                if let Ok(attn) = ParallelAttention::new(a, b, b, len.max(1), tp) {
+                    let _ = attn.shard(&x, &x, &x, &x);
+                    // Small layers, or ones beyond any address space: a valid large one
+                    // really allocates.
+                    let bytes = (a as u128).saturating_mul(b as u128).saturating_mul(len.max(1) as u128 * 4);
+                    let huge = bytes >= 1 << 50;
+                    if huge {
+                        assert!(attn.zeros().is_err(), "{bytes} bytes of weights allocated");
+                    }
+                    if let Some(Ok(w)) = (a <= 64 && b <= 64).then(|| attn.zeros()) {
+                        let _ = attn.forward(&comm, &x, &[0, 1], &w, &mut y);
+                    }
+                }
             });
             for r in results {
                 prop_assert!(r.is_ok(), "a layer panicked on a = {a}, b = {b}, len = {len}, id = {id}");

@@ -196,17 +196,27 @@ impl ParallelAttention {
     }
 
     fn q_width(&self) -> usize {
-        self.layout.local_q_heads * self.layout.head_dim
+        self.layout.local_q_heads.saturating_mul(self.layout.head_dim)
     }
 
     fn kv_width(&self) -> usize {
-        self.layout.local_kv_heads * self.layout.head_dim
+        self.layout.local_kv_heads.saturating_mul(self.layout.head_dim)
     }
 
-    /// Zeroed weights of this rank's shapes (for gradients).
-    pub fn zeros(&self) -> AttentionWeights {
+    /// Zeroed weights of this rank's shapes (for gradients); [`TpError::OutOfMemory`] where the
+    /// dims ask for more than can be allocated.
+    pub fn zeros(&self) -> Result<AttentionWeights> {
         let (q, kv, d) = (self.q_width(), self.kv_width(), self.d_model);
-        AttentionWeights { wq: vec![0.0; q * d], wk: vec![0.0; kv * d], wv: vec![0.0; kv * d], wo: vec![0.0; d * q] }
+        let zeros = |what: &'static str, rows: usize| -> Result<Vec<f32>> {
+            let elements = rows.saturating_mul(d);
+            let mut v = Vec::new();
+            if rows.checked_mul(d).is_none() || v.try_reserve_exact(elements).is_err() {
+                return Err(TpError::OutOfMemory { what, elements });
+            }
+            v.resize(elements, 0.0);
+            Ok(v)
+        };
+        Ok(AttentionWeights { wq: zeros("wq", q)?, wk: zeros("wk", kv)?, wv: zeros("wv", kv)?, wo: zeros("wo", q)? })
     }
 
     /// This rank's shard of the full weights `wq: [q_heads * D, d_model]`,

@@ -69,6 +69,14 @@ pub enum TpError {
         /// The length the shape asks for.
         expected: usize,
     },
+    /// Buffers of the layer's shapes could not be allocated (dims from the caller).
+    #[error("out of memory: {what} needs {elements} elements")]
+    OutOfMemory {
+        /// Which buffer.
+        what: &'static str,
+        /// Its size in elements (saturated at `usize::MAX`).
+        elements: usize,
+    },
     /// A size that must be at least one is zero.
     #[error("{what} must be at least 1")]
     Zero {

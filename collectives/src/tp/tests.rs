@@ -415,7 +415,7 @@ fn check_attention(world: usize, heads: (usize, usize, usize), seqs: &[u32], see
         let mut y = vec![f32::NAN; x32.len()];
         let cache = layer.forward(comm, &x32, seqs, &w, &mut y)?;
         let mut dx = vec![f32::NAN; x32.len()];
-        let mut grads = layer.zeros();
+        let mut grads = layer.zeros().unwrap();
         layer.backward(comm, &x32, seqs, &w, &cache, &dy32, &mut dx, &mut grads)?;
         Ok((layer.layout(), y, dx, layer.gather(comm, &grads)?))
     });
@@ -585,7 +585,7 @@ fn bad_shapes_are_typed_errors() {
         e.push(ce.forward(comm, &[0.0; 4], &[0, 9]).unwrap_err()); // target 9
         e.push(ce.forward(comm, &[0.0; 3], &[0, 1]).unwrap_err()); // logits not [T, 2]
         let attn = ParallelAttention::new(4, 2, 2, 2, tp)?;
-        let w = attn.zeros();
+        let w = attn.zeros().unwrap();
         let mut y = vec![0.0; 3 * 4];
         e.push(attn.forward(comm, &[0.0; 12], &[0, 2], &w, &mut y).unwrap_err()); // ends at 2 of 3
         e.push(attn.forward(comm, &[0.0; 12], &[0, 2, 1, 3], &w, &mut y).unwrap_err()); // decreasing
@@ -612,11 +612,11 @@ fn bad_shapes_are_typed_errors() {
 fn attention_backward_rejects_a_cache_of_another_batch() {
     let errors = on_ranks(2, |comm| {
         let attn = ParallelAttention::new(4, 2, 2, 2, TpRank::of(comm))?;
-        let w = attn.zeros();
+        let w = attn.zeros().unwrap();
         let x = vec![0.5; 3 * 4];
         let mut y = vec![0.0; 3 * 4];
         let cache = attn.forward(comm, &x, &[0, 3], &w, &mut y)?;
-        let (mut dx, mut g) = (vec![0.0; 12], attn.zeros());
+        let (mut dx, mut g) = (vec![0.0; 12], attn.zeros().unwrap());
         Ok(attn.backward(comm, &x, &[0, 1, 3], &w, &cache, &y, &mut dx, &mut g).unwrap_err())
     });
     for e in errors {

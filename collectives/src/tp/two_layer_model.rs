@@ -168,7 +168,7 @@ fn sharded_model<C: Communicator>(
         let dh = add(&dx, &dh_mlp);
         // h = x + attention(x): dx = dh + attention backward.
         let mut dx_attn = vec![0.0; width];
-        let mut dw = l.attn.zeros();
+        let mut dw = l.attn.zeros()?;
         l.attn.backward(comm, x, &MODEL_SEQS, &l.w, cache, &dh, &mut dx_attn, &mut dw)?;
         dx = add(&dh, &dx_attn);
         let dw = l.attn.gather(comm, &dw)?;
