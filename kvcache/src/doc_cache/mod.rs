@@ -115,13 +115,14 @@ impl<T: Element> DocKv<T> {
         &self.v
     }
 
-    /// One layer's keys at position 0: `[tokens, kv_heads, head_dim]`.
+    /// One layer's keys at position 0: `[tokens, kv_heads, head_dim]`. Panics if
+    /// `layer >= shape().layers`, as slice indexing does ([`DocKv::place_layer_into`] checks it).
     pub fn k_layer(&self, layer: usize) -> &[T] {
         let n = self.shape.layer_len();
         &self.k[layer * n..(layer + 1) * n]
     }
 
-    /// One layer's values: `[tokens, kv_heads, head_dim]`.
+    /// One layer's values: `[tokens, kv_heads, head_dim]`. Panics if `layer >= shape().layers`.
     pub fn v_layer(&self, layer: usize) -> &[T] {
         let n = self.shape.layer_len();
         &self.v[layer * n..(layer + 1) * n]
