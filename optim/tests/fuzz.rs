@@ -144,8 +144,8 @@ proptest! {
 
     #[test]
     fn logprob_entry_points(
-        logits in floats(12), vocab in size(),
-        targets in prop::collection::vec(prop_oneof![0u32..4, Just(u32::MAX)], 0..4),
+        logits in prop_oneof![1 => Just(Vec::new()), 3 => floats(12)], vocab in size(),
+        targets in prop::collection::vec(prop_oneof![4 => 0u32..2, 1 => 0u32..4, 1 => Just(u32::MAX)], 0..4),
         grad_logp in floats(4), grad_entropy in prop::option::of(floats(4)), grad_len in 0usize..14,
     ) {
         let input = (&logits, vocab, &targets);
@@ -157,6 +157,8 @@ proptest! {
             prop_assert_eq!(fwd, &reused);
             prop_assert_eq!((fwd.logp.len(), fwd.entropy.len(), fwd.lse.len()), (targets.len(), targets.len(), targets.len()));
             prop_assert!(all_finite(&fwd.lse) && all_finite(&fwd.entropy));
+            // Accepted only when the logits really are tokens x vocab.
+            prop_assert_eq!(Some(logits.len()), targets.len().checked_mul(vocab));
             if moderate(&logits) {
                 let want = squid_optim::logprob::naive::forward(&logits, vocab, &targets);
                 for (t, &(logp, entropy, lse)) in want.iter().enumerate() {
@@ -189,8 +191,22 @@ proptest! {
         rewards in floats(8), group in size(), ids in prop::collection::vec(0u64..3, 0..9),
         by_ids in any::<bool>(), config in grpo_config(), cu in cu_seqlens(),
         mask in prop::collection::vec(any::<bool>(), 0..12), token_rewards in floats(12),
-        gamma in float(), eps in float(),
+        gamma in float(), eps in float(), derive in prop::bool::weighted(0.8), seq_lens in prop::collection::vec(0u32..4, 9),
     ) {
+        // Mostly offsets and a mask that fit the rewards (one sequence per reward), so the calls get
+        // past their length checks; otherwise the generated ones.
+        let (cu, mask, token_rewards) = if derive {
+            let mut cu = vec![0u32];
+            for l in &seq_lens[..rewards.len()] {
+                cu.push(cu.last().unwrap() + l);
+            }
+            let total = *cu.last().unwrap() as usize;
+            let mask: Vec<bool> = (0..total).map(|t| mask.get(t).copied().unwrap_or(t % 3 != 0)).collect();
+            let tr: Vec<f32> = (0..total).map(|t| token_rewards.get(t).copied().unwrap_or(1.0)).collect();
+            (cu, mask, tr)
+        } else {
+            (cu, mask, token_rewards)
+        };
         let groups = if by_ids { Groups::Ids(&ids) } else { Groups::Size(group) };
         let input = (&rewards, &groups, &config);
         let members = call("Groups::resolve", &input, || groups.resolve(rewards.len()))?;
@@ -203,8 +219,14 @@ proptest! {
             prop_assert!(all_finite(&a.advantages));
             let want = squid_optim::advantage::naive::sample_advantages(&rewards, members, &config);
             prop_assert!(want.is_ok(), "fast accepted what the reference refused: {:?}", want);
-            for (x, w) in a.advantages.iter().zip(want.unwrap()) {
-                prop_assert!((f64::from(*x) - w).abs() <= 1e-5 * (1.0 + w.abs()), "{} vs {}", x, w);
+            // Values compared where the rewards are moderate: with rewards 30 orders of magnitude
+            // apart (1e30 and -1e30 beside 1.8) the f64 group sum cancels the small ones away, in
+            // the fast path's order as in any single-pass sum; the reference's leave-one-out sums
+            // differ, so there they agree only in being finite.
+            if moderate(&rewards) {
+                for (x, w) in a.advantages.iter().zip(want.unwrap()) {
+                    prop_assert!((f64::from(*x) - w).abs() <= 1e-5 * (1.0 + w.abs()), "{} vs {}", x, w);
+                }
             }
         }
         let _ = call("filter_zero_variance_groups", &input, || filter_zero_variance_groups(&rewards, groups))?;
@@ -236,8 +258,9 @@ proptest! {
     fn policy_loss_entry_points(
         n in 0usize..10, values in prop::collection::vec(float(), 50), lens in prop::collection::vec(prop_oneof![8 => Just(0usize), 1 => 0usize..12], 7),
         mask in prop::collection::vec(any::<bool>(), 10), cu in cu_seqlens(), with_ref in any::<bool>(),
-        with_entropy in any::<bool>(), config in loss_config(),
+        with_entropy in any::<bool>(), config in loss_config(), derive in prop::bool::weighted(0.8), cut in 0usize..10,
     ) {
+        let cu = if derive { vec![0, cut.min(n) as u32, n as u32] } else { cu };
         // Five per-token inputs of length n, each sometimes of another length.
         let len = |i: usize| if lens[i] == 0 { n } else { lens[i] - 1 };
         let take = |i: usize| values[i * 10..i * 10 + len(i).min(10)].to_vec();
@@ -284,10 +307,17 @@ proptest! {
 
     #[test]
     fn optimizer_entry_points(
-        params in prop::collection::vec(floats(5), 0..3), grads in prop::collection::vec(floats(5), 0..3),
+        params in prop::collection::vec(floats(5), 0..3), other_grads in prop::collection::vec(floats(5), 0..3),
+        grad_values in prop::collection::vec(float(), 15), same_shape in prop::bool::weighted(0.85),
         beta1 in float(), beta2 in float(), eps in float(), weight_decay in float(), amsgrad in any::<bool>(),
         max_grad_norm in prop::option::of(float()), lr in float(), steps in 1usize..4,
     ) {
+        // Mostly gradients of the parameters' shapes, so steps get past the shape checks.
+        let grads: Vec<Vec<f32>> = if same_shape {
+            params.iter().enumerate().map(|(i, p)| grad_values[i * 5..i * 5 + p.len()].to_vec()).collect()
+        } else {
+            other_grads
+        };
         let config = AdamWConfig { beta1: beta1.abs() % 1.0, beta2: beta2.abs() % 1.0, eps, weight_decay, amsgrad, max_grad_norm };
         let views: Vec<&[f32]> = params.iter().map(|p| p.as_slice()).collect();
         let input = (&params, &grads, &config, lr);
