@@ -13,7 +13,7 @@ mod seqs;
 
 pub use adamw::{AdamW, AdamWConfig, StepReport};
 pub use clip::{clip_grad_norm, global_grad_norm};
-pub use schedule::LrSchedule;
+pub use schedule::{LrSchedule, ScheduleKind};
 
 /// What can be wrong with an optimizer, advantage or loss call's inputs.
 #[derive(Debug, Error, PartialEq)]
@@ -71,6 +71,28 @@ pub enum Error {
     /// The optimizer was built for another set of parameter shapes or storage type.
     #[error("parameter mismatch: {0}")]
     ParamMismatch(String),
+    /// An optimizer step that would make a parameter or an optimizer state non-finite (NaN or
+    /// infinite). The step is refused and nothing changes: parameters, master weights, moments and
+    /// the step count are as before the call.
+    #[error("step refused: it would make {what} {index} of tensor {tensor} {value} (nothing was changed)")]
+    StepRefused {
+        /// What would become non-finite: `parameter`, `exp_avg`, `exp_avg_sq` or `max_exp_avg_sq`.
+        what: &'static str,
+        /// The parameter tensor.
+        tensor: usize,
+        /// The element in it.
+        index: usize,
+        /// The value it would have had.
+        value: f32,
+    },
+    /// A size computed from the caller's numbers that overflows `usize` or cannot be allocated.
+    #[error("size of {what}: {why}")]
+    Size {
+        /// What was being sized.
+        what: &'static str,
+        /// The numbers involved.
+        why: String,
+    },
     /// Reading or writing optimizer state failed, or the file is not a valid checkpoint.
     #[error("checkpoint {path}: {why}")]
     Checkpoint {
@@ -87,6 +109,20 @@ pub(crate) fn check_finite(what: &'static str, x: &[f32]) -> Result<(), Error> {
         Some(index) => Err(Error::NonFinite { what, index, value: x[index] }),
         None => Ok(()),
     }
+}
+
+/// `a * b`, or [`Error::Size`] naming `what` when the product overflows `usize`.
+pub(crate) fn checked_product(what: &'static str, a: usize, b: usize) -> Result<usize, Error> {
+    a.checked_mul(b).ok_or_else(|| Error::Size { what, why: format!("{a} * {b} overflows usize") })
+}
+
+/// A vector of `n` copies of `value`, or [`Error::Size`] when the memory cannot be had (instead of
+/// the process abort of `vec!`).
+pub(crate) fn try_filled<T: Clone>(what: &'static str, n: usize, value: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| Error::Size { what, why: format!("{n} elements: {e}") })?;
+    v.resize(n, value);
+    Ok(v)
 }
 
 /// Checks a length.

@@ -24,8 +24,8 @@ pub(super) struct StepConsts {
     pub clip: f32,
 }
 
-/// Global L2 norm over gradients of any storage type; non-finite -> error naming the element.
-pub(super) fn grad_norm<G: Element>(grads: &[&[G]]) -> Result<f32, Error> {
+/// Global L2 norm over gradients of any storage type, in f64; non-finite -> error naming the element.
+pub(super) fn grad_norm<G: Element>(grads: &[&[G]]) -> Result<f64, Error> {
     let sum: f64 = grads
         .par_iter()
         .map(|g| {
@@ -42,17 +42,10 @@ pub(super) fn grad_norm<G: Element>(grads: &[&[G]]) -> Result<f32, Error> {
         })
         .sum();
     if sum.is_finite() {
-        return Ok(sum.sqrt() as f32);
+        return Ok(sum.sqrt());
     }
-    let mut offset = 0;
-    for g in grads {
-        if let Some(i) = g.iter().position(|x| !x.to_f32().is_finite()) {
-            return Err(Error::NonFinite { what: "gradient", index: offset + i, value: g[i].to_f32() });
-        }
-        offset += g.len();
-    }
-    // Finite elements whose squares overflow f64: astronomically large, but a number.
-    Err(Error::NonFinite { what: "gradient norm", index: 0, value: f32::INFINITY })
+    // An f32 lane overflowed: a non-finite element, or finite ones whose squares need f64.
+    crate::clip::exact_norm_or_culprit(grads)
 }
 
 #[inline(always)]
@@ -69,6 +62,43 @@ fn element(k: &StepConsts, p: f32, g: f32, m: &mut f32, v: &mut f32, v_max: Opti
         None => *v,
     };
     p - k.step_size * *m / (v_hat.sqrt() * k.inv_sqrt_bc2 + k.eps)
+}
+
+/// The first element (in order) that this step would make non-finite, as (index, what, value),
+/// computed with exactly the arithmetic of [`update`] but writing nothing: [`update`] runs only when
+/// this finds none, so a refused step changes nothing. Chunks are scanned in parallel and a chunk is
+/// searched element by element only when a branch-free pass over it saw a NaN or infinity.
+#[allow(clippy::eq_op)]
+pub(super) fn first_non_finite<T: Element, G: Element>(
+    k: &StepConsts,
+    params: &[T],
+    grads: &[G],
+    st: &TensorState,
+) -> Option<(usize, &'static str, f32)> {
+    let n = params.len();
+    let stored = T::DTYPE != squid_cuda::dtype::DType::F32;
+    let at = |i: usize| -> [f32; 5] {
+        let p = st.master.as_ref().map_or_else(|| params[i].to_f32(), |w| w[i]);
+        let (mut m, mut v) = (st.m[i], st.v[i]);
+        let mut vm = st.v_max.as_ref().map(|x| x[i]);
+        let p = element(k, p, grads[i].to_f32(), &mut m, &mut v, vm.as_mut());
+        // The parameter as stored (bf16/f16 overflow where f32 does not: f16 tops out at 65504).
+        let p_stored = if stored { T::from_f32(p).to_f32() } else { p };
+        [p, p_stored, m, v, vm.unwrap_or(0.0)]
+    };
+    const WHAT: [&str; 5] = ["parameter", "parameter in its storage type", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"];
+    (0..n.div_ceil(CHUNK)).into_par_iter().find_map_first(|c| {
+        let range = c * CHUNK..((c + 1) * CHUNK).min(n);
+        // x - x is 0 for finite x and NaN otherwise: one sum per chunk says whether to look closer.
+        let poison: f32 = range.clone().map(|i| at(i).iter().map(|&x| x - x).sum::<f32>()).sum();
+        if poison == 0.0 {
+            return None;
+        }
+        range.into_iter().find_map(|i| {
+            let vals = at(i);
+            vals.iter().position(|x| !x.is_finite()).map(|j| (i, WHAT[j], vals[j]))
+        })
+    })
 }
 
 pub(super) fn update<T: Element, G: Element>(k: &StepConsts, params: &mut [T], grads: &[G], st: &mut TensorState) {

@@ -14,7 +14,12 @@
 //! `p` is the f32 master copy; a bf16/f16 parameter is rewritten from it (round to nearest even)
 //! after each step, so rounding never accumulates in the weights. f32 parameters are their own
 //! master. If the global gradient norm is not finite the step is refused with a typed error and
-//! nothing changes (weights, moments, step count), so one bad batch never corrupts training.
+//! nothing changes (weights, moments, step count), so one bad batch never corrupts training. The same
+//! holds for a step that would make any parameter or state non-finite (`eps = 0` with a zero
+//! gradient gives 0 / 0; a huge learning rate overflows; a gradient above ~1.8e19 overflows `v`;
+//! an f16 parameter overflows above 65504): every element's update is computed first without
+//! writing, and only if all of it is finite is it applied ([`Error::StepRefused`] otherwise). That
+//! costs one more read of parameters, gradients and moments per step.
 
 mod cpu;
 pub mod naive;
@@ -24,7 +29,7 @@ mod tests;
 
 use squid_cuda::dtype::{DType, Element};
 
-use crate::{check_len, Error};
+use crate::{check_len, try_filled, Error};
 
 /// AdamW hyper-parameters (torch defaults except weight decay, which is 0.01 as in torch's AdamW).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,7 +55,9 @@ impl Default for AdamWConfig {
 }
 
 impl AdamWConfig {
-    fn validate(&self) -> Result<(), Error> {
+    /// Checks the hyper-parameters ([`AdamW::new`] does): betas in [0, 1), `eps` and `weight_decay`
+    /// finite and >= 0, `max_grad_norm` finite and > 0. NaN fails every check.
+    pub fn validate(&self) -> Result<(), Error> {
         let bad = |what: &'static str, v: f32| Err(Error::Config { what, why: format!("{v} is out of range") });
         for (what, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             if !(0.0..1.0).contains(&b) {
@@ -88,8 +95,9 @@ pub(crate) struct TensorState {
 /// What a step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
-    /// Global L2 norm of the gradients before clipping.
-    pub grad_norm: f32,
+    /// Global L2 norm of the gradients before clipping, in f64 (finite f32 gradients can have a norm
+    /// above `f32::MAX`).
+    pub grad_norm: f64,
     /// The factor the gradients were multiplied by (1 when not clipped).
     pub clip_scale: f32,
     /// The learning rate used.
@@ -115,13 +123,22 @@ impl AdamW {
         let keep_master = T::DTYPE != DType::F32;
         let tensors = params
             .iter()
-            .map(|p| TensorState {
-                master: keep_master.then(|| p.iter().map(|x| x.to_f32()).collect()),
-                m: vec![0.0; p.len()],
-                v: vec![0.0; p.len()],
-                v_max: config.amsgrad.then(|| vec![0.0; p.len()]),
+            .map(|p| -> Result<TensorState, Error> {
+                let master = if keep_master {
+                    let mut w = try_filled("master weights", p.len(), 0.0f32)?;
+                    w.iter_mut().zip(p.iter()).for_each(|(w, x)| *w = x.to_f32());
+                    Some(w)
+                } else {
+                    None
+                };
+                Ok(TensorState {
+                    master,
+                    m: try_filled("exp_avg", p.len(), 0.0)?,
+                    v: try_filled("exp_avg_sq", p.len(), 0.0)?,
+                    v_max: if config.amsgrad { Some(try_filled("max_exp_avg_sq", p.len(), 0.0)?) } else { None },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { config, dtype: T::DTYPE, step: 0, tensors })
     }
 
@@ -162,8 +179,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// One AdamW step with learning rate `lr`. Gradients may be f32, bf16 or f16. On a non-finite
-    /// gradient norm nothing changes and the error names the first bad element.
+    /// One AdamW step with learning rate `lr` (finite, >= 0). Gradients may be f32, bf16 or f16. On
+    /// a non-finite gradient, or when the step would make any parameter or state non-finite
+    /// ([`Error::StepRefused`]), nothing changes and the error names the first bad element.
     pub fn step<T: Element, G: Element>(
         &mut self,
         params: &mut [&mut [T]],
@@ -185,11 +203,14 @@ impl AdamW {
             return Err(Error::Config { what: "lr", why: format!("{lr} is not a finite value >= 0") });
         }
         let grad_norm = cpu::grad_norm(grads)?;
-        let clip_scale = self.config.max_grad_norm.map_or(1.0, |m| crate::clip::clip_scale(grad_norm, m));
-        self.step += 1;
+        let clip_scale = self.config.max_grad_norm.map_or(1.0, |m| crate::clip::clip_scale_f64(grad_norm, m));
+        let step = self.step.checked_add(1).ok_or_else(|| Error::Config {
+            what: "step count",
+            why: format!("{} steps taken: one more overflows u64", self.step),
+        })?;
         let c = &self.config;
-        let bc1 = 1.0 - f64::from(c.beta1).powf(self.step as f64);
-        let bc2 = 1.0 - f64::from(c.beta2).powf(self.step as f64);
+        let bc1 = 1.0 - f64::from(c.beta1).powf(step as f64);
+        let bc2 = 1.0 - f64::from(c.beta2).powf(step as f64);
         let k = cpu::StepConsts {
             beta1: c.beta1,
             beta2: c.beta2,
@@ -199,6 +220,13 @@ impl AdamW {
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
             clip: clip_scale,
         };
+        // Check every tensor before touching any, so a refused step changes nothing.
+        for (tensor, ((p, g), st)) in params.iter().zip(grads).zip(&self.tensors).enumerate() {
+            if let Some((index, what, value)) = cpu::first_non_finite(&k, p, g, st) {
+                return Err(Error::StepRefused { what, tensor, index, value });
+            }
+        }
+        self.step = step;
         for ((p, g), st) in params.iter_mut().zip(grads).zip(&mut self.tensors) {
             cpu::update(&k, p, g, st);
         }

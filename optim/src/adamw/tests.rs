@@ -71,7 +71,7 @@ proptest! {
         let mut params: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| lcg(&mut seed)).collect()).collect();
         let mut refs: Vec<NaiveAdamW> = params.iter().map(|p| NaiveAdamW::new(p)).collect();
         let mut opt = AdamW::new(cfg, &params.iter().map(|p| p.as_slice()).collect::<Vec<_>>()).unwrap();
-        let schedule = crate::LrSchedule::Cosine { lr: 1e-2, warmup: 5, total: 60, min_ratio: 0.1 };
+        let schedule = crate::LrSchedule::cosine(1e-2, 5, 60, 0.1).unwrap();
         for _ in 0..60 {
             let grads: Vec<Vec<f32>> = lens.iter().map(|&n| (0..n).map(|_| lcg(&mut seed) * 0.3).collect()).collect();
             let lr = schedule.lr_at(opt.steps());
@@ -81,7 +81,7 @@ proptest! {
                 opt.step(&mut pm, &views, lr).unwrap()
             };
             let norm = crate::clip::naive_global_grad_norm(&views);
-            prop_assert!((f64::from(report.grad_norm) - norm).abs() <= 1e-6 * norm);
+            prop_assert!((report.grad_norm - norm).abs() <= 1e-6 * norm);
             let scale = if clip { (2.0 / (norm + 1e-6)).min(1.0) } else { 1.0 };
             for (r, g) in refs.iter_mut().zip(&grads) {
                 let g: Vec<f32> = g.iter().map(|&x| (f64::from(x) * scale) as f32).collect();
@@ -171,4 +171,88 @@ fn save_load_round_trip_and_rejects_corruption() {
     let mut other = AdamW::new(AdamWConfig { amsgrad: true, ..Default::default() }, &[&w[..]]).unwrap();
     assert!(matches!(other.load(&path, &mut [&mut w[..]]), Err(Error::Checkpoint { .. })));
     assert!(matches!(o32.clone().load(&path, &mut [&mut [0.0f32; 4][..]]), Err(Error::ParamMismatch(_))));
+}
+
+/// A refused step leaves everything as it was: parameters, masters, moments, step count.
+fn assert_refused<T: Element + PartialEq + std::fmt::Debug>(
+    opt: &mut AdamW,
+    params: &mut [T],
+    grads: &[f32],
+    lr: f32,
+    what: &str,
+) {
+    let before = (params.to_vec(), opt.clone());
+    let err = opt.step(&mut [&mut params[..]], &[grads], lr).unwrap_err();
+    assert!(matches!(err, Error::StepRefused { what: w, tensor: 0, .. } if w == what), "{err:?}");
+    assert_eq!((params.to_vec(), opt.clone()), before);
+}
+
+#[test]
+fn steps_that_would_make_values_non_finite_are_refused_with_nothing_changed() {
+    // eps = 0 and a zero gradient: m = v = 0, the update is 0 / 0 = NaN (it was applied: every
+    // parameter became NaN and the step reported success).
+    let cfg = AdamWConfig { eps: 0.0, ..Default::default() };
+    let mut p = vec![1.0f32, -2.0, 3.0];
+    let mut opt = AdamW::new(cfg, &[&p[..]]).unwrap();
+    assert_refused(&mut opt, &mut p, &[0.0, 0.0, 0.0], 1e-3, "parameter");
+    // The same optimizer still steps on a usable gradient.
+    opt.step(&mut [&mut p[..]], &[&[1.0f32, 1.0, 1.0][..]], 1e-3).unwrap();
+    assert_eq!(opt.steps(), 1);
+    assert!(p.iter().all(|x| x.is_finite()));
+    // lr 3e38: the weight decay factor 1 - lr * wd and the update overflow (parameters became -inf).
+    let mut q = vec![0.5f32; 5];
+    let mut opt = AdamW::new(AdamWConfig::default(), &[&q[..]]).unwrap();
+    assert_refused(&mut opt, &mut q, &[1.0; 5], 3e38, "parameter");
+    // A finite gradient of 1e30 without clipping: (1 - beta2) g^2 overflows v.
+    let mut r = vec![0.0f32; 2];
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[&r[..]]).unwrap();
+    assert_refused(&mut opt, &mut r, &[1e30, 0.0], 1e-3, "exp_avg_sq");
+    // With clipping the same gradient is fine, and the report carries its norm.
+    let clip = AdamWConfig { max_grad_norm: Some(1.0), ..Default::default() };
+    let mut opt = AdamW::new(clip, &[&r[..]]).unwrap();
+    let report = opt.step(&mut [&mut r[..]], &[&[1e30f32, 0.0][..]], 1e-3).unwrap();
+    assert!((report.grad_norm - 1e30).abs() <= 1e-6 * 1e30, "{}", report.grad_norm);
+    // Finite gradients whose norm exceeds f32::MAX: clipped by the true norm (6e38), not zeroed.
+    let mut s = vec![0.0f32; 4];
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..clip }, &[&s[..]]).unwrap();
+    let report = opt.step(&mut [&mut s[..]], &[&[3e38f32; 4][..]], 0.1).unwrap();
+    assert!((report.grad_norm - 6e38).abs() <= 1e-6 * 6e38 && report.clip_scale > 0.0, "{report:?}");
+    assert!(s.iter().all(|&x| (x + 0.1).abs() < 1e-6), "{s:?}");
+    // An f16 parameter that would leave f16's range (65504) although its f32 master stays finite.
+    let mut h = vec![half::f16::from_f32(65000.0)];
+    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..Default::default() }, &[&h[..]]).unwrap();
+    assert_refused(&mut opt, &mut h, &[-1.0], 1000.0, "parameter in its storage type");
+    // Two tensors, the second bad: the first is not updated either.
+    let (mut a, mut b) = (vec![1.0f32; 3], vec![1.0f32; 3]);
+    let mut opt = AdamW::new(AdamWConfig { eps: 0.0, ..Default::default() }, &[&a[..], &b[..]]).unwrap();
+    let before = (a.clone(), b.clone(), opt.clone());
+    let err = opt.step(&mut [&mut a[..], &mut b[..]], &[&[1.0f32; 3][..], &[0.0f32; 3][..]], 1e-3).unwrap_err();
+    assert!(matches!(err, Error::StepRefused { tensor: 1, index: 0, .. }), "{err:?}");
+    assert_eq!((a, b, opt), before);
+}
+
+#[test]
+fn invalid_hyper_parameters_are_refused() {
+    let p = [0.0f32; 2];
+    for cfg in [
+        AdamWConfig { eps: -1e-8, ..Default::default() },
+        AdamWConfig { eps: f32::NAN, ..Default::default() },
+        AdamWConfig { beta1: 1.0, ..Default::default() },
+        AdamWConfig { beta1: -0.1, ..Default::default() },
+        AdamWConfig { beta2: f32::NAN, ..Default::default() },
+        AdamWConfig { weight_decay: f32::INFINITY, ..Default::default() },
+        AdamWConfig { max_grad_norm: Some(0.0), ..Default::default() },
+    ] {
+        assert!(matches!(AdamW::new(cfg, &[&p[..]]), Err(Error::Config { .. })), "{cfg:?}");
+    }
+    let mut q = [0.0f32; 2];
+    let mut opt = AdamW::new(AdamWConfig::default(), &[&q[..]]).unwrap();
+    for lr in [f32::NAN, -1.0, f32::INFINITY] {
+        assert!(matches!(opt.step(&mut [&mut q[..]], &[&[1.0f32; 2][..]], lr), Err(Error::Config { what: "lr", .. })));
+    }
+    // The step count cannot wrap (a loaded file can hold any count).
+    opt.step = u64::MAX;
+    let before = opt.clone();
+    assert!(matches!(opt.step(&mut [&mut q[..]], &[&[1.0f32; 2][..]], 0.1), Err(Error::Config { .. })));
+    assert_eq!(opt, before);
 }

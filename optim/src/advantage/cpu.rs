@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{AdvantageConfig, Estimator, SingletonPolicy, StdScope, WhitenConfig};
+use super::{AdvantageConfig, Estimator, GroupStats, SingletonPolicy, StdScope, WhitenConfig};
 use crate::seqs::{seq_of_token, TOKEN_CHUNK};
 use crate::Error;
 
@@ -36,8 +36,13 @@ pub(super) fn sample_advantages(
     rewards: &[f32],
     members: &[Vec<usize>],
     config: &AdvantageConfig,
-) -> Result<Vec<f32>, Error> {
+) -> Result<(Vec<f32>, Vec<GroupStats>), Error> {
     let mut out = vec![0.0f32; rewards.len()];
+    let mut group_stats = Vec::with_capacity(members.len());
+    let unbiased = match config.estimator {
+        Estimator::Grpo(g) => g.unbiased_std,
+        Estimator::Rloo => true,
+    };
     let batch_std = match config.estimator {
         Estimator::Grpo(g) if g.scope == StdScope::Batch => {
             let all: Vec<usize> = (0..rewards.len()).collect();
@@ -48,6 +53,11 @@ pub(super) fn sample_advantages(
     };
     for (group, idx) in members.iter().enumerate() {
         let (n, mean, ss) = stats(rewards, idx);
+        let std = match (config.estimator, batch_std) {
+            (Estimator::Grpo(_), Some(b)) => b,
+            _ => std_from(n, ss, unbiased),
+        };
+        group_stats.push(GroupStats { count: n, mean, std });
         if n == 0 {
             continue; // every reward ignored: nothing to learn from
         }
@@ -83,7 +93,9 @@ pub(super) fn sample_advantages(
             out[i] = ((f64::from(rewards[i]) - shift) * scale) as f32;
         }
     }
-    Ok(out)
+    // Rewards near f32::MAX can give advantages beyond it (RLOO scales by n / (n - 1)).
+    crate::check_finite("computed advantage", &out)?;
+    Ok((out, group_stats))
 }
 
 /// `out[t] = per_seq[seq of t]` where the mask is set, else 0; chunks of tokens in parallel.
@@ -169,8 +181,11 @@ pub(super) fn whiten(x: &[f32], mask: &[bool], config: WhitenConfig) -> Result<V
         .map(|(x, m)| x.iter().zip(m).filter(|(_, &k)| k).map(|(&v, _)| (f64::from(v) - mean).powi(2)).sum::<f64>())
         .sum();
     let inv = 1.0 / (ss / (n - 1) as f64 + f64::from(config.eps)).sqrt();
-    Ok(x.par_iter()
+    let out: Vec<f32> = x
+        .par_iter()
         .zip(mask.par_iter())
         .map(|(&v, &k)| if k { ((f64::from(v) - mean) * inv) as f32 } else { 0.0 })
-        .collect())
+        .collect();
+    crate::check_finite("whitened advantage", &out)?;
+    Ok(out)
 }

@@ -169,12 +169,48 @@ fn validate_rewards(rewards: &[f32], policy: NonFinitePolicy) -> Result<(), Erro
     }
 }
 
-/// One advantage per sample from one reward per sample (GRPO, Dr. GRPO, RLOO).
+/// One advantage per sample from one reward per sample (GRPO, Dr. GRPO, RLOO). An advantage that
+/// would not be finite (rewards near `f32::MAX`) is an error.
 pub fn sample_advantages(rewards: &[f32], groups: Groups<'_>, config: &AdvantageConfig) -> Result<Vec<f32>, Error> {
+    sample_advantages_with_stats(rewards, groups, config).map(|a| a.advantages)
+}
+
+/// The statistics of one group that its advantages were computed from (for logging: verl and TRL
+/// users log the reward mean and std per group).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupStats {
+    /// Samples that entered the statistics (finite rewards; ignored non-finite ones are not counted).
+    pub count: usize,
+    /// Mean of those rewards (f64): the baseline GRPO, Dr. GRPO and RLOO subtract (RLOO's
+    /// leave-one-out mean is `(n mean - r_i) / (n - 1)`). 0 when `count` is 0.
+    pub mean: f64,
+    /// The standard deviation GRPO divides by, before `eps` is added: the group's own (biased or
+    /// unbiased as configured) for `StdScope::Group`, the whole batch's for `StdScope::Batch`; for
+    /// `StdScope::None` and RLOO, which divide by none, the group's std with the configured bias
+    /// (RLOO: unbiased). 0 for groups of fewer than two (unbiased) samples.
+    pub std: f64,
+}
+
+/// Advantages with the per-group statistics behind them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleAdvantages {
+    /// One advantage per sample, as [`sample_advantages`] returns them.
+    pub advantages: Vec<f32>,
+    /// One entry per group, in order of first appearance (as [`Groups::resolve`] numbers them).
+    pub groups: Vec<GroupStats>,
+}
+
+/// [`sample_advantages`] that also returns each group's mean and std.
+pub fn sample_advantages_with_stats(
+    rewards: &[f32],
+    groups: Groups<'_>,
+    config: &AdvantageConfig,
+) -> Result<SampleAdvantages, Error> {
     validate_config(config)?;
     validate_rewards(rewards, config.non_finite)?;
     let members = groups.resolve(rewards.len())?;
-    cpu::sample_advantages(rewards, &members, config)
+    let (advantages, groups) = cpu::sample_advantages(rewards, &members, config)?;
+    Ok(SampleAdvantages { advantages, groups })
 }
 
 /// Which groups DAPO's dynamic sampling keeps.
@@ -199,10 +235,12 @@ pub fn filter_zero_variance_groups(rewards: &[f32], groups: Groups<'_>) -> Resul
 }
 
 /// Broadcasts one advantage per sequence to its tokens: token t of sequence s gets
-/// `advantages[s]` where `loss_mask[t]`, else 0 (prompt and tool-output tokens).
+/// `advantages[s]` where `loss_mask[t]`, else 0 (prompt and tool-output tokens). A NaN or infinite
+/// advantage is an error (it would otherwise reach the loss).
 pub fn broadcast_to_tokens(advantages: &[f32], cu_seqlens: &[u32], loss_mask: &[bool]) -> Result<Vec<f32>, Error> {
     let num_seqs = seqs::validate(cu_seqlens, loss_mask.len())?;
     check_len("advantages (one per sequence)", num_seqs, advantages.len())?;
+    check_finite("advantages", advantages)?;
     Ok(cpu::broadcast(advantages, cu_seqlens, loss_mask))
 }
 
@@ -267,7 +305,7 @@ pub fn reinforce_pp_baseline(
     validate_whiten(&whiten)?;
     let members = groups.resolve(rewards.len())?;
     let config = AdvantageConfig { estimator: Estimator::Grpo(GrpoConfig::dr_grpo()), singleton, non_finite };
-    let centred = cpu::sample_advantages(rewards, &members, &config)?;
+    let (centred, _) = cpu::sample_advantages(rewards, &members, &config)?;
     // Tokens of ignored (non-finite) samples leave the whitening statistics.
     let mut mask = loss_mask.to_vec();
     for (s, r) in rewards.iter().enumerate() {

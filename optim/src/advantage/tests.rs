@@ -47,6 +47,43 @@ fn grpo_batch_std_by_hand() {
 }
 
 #[test]
+fn group_stats_are_the_ones_used() {
+    // Same groups as grpo_by_hand: means 0.5 and 5, unbiased stds sqrt(1/3) and sqrt(20/3).
+    let rewards = [1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0];
+    let out = sample_advantages_with_stats(&rewards, Groups::Size(4), &grpo(GrpoConfig::verl())).unwrap();
+    assert_eq!(out.advantages, sample_advantages(&rewards, Groups::Size(4), &grpo(GrpoConfig::verl())).unwrap());
+    assert_eq!(out.groups.len(), 2);
+    assert_eq!((out.groups[0].count, out.groups[0].mean, out.groups[1].mean), (4, 0.5, 5.0));
+    assert!((out.groups[0].std - (1.0f64 / 3.0).sqrt()).abs() < 1e-15);
+    assert!((out.groups[1].std - (20.0f64 / 3.0).sqrt()).abs() < 1e-15);
+    // Each advantage is (r - mean) / (std + eps) with the reported numbers.
+    for (i, &r) in rewards.iter().enumerate() {
+        let g = out.groups[i / 4];
+        let want = (f64::from(r) - g.mean) / (g.std + 1e-6);
+        assert!((f64::from(out.advantages[i]) - want).abs() < 1e-6);
+    }
+    // Batch scope reports the batch std (2.964071, see grpo_batch_std_by_hand) for every group.
+    let batch = GrpoConfig { scope: StdScope::Batch, unbiased_std: true, eps: 1e-4 };
+    let out = sample_advantages_with_stats(&rewards, Groups::Size(4), &grpo(batch)).unwrap();
+    assert!(out.groups.iter().all(|g| (g.std - (61.5f64 / 7.0).sqrt()).abs() < 1e-12));
+    // Ignored non-finite rewards are not counted.
+    let cfg = AdvantageConfig { non_finite: NonFinitePolicy::Ignore, ..grpo(GrpoConfig::dr_grpo()) };
+    let out = sample_advantages_with_stats(&[1.0, f32::NAN, 3.0], Groups::Size(3), &cfg).unwrap();
+    assert_eq!((out.groups[0].count, out.groups[0].mean), (2, 2.0));
+}
+
+#[test]
+fn non_finite_advantages_are_errors() {
+    // A NaN advantage went through broadcast_to_tokens onto every loss token of its sequence.
+    let err = broadcast_to_tokens(&[0.5, f32::NAN], &[0, 2, 4], &[true; 4]).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { what: "advantages", index: 1, .. }), "{err:?}");
+    assert!(broadcast_to_tokens(&[0.5, f32::INFINITY], &[0, 2, 4], &[true; 4]).is_err());
+    // Finite rewards whose advantage is not: RLOO on [3e38, -3e38] gives 2 * 3e38 = inf.
+    let err = sample_advantages(&[3e38, -3e38], Groups::Size(2), &AdvantageConfig::new(Estimator::Rloo)).unwrap_err();
+    assert!(matches!(err, Error::NonFinite { what: "computed advantage", .. }), "{err:?}");
+}
+
+#[test]
 fn rloo_by_hand() {
     // [1, 2, 6]: sample 0: 1 - (2 + 6) / 2 = -3; sample 1: 2 - (1 + 6) / 2 = -1.5; sample 2: 6 - 1.5 = 4.5.
     let a = sample_advantages(&[1.0, 2.0, 6.0], Groups::Size(3), &AdvantageConfig::new(Estimator::Rloo)).unwrap();

@@ -106,7 +106,8 @@ unsafe fn forward_rows_avx2<T: Element>(
 }
 
 pub(super) fn forward<T: Element>(logits: &[T], vocab: usize, targets: &[u32], out: &mut LogprobOutput) {
-    let rows = logits.par_chunks(vocab * ROWS_PER_TASK);
+    // Saturating: with no tokens the vocabulary can be any number (nothing is read).
+    let rows = logits.par_chunks(vocab.saturating_mul(ROWS_PER_TASK));
     let outs = out
         .logp
         .par_chunks_mut(ROWS_PER_TASK)

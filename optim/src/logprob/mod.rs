@@ -22,7 +22,7 @@ mod tests;
 
 use squid_cuda::dtype::Element;
 
-use crate::{check_len, Error};
+use crate::{check_len, checked_product, try_filled, Error};
 
 /// Vocabulary entries per chunk of the online softmax (8 KiB of f32: stays in L1).
 pub const VOCAB_CHUNK: usize = 2048;
@@ -42,7 +42,11 @@ fn validate<T>(logits: &[T], vocab: usize, targets: &[u32]) -> Result<(), Error>
     if vocab == 0 {
         return Err(Error::Config { what: "vocab", why: "must be at least 1".into() });
     }
-    check_len("logits (tokens * vocab)", targets.len() * vocab, logits.len())?;
+    check_len(
+        "logits (tokens * vocab)",
+        checked_product("logits (tokens * vocab)", targets.len(), vocab)?,
+        logits.len(),
+    )?;
     if let Some(index) = targets.iter().position(|&y| y as usize >= vocab) {
         return Err(Error::TargetOutOfRange { index, id: targets[index], vocab });
     }
@@ -52,8 +56,13 @@ fn validate<T>(logits: &[T], vocab: usize, targets: &[u32]) -> Result<(), Error>
 /// Log-probs of `targets`, entropies and log-sum-exps of every row of `logits` (fast path).
 /// A row whose log-sum-exp is not finite (NaN logits, all -inf, overflow) is an error.
 pub fn logprobs<T: Element>(logits: &[T], vocab: usize, targets: &[u32]) -> Result<LogprobOutput, Error> {
+    validate(logits, vocab, targets)?;
     let n = targets.len();
-    let mut out = LogprobOutput { logp: vec![0.0; n], entropy: vec![0.0; n], lse: vec![0.0; n] };
+    let mut out = LogprobOutput {
+        logp: try_filled("logp", n, 0.0)?,
+        entropy: try_filled("entropy", n, 0.0)?,
+        lse: try_filled("lse", n, 0.0)?,
+    };
     logprobs_into(logits, vocab, targets, &mut out)?;
     Ok(out)
 }
@@ -67,9 +76,10 @@ pub fn logprobs_into<T: Element>(
 ) -> Result<(), Error> {
     validate(logits, vocab, targets)?;
     let n = targets.len();
-    out.logp.resize(n, 0.0);
-    out.entropy.resize(n, 0.0);
-    out.lse.resize(n, 0.0);
+    for (what, v) in [("logp", &mut out.logp), ("entropy", &mut out.entropy), ("lse", &mut out.lse)] {
+        v.try_reserve(n.saturating_sub(v.len())).map_err(|e| Error::Size { what, why: format!("{n} tokens: {e}") })?;
+        v.resize(n, 0.0);
+    }
     cpu::forward(logits, vocab, targets, out);
     if let Some(index) = out.lse.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite { what: "logits row log-sum-exp", index, value: out.lse[index] });
@@ -94,12 +104,18 @@ pub fn logprobs_backward<T: Element, G: Element>(
     let n = targets.len();
     check_len("forward.lse", n, forward.lse.len())?;
     check_len("forward.entropy", n, forward.entropy.len())?;
+    // The forward's outputs are public fields: edited ones must not poison the gradient silently.
+    crate::check_finite("forward.lse", &forward.lse)?;
+    crate::check_finite("forward.entropy", &forward.entropy)?;
     check_len("grad_logp", n, grad_logp.len())?;
     if let Some(h) = grad_entropy {
         check_len("grad_entropy", n, h.len())?;
     }
     check_len("grad_logits", logits.len(), grad_logits.len())?;
     crate::check_finite("grad_logp", grad_logp)?;
+    if let Some(h) = grad_entropy {
+        crate::check_finite("grad_entropy", h)?;
+    }
     cpu::backward(logits, vocab, targets, forward, grad_logp, grad_entropy, grad_logits);
     Ok(())
 }

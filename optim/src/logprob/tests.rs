@@ -43,6 +43,37 @@ fn edges() {
 }
 
 #[test]
+fn sizes_that_wrap_are_errors_not_panics() {
+    // 2 tokens * 2^63 vocab wraps to 0 = the length of empty logits: it passed the length check and
+    // panicked; now the product is checked.
+    let huge = 1usize << (usize::BITS - 1);
+    assert!(matches!(logprobs::<f32>(&[], huge, &[0, 0]), Err(Error::Size { .. })));
+    assert!(matches!(logprobs::<f32>(&[], usize::MAX, &[0, 1, 2]), Err(Error::Size { .. })));
+    // No tokens and any vocabulary: an empty result (the chunk size saturates instead of wrapping).
+    for vocab in [1, huge, usize::MAX, usize::MAX / 4 + 1] {
+        assert_eq!(logprobs::<f32>(&[], vocab, &[]).unwrap(), LogprobOutput::default());
+    }
+    let mut g = [0.0f32; 0];
+    assert!(matches!(
+        logprobs_backward::<f32, f32>(&[], huge, &[0, 0], &LogprobOutput::default(), &[0.0; 2], None, &mut g),
+        Err(Error::Size { .. })
+    ));
+    // A forward output edited to NaN, or a NaN entropy gradient: typed errors, not NaN gradients.
+    let logits = [0.0f32, 1.0];
+    let mut fwd = logprobs(&logits, 2, &[1]).unwrap();
+    let mut dx = [0.0f32; 2];
+    assert!(matches!(
+        logprobs_backward(&logits, 2, &[1], &fwd, &[1.0], Some(&[f32::NAN]), &mut dx),
+        Err(Error::NonFinite { what: "grad_entropy", .. })
+    ));
+    fwd.lse[0] = f32::NAN;
+    assert!(matches!(
+        logprobs_backward(&logits, 2, &[1], &fwd, &[1.0], None, &mut dx),
+        Err(Error::NonFinite { what: "forward.lse", .. })
+    ));
+}
+
+#[test]
 fn naive_backward_matches_finite_differences() {
     // Loss = sum_t g_t logp_t + h_t H_t on a 3 x 7 batch; central differences (step 1e-5) of that
     // loss written out in f64 here, against the analytic backward of the reference.

@@ -1,13 +1,14 @@
 //! The fast path: one pass over the tokens, chunks of tokens in parallel, eight accumulator lanes
 //! per chunk so the per-token arithmetic (branch-free selects, [`exp_fast`]) vectorises.
 
+use rayon::iter::Either;
 use rayon::prelude::*;
 
 use super::LOG_RATIO_CLAMP;
 use super::{find_non_finite, validate, Aggregation, KlEstimator, Metrics, PolicyLossConfig, PolicyLossInputs};
 use crate::math::exp_fast;
 use crate::seqs::{seq_of_token, TOKEN_CHUNK};
-use crate::{check_len, Error};
+use crate::{check_finite, check_len, Error};
 
 const LANES: usize = 8;
 
@@ -171,6 +172,7 @@ const BLOCK: usize = 64;
 /// Per-token results of one block, each summed into its lane accumulator afterwards.
 struct Block {
     loss: [f32; BLOCK],
+    token_loss: [f32; BLOCK],
     clip_low: [f32; BLOCK],
     clip_high: [f32; BLOCK],
     dual: [f32; BLOCK],
@@ -213,11 +215,19 @@ fn reduce_with(lanes: &mut [f32; LANES], x: &[f32], f: impl Fn(f32, f32) -> f32)
 /// compiler vectorises), then lane-wise sums of those arrays.
 #[allow(clippy::eq_op)]
 #[inline(always)]
-fn segment<const KL: u8>(p: &Params, s: &Segment<'_>, entropy: Option<&[f32]>, grad: &mut [f32], lanes: &mut Lanes) {
+fn segment<const KL: u8>(
+    p: &Params,
+    s: &Segment<'_>,
+    entropy: Option<&[f32]>,
+    grad: &mut [f32],
+    mut token_loss: Option<&mut [f32]>,
+    lanes: &mut Lanes,
+) {
     let n = s.new.len();
     let z = [0.0f32; BLOCK];
     let mut b = Block {
         loss: z,
+        token_loss: z,
         clip_low: z,
         clip_high: z,
         dual: z,
@@ -246,6 +256,7 @@ fn segment<const KL: u8>(p: &Params, s: &Segment<'_>, entropy: Option<&[f32]>, g
             let mw = m * s.w;
             grad[j] = mw * out[1];
             b.loss[j] = mw * out[0];
+            b.token_loss[j] = m * out[0];
             b.clip_low[j] = m * out[2];
             b.clip_high[j] = m * out[3];
             b.dual[j] = m * out[4];
@@ -256,6 +267,9 @@ fn segment<const KL: u8>(p: &Params, s: &Segment<'_>, entropy: Option<&[f32]>, g
             b.kl[j] = m * out[6];
             // x - x is 0 for finite x and NaN for NaN or infinity (IEEE: the compiler may not fold it).
             b.poison[j] = (nw - nw) + (od - od) + (a - a) + (r - r);
+        }
+        if let Some(tl) = token_loss.as_deref_mut() {
+            tl[start..start + len].copy_from_slice(&b.token_loss[..len]);
         }
         reduce_sum(&mut lanes.loss, &b.loss[..len]);
         reduce_sum(&mut lanes.clip_low, &b.clip_low[..len]);
@@ -272,6 +286,8 @@ fn segment<const KL: u8>(p: &Params, s: &Segment<'_>, entropy: Option<&[f32]>, g
     if let Some(e) = entropy {
         for (j, (&e, &m)) in e.iter().zip(s.mask).enumerate() {
             lanes.entropy[j % LANES] += f32::from(u8::from(m)) * e;
+            // A NaN entropy (on any token, as for the other inputs) is an error, not a metric.
+            lanes.poison[j % LANES] += e - e;
         }
     }
 }
@@ -283,15 +299,16 @@ fn run_segment<const KL: u8>(
     s: &Segment<'_>,
     entropy: Option<&[f32]>,
     grad: &mut [f32],
+    token_loss: Option<&mut [f32]>,
     lanes: &mut Lanes,
 ) {
     #[cfg(target_arch = "x86_64")]
     if crate::math::use_avx2() {
         // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above).
-        unsafe { segment_avx2::<KL>(p, s, entropy, grad, lanes) };
+        unsafe { segment_avx2::<KL>(p, s, entropy, grad, token_loss, lanes) };
         return;
     }
-    segment::<KL>(p, s, entropy, grad, lanes)
+    segment::<KL>(p, s, entropy, grad, token_loss, lanes)
 }
 
 /// [`segment`] compiled for AVX2 + FMA.
@@ -302,9 +319,10 @@ unsafe fn segment_avx2<const KL: u8>(
     s: &Segment<'_>,
     entropy: Option<&[f32]>,
     grad: &mut [f32],
+    token_loss: Option<&mut [f32]>,
     lanes: &mut Lanes,
 ) {
-    segment::<KL>(p, s, entropy, grad, lanes)
+    segment::<KL>(p, s, entropy, grad, token_loss, lanes)
 }
 
 /// The fast policy loss, writing d loss / d new_logp into `grad` (one per token). Returns the loss
@@ -313,6 +331,27 @@ pub fn policy_loss_into(
     inputs: &PolicyLossInputs<'_>,
     config: &PolicyLossConfig,
     grad: &mut [f32],
+) -> Result<(f32, Metrics), Error> {
+    run(inputs, config, grad, None)
+}
+
+/// [`policy_loss_into`] that also writes each token's loss `l_t` before aggregation into
+/// `token_loss` (0 on masked tokens; see [`super::PolicyLossOutput::token_loss`]).
+pub fn policy_loss_with_token_loss_into(
+    inputs: &PolicyLossInputs<'_>,
+    config: &PolicyLossConfig,
+    grad: &mut [f32],
+    token_loss: &mut [f32],
+) -> Result<(f32, Metrics), Error> {
+    check_len("token_loss", inputs.new_logp.len(), token_loss.len())?;
+    run(inputs, config, grad, Some(token_loss))
+}
+
+fn run(
+    inputs: &PolicyLossInputs<'_>,
+    config: &PolicyLossConfig,
+    grad: &mut [f32],
+    mut token_loss: Option<&mut [f32]>,
 ) -> Result<(f32, Metrics), Error> {
     validate(inputs, config)?;
     check_len("grad", inputs.new_logp.len(), grad.len())?;
@@ -329,6 +368,7 @@ pub fn policy_loss_into(
         }
         let w = match config.aggregation {
             Aggregation::TokenMean => 1.0 / tok_den,
+            Aggregation::TokenSum => 1.0,
             Aggregation::SeqMeanTokenSum => 1.0 / seq_den,
             Aggregation::SeqMeanTokenMean => 1.0 / (n_s * seq_den),
             Aggregation::SeqMeanTokenSumNorm { budget } => 1.0 / (f64::from(budget) * seq_den),
@@ -345,10 +385,17 @@ pub fn policy_loss_into(
         k3_clamp: kl.and_then(|k| k.k3_clamp).unwrap_or(f32::INFINITY),
     };
     let reference = inputs.ref_logp.unwrap_or(inputs.new_logp);
+    // Token-loss chunks beside the gradient chunks (None for every chunk when not asked for).
+    let n_chunks = grad.len().div_ceil(TOKEN_CHUNK);
+    let tl_chunks = match token_loss.as_deref_mut() {
+        Some(tl) => Either::Left(tl.par_chunks_mut(TOKEN_CHUNK).map(Some)),
+        None => Either::Right((0..n_chunks).into_par_iter().map(|_| None)),
+    };
     let totals = grad
         .par_chunks_mut(TOKEN_CHUNK)
+        .zip(tl_chunks)
         .enumerate()
-        .map(|(c, grad)| {
+        .map(|(c, (grad, mut tl))| {
             let start = c * TOKEN_CHUNK;
             let end = start + grad.len();
             let mut totals = Totals::empty();
@@ -363,6 +410,7 @@ pub fn policy_loss_into(
                 let mut lanes = Lanes::new();
                 let ent = inputs.entropy.map(|e| &e[r.clone()]);
                 let g = &mut grad[t - start..seg_end - start];
+                let tl = tl.as_deref_mut().map(|tl| &mut tl[t - start..seg_end - start]);
                 let seg = Segment {
                     w: weight(s),
                     new: &inputs.new_logp[r.clone()],
@@ -373,11 +421,11 @@ pub fn policy_loss_into(
                 };
                 // One instantiation per estimator: no branch on it inside the token loop.
                 match kl.map(|k| k.estimator) {
-                    None => run_segment::<KL_NONE>(&params, &seg, ent, g, &mut lanes),
-                    Some(KlEstimator::K1) => run_segment::<KL_K1>(&params, &seg, ent, g, &mut lanes),
-                    Some(KlEstimator::K2) => run_segment::<KL_K2>(&params, &seg, ent, g, &mut lanes),
-                    Some(KlEstimator::K3) => run_segment::<KL_K3>(&params, &seg, ent, g, &mut lanes),
-                    Some(KlEstimator::K3Plus) => run_segment::<KL_K3_PLUS>(&params, &seg, ent, g, &mut lanes),
+                    None => run_segment::<KL_NONE>(&params, &seg, ent, g, tl, &mut lanes),
+                    Some(KlEstimator::K1) => run_segment::<KL_K1>(&params, &seg, ent, g, tl, &mut lanes),
+                    Some(KlEstimator::K2) => run_segment::<KL_K2>(&params, &seg, ent, g, tl, &mut lanes),
+                    Some(KlEstimator::K3) => run_segment::<KL_K3>(&params, &seg, ent, g, tl, &mut lanes),
+                    Some(KlEstimator::K3Plus) => run_segment::<KL_K3_PLUS>(&params, &seg, ent, g, tl, &mut lanes),
                 }
                 totals.add_lanes(&lanes);
                 t = seg_end;
@@ -402,5 +450,18 @@ pub fn policy_loss_into(
         loss_tokens,
         loss_seqs,
     };
-    Ok((totals.loss as f32, metrics))
+    // Finite inputs can still overflow f32 (advantages near f32::MAX, a denominator near 0): a
+    // typed error rather than an infinite or NaN loss, gradient or metric.
+    let loss = totals.loss as f32;
+    let m = &metrics;
+    let scalars = [loss, m.approx_kl, m.kl.unwrap_or(0.0), m.entropy.unwrap_or(0.0), m.ratio_mean];
+    if let Some(i) = scalars.iter().position(|v| !v.is_finite()) {
+        const NAMES: [&str; 5] = ["loss", "approx_kl metric", "kl metric", "entropy metric", "ratio_mean metric"];
+        return Err(Error::NonFinite { what: NAMES[i], index: 0, value: scalars[i] });
+    }
+    check_finite("grad_new_logp (overflowed)", grad)?;
+    if let Some(tl) = token_loss {
+        check_finite("token_loss (overflowed)", tl)?;
+    }
+    Ok((loss, metrics))
 }

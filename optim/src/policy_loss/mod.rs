@@ -16,17 +16,25 @@
 //! `dpg/dnew = -A ratio` where the unclipped term is the one taken, 0 where a clip is active (the
 //! clamp of the ratio is flat there), as autograd gives for verl's and TRL's formulas.
 //!
-//! Defaults: `clip_low = clip_high = 0.2` (verl `clip_ratio_low/high`, TRL `epsilon`); DAPO
-//! clip-higher is `clip_high = 0.28` (TRL `epsilon_high`); dual clip `Some(3.0)` is verl's
-//! `clip_ratio_c`.
+//! Presets: [`PolicyLossConfig::verl`] is verl 0.9.1's actor defaults (clip 0.2 both sides, dual
+//! clip `clip_ratio_c = 3.0`, token-mean, no KL loss); [`PolicyLossConfig::trl`] is TRL 1.16.0's
+//! `GRPOConfig` defaults (`epsilon = 0.2`, `epsilon_high = epsilon`, no dual clip, `beta = 0`,
+//! `loss_type = "dapo"`: token-mean). `PolicyLossConfig::default()` equals `trl()`. DAPO
+//! clip-higher is `clip_high = 0.28` (verl `clip_ratio_high`, TRL `epsilon_high`).
 //!
 //! ## Aggregation and data parallelism
 //! | mode | loss | reproduces |
 //! |---|---|---|
 //! | token-mean | `sum_t l_t / N_tok` | verl `token-mean`, TRL `bnpo` (local N), TRL `dapo` (global N) |
+//! | token-sum | `sum_t l_t` | verl 0.9.1 `token-sum` |
 //! | seq-mean-token-sum | `sum_s (sum_{t in s} l_t) / N_seq` | verl `seq-mean-token-sum` |
 //! | seq-mean-token-mean | `sum_s (sum_{t in s} l_t / n_s) / N_seq` | verl `seq-mean-token-mean`, TRL `grpo` (DeepSeekMath) |
-//! | seq-mean-token-sum-norm | `sum_s sum_{t in s} l_t / (N_seq * budget)` | TRL `dr_grpo` (budget = max completion length); verl `seq-mean-token-sum-norm` is `N_seq = 1` (pass `Denominators { seqs: Some(1.0) }`), budget = padded response length |
+//! | seq-mean-token-sum-norm | `sum_s sum_{t in s} l_t / (N_seq * budget)` | verl 0.9.1 `seq-mean-token-sum-norm` (budget = `loss_scale_factor`, by default the padded response length), TRL `dr_grpo` (budget = `max_completion_length`, `N_seq` = every row of the batch) |
+//!
+//! verl 0.9.1's `seq-mean-token-sum-norm` divides by the number of sequences with loss tokens and
+//! by the budget, as this mode does with the default [`Denominators`]. verl before 0.9 (e.g. 0.8)
+//! divided by the budget alone, with no mean over sequences; to reproduce that, and only that,
+//! pass `Denominators { seqs: Some(1.0), .. }` (with 0.9.1 it gives `N_seq` times its loss).
 //!
 //! `N_tok` counts loss tokens, `n_s` the loss tokens of sequence s, `N_seq` the sequences with at
 //! least one loss token (verl and TRL average over every row of their padded batch, including rows
@@ -47,7 +55,7 @@ mod tests;
 
 use crate::{check_finite, check_len, seqs, Error};
 
-pub use cpu::policy_loss_into;
+pub use cpu::{policy_loss_into, policy_loss_with_token_loss_into};
 
 /// KL(new || ref) estimators, with `delta = ref - new` (log-probs of the sampled token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +77,22 @@ pub enum KlEstimator {
 pub struct KlPenalty {
     /// Which estimator.
     pub estimator: KlEstimator,
-    /// Its coefficient (verl `kl_loss_coef`, TRL `beta`).
+    /// Its coefficient, finite and >= 0 (verl `kl_loss_coef`, TRL `beta`).
     pub beta: f32,
     /// Upper clamp of the k3 value, gradient 0 above it (verl clamps k3 to 10); `None` for TRL.
     pub k3_clamp: Option<f32>,
+}
+
+impl KlPenalty {
+    /// verl 0.9.1's KL loss (`use_kl_loss: true`): `kl_loss_type: low_var_kl` (k3, clamped at 10)
+    /// with `beta = kl_loss_coef` (verl's default 0.001).
+    pub fn verl(beta: f32) -> Self {
+        Self { estimator: KlEstimator::K3, beta, k3_clamp: Some(10.0) }
+    }
+    /// TRL 1.16.0 `GRPOTrainer`'s KL term for `beta != 0`: k3, not clamped.
+    pub fn trl(beta: f32) -> Self {
+        Self { estimator: KlEstimator::K3, beta, k3_clamp: None }
+    }
 }
 
 /// How per-token losses become one scalar; see the module doc.
@@ -84,6 +104,9 @@ pub enum Aggregation {
     SeqMeanTokenSum,
     /// Mean over each sequence's tokens, mean over sequences.
     SeqMeanTokenMean,
+    /// Sum over all loss tokens, no division (verl `token-sum`). With data parallelism the ranks'
+    /// losses and gradients are summed as usual; [`Denominators`] do not apply.
+    TokenSum,
     /// Sum over each sequence's tokens divided by a constant length budget, mean over sequences (Dr. GRPO).
     SeqMeanTokenSumNorm {
         /// The constant length (e.g. the maximum number of generated tokens).
@@ -118,8 +141,37 @@ pub struct PolicyLossConfig {
 }
 
 impl Default for PolicyLossConfig {
-    /// verl's defaults: clip 0.2 both sides, no dual clip, no KL, token-mean.
+    /// PPO clip 0.2 on both sides, no dual clip, no KL, token-mean: the same as
+    /// [`PolicyLossConfig::trl`]. It is not verl's default, which adds the dual clip
+    /// ([`PolicyLossConfig::verl`]).
     fn default() -> Self {
+        Self::trl()
+    }
+}
+
+impl PolicyLossConfig {
+    /// verl 0.9.1's actor defaults (`actor_rollout_ref.actor.*` in `trainer/config/actor/actor.yaml`):
+    /// `clip_ratio_low = clip_ratio_high = clip_ratio = 0.2`, `clip_ratio_c = 3.0` (dual clip),
+    /// `loss_agg_mode: token-mean`, `use_kl_loss: false`. For verl's KL loss set
+    /// `kl: Some(KlPenalty::verl(kl_loss_coef))`; with data parallelism pass verl's global counts in
+    /// [`Denominators`].
+    pub fn verl() -> Self {
+        Self {
+            clip_low: 0.2,
+            clip_high: 0.2,
+            dual_clip: Some(3.0),
+            kl: None,
+            aggregation: Aggregation::TokenMean,
+            denominators: Denominators::default(),
+        }
+    }
+
+    /// TRL 1.16.0's `GRPOConfig` defaults: `epsilon = 0.2`, `epsilon_high = None` (= epsilon), no
+    /// dual clip, `beta = 0.0` (no KL; otherwise `kl: Some(KlPenalty::trl(beta))`),
+    /// `loss_type = "dapo"`: token-mean over the loss tokens of the whole accumulated batch (pass
+    /// that count as `denominators.tokens` when a batch is split). TRL does not clamp the log-ratio;
+    /// squid clamps it at +-20 ([`LOG_RATIO_CLAMP`]), which changes only ratios beyond e^20.
+    pub fn trl() -> Self {
         Self {
             clip_low: 0.2,
             clip_high: 0.2,
@@ -128,6 +180,49 @@ impl Default for PolicyLossConfig {
             aggregation: Aggregation::TokenMean,
             denominators: Denominators::default(),
         }
+    }
+
+    /// Checks every option (the loss functions do on each call; a trainer can call this once when it
+    /// reads its configuration): clips, dual clip > 1, KL beta finite and >= 0, k3 clamp > 0,
+    /// budget > 0, denominators > 0, all finite.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |what: &'static str, why: String| Err(Error::Config { what, why });
+        if !(self.clip_low.is_finite() && (0.0..1.0).contains(&self.clip_low)) {
+            return bad("clip_low", format!("{} is not in [0, 1)", self.clip_low));
+        }
+        if !(self.clip_high.is_finite() && self.clip_high >= 0.0) {
+            return bad("clip_high", format!("{} is not a finite value >= 0", self.clip_high));
+        }
+        if let Some(c) = self.dual_clip {
+            if !(c.is_finite() && c > 1.0) {
+                return bad("dual_clip", format!("{c} must be > 1"));
+            }
+        }
+        if let Some(kl) = self.kl {
+            if !(kl.beta.is_finite() && kl.beta >= 0.0) {
+                return bad("kl.beta", format!("{} is not a finite value >= 0", kl.beta));
+            }
+            if let Some(c) = kl.k3_clamp {
+                if !(c.is_finite() && c > 0.0) {
+                    return bad("kl.k3_clamp", format!("{c} must be > 0"));
+                }
+            }
+        }
+        if let Aggregation::SeqMeanTokenSumNorm { budget } = self.aggregation {
+            if !(budget.is_finite() && budget > 0.0) {
+                return bad("budget", format!("{budget} must be > 0"));
+            }
+        }
+        for (what, d) in
+            [("denominators.tokens", self.denominators.tokens), ("denominators.seqs", self.denominators.seqs)]
+        {
+            if let Some(d) = d {
+                if !(d.is_finite() && d > 0.0) {
+                    return bad(what, format!("{d} must be > 0"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -149,7 +244,7 @@ pub struct PolicyLossInputs<'a> {
     pub loss_mask: &'a [bool],
     /// Sequence offsets, `num_seqs + 1` of them.
     pub cu_seqlens: &'a [u32],
-    /// Per-token entropy (from [`crate::logprob`]), only for the metrics.
+    /// Per-token entropy (from [`crate::logprob`]), only for the metrics; must be finite.
     pub entropy: Option<&'a [f32]>,
 }
 
@@ -181,13 +276,17 @@ pub struct Metrics {
     pub loss_seqs: usize,
 }
 
-/// Loss, gradient and metrics.
+/// Loss, gradient, per-token losses and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyLossOutput {
     /// The scalar loss.
     pub loss: f32,
     /// d loss / d new_logp, one per token (0 on masked tokens).
     pub grad_new_logp: Vec<f32>,
+    /// The per-token loss `l_t = pg_t + beta kl_t` before aggregation, one per token (0 on masked
+    /// tokens): verl's `pg_losses` (plus the KL term when set), TRL's `per_token_loss`. The loss is
+    /// `sum_t w_t l_t` with the aggregation weights.
+    pub token_loss: Vec<f32>,
     /// Diagnostics.
     pub metrics: Metrics,
 }
@@ -213,44 +312,9 @@ pub(crate) fn validate(inputs: &PolicyLossInputs<'_>, config: &PolicyLossConfig)
     if let Some(e) = inputs.entropy {
         check_len("entropy", t, e.len())?;
     }
-    let bad = |what: &'static str, why: String| Err(Error::Config { what, why });
-    if !(config.clip_low.is_finite() && (0.0..1.0).contains(&config.clip_low)) {
-        return bad("clip_low", format!("{} is not in [0, 1)", config.clip_low));
-    }
-    if !(config.clip_high.is_finite() && config.clip_high >= 0.0) {
-        return bad("clip_high", format!("{} is not a finite value >= 0", config.clip_high));
-    }
-    if let Some(c) = config.dual_clip {
-        if !(c.is_finite() && c > 1.0) {
-            return bad("dual_clip", format!("{c} must be > 1"));
-        }
-    }
-    if let Some(kl) = config.kl {
-        if inputs.ref_logp.is_none() {
-            return bad("kl", "a KL term needs ref_logp".into());
-        }
-        if !kl.beta.is_finite() {
-            return bad("kl.beta", format!("{} is not finite", kl.beta));
-        }
-        if let Some(c) = kl.k3_clamp {
-            if !(c.is_finite() && c > 0.0) {
-                return bad("kl.k3_clamp", format!("{c} must be > 0"));
-            }
-        }
-    }
-    if let Aggregation::SeqMeanTokenSumNorm { budget } = config.aggregation {
-        if !(budget.is_finite() && budget > 0.0) {
-            return bad("budget", format!("{budget} must be > 0"));
-        }
-    }
-    for (what, d) in
-        [("denominators.tokens", config.denominators.tokens), ("denominators.seqs", config.denominators.seqs)]
-    {
-        if let Some(d) = d {
-            if !(d.is_finite() && d > 0.0) {
-                return bad(what, format!("{d} must be > 0"));
-            }
-        }
+    config.validate()?;
+    if config.kl.is_some() && inputs.ref_logp.is_none() {
+        return Err(Error::Config { what: "kl", why: "a KL term needs ref_logp".into() });
     }
     Ok(num_seqs)
 }
@@ -264,12 +328,17 @@ pub(crate) fn find_non_finite(inputs: &PolicyLossInputs<'_>) -> Result<(), Error
     if let Some(r) = inputs.ref_logp {
         check_finite("ref_logp", r)?;
     }
+    if let Some(e) = inputs.entropy {
+        check_finite("entropy", e)?;
+    }
     Ok(())
 }
 
 /// The policy loss, its gradient with respect to `new_logp`, and metrics (fast path).
 pub fn policy_loss(inputs: &PolicyLossInputs<'_>, config: &PolicyLossConfig) -> Result<PolicyLossOutput, Error> {
-    let mut grad = vec![0.0f32; inputs.new_logp.len()];
-    let (loss, metrics) = policy_loss_into(inputs, config, &mut grad)?;
-    Ok(PolicyLossOutput { loss, grad_new_logp: grad, metrics })
+    let n = inputs.new_logp.len();
+    let mut grad = crate::try_filled("grad_new_logp", n, 0.0f32)?;
+    let mut token_loss = crate::try_filled("token_loss", n, 0.0f32)?;
+    let (loss, metrics) = policy_loss_with_token_loss_into(inputs, config, &mut grad, &mut token_loss)?;
+    Ok(PolicyLossOutput { loss, grad_new_logp: grad, token_loss, metrics })
 }

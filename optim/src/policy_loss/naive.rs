@@ -84,6 +84,7 @@ pub fn weights(inputs: &PolicyLossInputs<'_>, config: &PolicyLossConfig) -> Vec<
             }
             w[t] = match config.aggregation {
                 Aggregation::TokenMean => 1.0 / tok_den,
+                Aggregation::TokenSum => 1.0,
                 Aggregation::SeqMeanTokenSum => 1.0 / seq_den,
                 Aggregation::SeqMeanTokenMean => 1.0 / lens[s] / seq_den,
                 Aggregation::SeqMeanTokenSumNorm { budget } => 1.0 / f64::from(budget) / seq_den,

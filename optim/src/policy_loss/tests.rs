@@ -45,6 +45,9 @@ fn ppo_clip_by_hand() {
     assert_eq!(out.grad_new_logp[1], 0.0);
     assert_eq!(out.grad_new_logp[2], 0.0);
     assert_close(out.grad_new_logp[3], -2.0 * em5 / 4.0, 1e-6);
+    for (t, want) in [-e1, -1.28, 1.6, -2.0 * em5].into_iter().enumerate() {
+        assert_close(out.token_loss[t], want, 1e-6);
+    }
     assert_eq!(out.metrics.clip_frac_high, 0.25);
     assert_eq!(out.metrics.clip_frac_low, 0.25);
     assert_close(out.metrics.ratio_max, e5, 1e-6);
@@ -139,6 +142,69 @@ fn aggregation_by_hand() {
 }
 
 #[test]
+fn verl_seq_mean_token_sum_norm_and_token_sum_by_hand() {
+    // verl 0.9.1 `agg_loss` on a padded batch of 2 rows x 2 positions (horizon 2):
+    //   row 0: tokens with A = 1, 2 (both in the loss); row 1: one token with A = 3, then padding.
+    //   Ratio 1 everywhere, so l_t = -A: loss_mat = [[-1, -2], [-3, 0]], mask [[1, 1], [1, 0]].
+    //   seq-mean-token-sum-norm: seq_losses = [-3, -3], seq_mask = [1, 1], global_batch_size = 2,
+    //     loss = (-3 - 3) / 2 = -3, then / loss_scale_factor (2) = -1.5;
+    //     dloss/dnew_t = -A_t / (2 * 2) = -A_t / 4.
+    //   token-sum: masked_sum = -6 (dp_size 1); dloss/dnew_t = -A_t.
+    // Packed for squid: two sequences [1, 2] and [3] (padding does not exist), budget 2.
+    let new = [0.0f32; 3];
+    let adv = [1.0, 2.0, 3.0];
+    let mask = [true; 3];
+    let cu = [0, 2, 3];
+    let x = inputs(&new, &new, None, &adv, &mask, &cu);
+    let norm = PolicyLossConfig { aggregation: Aggregation::SeqMeanTokenSumNorm { budget: 2.0 }, ..Default::default() };
+    let out = policy_loss(&x, &norm).unwrap();
+    assert_close(out.loss, -1.5, 1e-7);
+    for (&g, &a) in out.grad_new_logp.iter().zip(&adv) {
+        assert_close(g, -f64::from(a) / 4.0, 1e-7);
+    }
+    // What the docs used to prescribe (`seqs: Some(1.0)`) gives N_seq = 2 times verl 0.9.1's loss
+    // (it is verl 0.8's formula, sum / horizon, without the mean over sequences).
+    let old_advice = PolicyLossConfig { denominators: Denominators { tokens: None, seqs: Some(1.0) }, ..norm };
+    assert_close(policy_loss(&x, &old_advice).unwrap().loss, -3.0, 1e-7);
+    let sum = PolicyLossConfig { aggregation: Aggregation::TokenSum, ..Default::default() };
+    let out = policy_loss(&x, &sum).unwrap();
+    assert_close(out.loss, -6.0, 1e-7);
+    assert_eq!(out.grad_new_logp, vec![-1.0, -2.0, -3.0]);
+    assert_eq!(out.token_loss, vec![-1.0, -2.0, -3.0]);
+    // token-sum ignores the denominators (verl's token-sum has none).
+    let with_den = PolicyLossConfig { denominators: Denominators { tokens: Some(7.0), seqs: Some(5.0) }, ..sum };
+    assert_close(policy_loss(&x, &with_den).unwrap().loss, -6.0, 1e-7);
+}
+
+#[test]
+fn presets_are_what_they_name() {
+    // verl 0.9.1 actor defaults: clip_ratio 0.2 (low = high), clip_ratio_c 3.0, token-mean, no KL.
+    let verl = PolicyLossConfig::verl();
+    assert_eq!((verl.clip_low, verl.clip_high, verl.dual_clip, verl.kl), (0.2, 0.2, Some(3.0), None));
+    assert_eq!(verl.aggregation, Aggregation::TokenMean);
+    // TRL 1.16.0 GRPOConfig defaults: epsilon 0.2 = epsilon_high, no dual clip, beta 0, dapo (token-mean).
+    let trl = PolicyLossConfig::trl();
+    assert_eq!((trl.clip_low, trl.clip_high, trl.dual_clip, trl.kl), (0.2, 0.2, None, None));
+    assert_eq!(trl.aggregation, Aggregation::TokenMean);
+    assert_eq!(PolicyLossConfig::default(), trl);
+    // The difference on one token (ratio e^2, A = -1): verl's dual clip caps the loss at 3 with
+    // gradient 0; TRL takes -A ratio = e^2 with gradient e^2.
+    let (new, old, adv, mask) = ([2.0], [0.0], [-1.0], [true]);
+    let x = inputs(&new, &old, None, &adv, &mask, &[0, 1]);
+    let v = policy_loss(&x, &verl).unwrap();
+    assert_close(v.loss, 3.0, 1e-6);
+    assert_eq!((v.grad_new_logp[0], v.token_loss[0]), (0.0, 3.0));
+    let t = policy_loss(&x, &trl).unwrap();
+    assert_close(t.loss, 2.0f64.exp(), 1e-6);
+    assert_close(t.grad_new_logp[0], 2.0f64.exp(), 1e-6);
+    assert_eq!(KlPenalty::verl(0.001), KlPenalty { estimator: KlEstimator::K3, beta: 0.001, k3_clamp: Some(10.0) });
+    assert_eq!(KlPenalty::trl(0.04), KlPenalty { estimator: KlEstimator::K3, beta: 0.04, k3_clamp: None });
+    for cfg in [verl, trl] {
+        cfg.validate().unwrap();
+    }
+}
+
+#[test]
 fn bad_inputs_are_typed_errors() {
     let (v, mask) = ([0.0f32; 3], [true; 3]);
     let good = inputs(&v, &v, None, &v, &mask, &[0, 3]);
@@ -161,6 +227,23 @@ fn bad_inputs_are_typed_errors() {
     assert!(matches!(
         policy_loss(&inputs(&v, &nan, None, &v, &mask, &[0, 3]), &Default::default()),
         Err(Error::NonFinite { what: "old_logp", index: 1, .. })
+    ));
+    // A negative KL coefficient (it rewarded moving away from the reference) and a NaN entropy (it
+    // became the entropy metric) were accepted.
+    let cfg = PolicyLossConfig { kl: Some(KlPenalty::verl(-0.1)), ..Default::default() };
+    let with_ref = inputs(&v, &v, Some(&v), &v, &mask, &[0, 3]);
+    assert!(matches!(policy_loss(&with_ref, &cfg), Err(Error::Config { what: "kl.beta", .. })));
+    assert!(matches!(cfg.validate(), Err(Error::Config { what: "kl.beta", .. })));
+    let cfg = PolicyLossConfig { kl: Some(KlPenalty::trl(f32::NAN)), ..Default::default() };
+    assert!(matches!(policy_loss(&with_ref, &cfg), Err(Error::Config { what: "kl.beta", .. })));
+    let entropy = [1.0, f32::NAN, 2.0];
+    let x = PolicyLossInputs { entropy: Some(&entropy), ..good };
+    assert!(matches!(policy_loss(&x, &Default::default()), Err(Error::NonFinite { what: "entropy", index: 1, .. })));
+    // Token-loss buffer of the wrong length.
+    let (mut g, mut tl) = ([0.0f32; 3], [0.0f32; 2]);
+    assert!(matches!(
+        policy_loss_with_token_loss_into(&good, &Default::default(), &mut g, &mut tl),
+        Err(Error::Length { what: "token_loss", .. })
     ));
     // No loss tokens: 0, not NaN.
     let out = policy_loss(&inputs(&v, &v, None, &v, &[false; 3], &[0, 3]), &Default::default()).unwrap();
@@ -205,6 +288,7 @@ fn batch(max_seqs: usize, max_len: usize) -> impl Strategy<Value = Batch> {
 fn configs() -> impl Strategy<Value = PolicyLossConfig> {
     let agg = prop_oneof![
         Just(Aggregation::TokenMean),
+        Just(Aggregation::TokenSum),
         Just(Aggregation::SeqMeanTokenSum),
         Just(Aggregation::SeqMeanTokenMean),
         Just(Aggregation::SeqMeanTokenSumNorm { budget: 16.0 }),
@@ -248,6 +332,17 @@ proptest! {
             .map(|t| weights[t] * naive::token_loss(&cfg, f64::from(b.new[t]), f64::from(b.old[t]), f64::from(b.reference[t]), f64::from(b.adv[t])).abs())
             .sum();
         prop_assert!((f64::from(out.loss) - loss).abs() <= 2e-6 * scale + 1e-7, "loss {} vs {} (scale {})", out.loss, loss, scale);
+        // Per-token losses: the reference's l_t on loss tokens (f32 arithmetic and exp_fast: 2e-6 of
+        // the terms' size), exactly 0 on masked tokens; sum_t w_t l_t is the loss.
+        for t in 0..b.new.len() {
+            let want = if b.mask[t] {
+                naive::token_loss(&cfg, f64::from(b.new[t]), f64::from(b.old[t]), f64::from(b.reference[t]), f64::from(b.adv[t]))
+            } else { 0.0 };
+            let tol = 2e-6 * (2.0 * f64::from(b.adv[t].abs()) + 2.0);
+            prop_assert!((f64::from(out.token_loss[t]) - want).abs() <= tol, "token_loss[{}] {} vs {}", t, out.token_loss[t], want);
+        }
+        let weighted: f64 = (0..b.new.len()).map(|t| weights[t] * f64::from(out.token_loss[t])).sum();
+        prop_assert!((weighted - f64::from(out.loss)).abs() <= 2e-6 * scale + 1e-7);
         for (t, (&g, &w)) in out.grad_new_logp.iter().zip(&grad).enumerate() {
             // Where the ratio sits within 1e-5 of a clip boundary, exp_fast and f64 exp may pick
             // different sides of the kink; those tokens are compared by the loss only.

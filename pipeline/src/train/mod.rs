@@ -373,8 +373,7 @@ fn run_sft(
     if let Some((path, _)) = &start {
         trainer.load_optimizer(path)?;
     }
-    let schedule =
-        LrSchedule::Cosine { lr: sft.lr, warmup: (sft.steps / 10).max(1), total: sft.steps.max(2), min_ratio: 0.1 };
+    let schedule = LrSchedule::cosine(sft.lr, (sft.steps / 10).max(1), sft.steps.max(2), 0.1)?;
     let episode = episode_config(config);
     let vocab = config.model.vocab;
     let bar = progress_bar(progress, sft.steps, "warm-up");
