@@ -37,6 +37,12 @@ pub struct LevelEval {
     pub pass_at_1: f64,
     /// Unbiased pass@k, when sampled.
     pub pass_at_k: Option<f64>,
+    /// Tool calls (run, think, submit) per greedy episode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_per_episode: Option<f64>,
+    /// `<run>` calls (the policy running its program on the visible examples) per greedy episode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_per_episode: Option<f64>,
 }
 
 /// One line of `metrics.jsonl` (fields absent from a line read back as `None`).

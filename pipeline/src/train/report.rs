@@ -123,6 +123,25 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
         opt_pct(s.before.pass_at_k),
         opt_pct(s.after.pass_at_k)
     );
+    let _ = writeln!(
+        md,
+        "Tool use of the greedy held-out episodes: tool calls (run, think, submit) and `<run>` calls per episode.\n"
+    );
+    let _ = writeln!(md, "| level | tool calls warm-up | tool calls after | `<run>` warm-up | `<run>` after |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for (b, a) in s.before.per_level.iter().zip(&s.after.per_level) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            b.level,
+            num(b.tool_calls_per_episode),
+            num(a.tool_calls_per_episode),
+            num(b.runs_per_episode),
+            num(a.runs_per_episode)
+        );
+    }
+    let _ = writeln!(md);
     let [r, w, t] = s.step_seconds;
     let _ = writeln!(md, "| throughput | value |\n|---|---|");
     let _ = writeln!(md, "| rollout tokens/s | {:.0} |", s.rollout_tokens_per_s);

@@ -84,6 +84,13 @@ fn a_run_writes_every_artifact() {
     }
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(report.contains("| easy |") && report.contains("| all |"), "{report}");
+    assert!(report.contains("`<run>` warm-up") && report.contains("smoke run"), "{report}");
+    for level in &summary.after.per_level {
+        let calls = level.tool_calls_per_episode.unwrap();
+        let runs = level.runs_per_episode.unwrap();
+        // Runs are some of the tool calls, which the episode limit bounds.
+        assert!(runs <= calls && calls <= config_turns() as f64, "{level:?}");
+    }
 }
 
 #[test]
@@ -413,4 +420,19 @@ fn plain_log_lines_name_the_step_and_its_numbers() {
     assert!(line.starts_with("GRPO step 20/300: reward 0.500") && line.contains("informative groups 0.250"), "{line}");
     let sft = StepMetrics { phase: "sft".into(), step: 3, loss: Some(1.25), ..Default::default() };
     assert_eq!(log_line(&sft, 600), "warm-up step 3/600: loss 1.250 grad norm -");
+}
+
+fn config_turns() -> usize {
+    tiny_config().limits.max_turns
+}
+
+#[test]
+fn runs_are_counted_from_the_sampled_run_tokens_only() {
+    use crate::tokenizer::RUN;
+    let mut t = Trajectory::new(0, 0, &[1, 2, RUN]);
+    assert_eq!(eval::runs_of(&t), 0, "a <run> in the prompt is not the policy's");
+    t.tokens.extend([5, RUN, 7, RUN]);
+    t.loss_mask.extend([true, true, false, true]);
+    t.logprobs.extend([0.0; 4]);
+    assert_eq!(eval::runs_of(&t), 2);
 }
