@@ -125,6 +125,10 @@ struct TrainArgs {
     grpo_mix: Option<[f64; 3]>,
     #[arg(long, help = dflt("Evaluate pass@1 every N GRPO steps.", |c| c.eval.every))]
     eval_every: Option<u64>,
+    /// Show only N visible examples per part in prompts; the `<run>` tool still runs them all,
+    /// so the rest reach the policy only by running its program [default: all].
+    #[arg(long, value_name = "N")]
+    shown_examples: Option<usize>,
     /// A smoke run (about a minute): easy tasks only, sized so GRPO does update the policy;
     /// checks the whole loop, proves nothing about learning.
     #[arg(long)]
@@ -186,6 +190,7 @@ impl TrainArgs {
             ("--sft-mix", self.sft_mix.is_some()),
             ("--grpo-mix", self.grpo_mix.is_some()),
             ("--eval-every", self.eval_every.is_some()),
+            ("--shown-examples", self.shown_examples.is_some()),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -303,6 +308,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.eval_every {
             c.eval.every = v;
+        }
+        if self.shown_examples.is_some() {
+            c.shown_examples = self.shown_examples;
         }
         Ok(c)
     }

@@ -130,6 +130,11 @@ pub struct TrainConfig {
     /// false, so configs (and checkpoint fingerprints) of other runs are unchanged.
     #[serde(default, skip_serializing_if = "is_false")]
     pub smoke: bool,
+    /// Show only this many visible examples per part in prompts (training and held-out); the
+    /// `<run>` tool still runs all of them, so the others reach the policy only through a run
+    /// (tools worth calling). `None` (absent from the JSON) shows them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shown_examples: Option<usize>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -173,6 +178,7 @@ impl Default for TrainConfig {
             sft_level_mix: [0.475, 0.475, 0.05],
             grpo_level_mix: [0.3, 0.1, 0.6],
             smoke: false,
+            shown_examples: None,
         }
     }
 }

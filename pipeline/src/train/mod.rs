@@ -213,7 +213,15 @@ fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
             break;
         }
     }
-    generate_task(level, splitmix(h) >> 1)
+    shown(config, generate_task(level, splitmix(h) >> 1))
+}
+
+/// `task` with the prompt's examples cut to the config's `shown_examples`.
+fn shown(config: &TrainConfig, task: Task) -> Task {
+    match config.shown_examples {
+        Some(n) => task.with_shown_examples(n),
+        None => task,
+    }
 }
 
 fn episode_config(config: &TrainConfig) -> EpisodeConfig {
@@ -490,7 +498,8 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
             m
         }
     };
-    let held_out = held_out_tasks(config.seed, config.eval.tasks_per_level);
+    let held_out: Vec<Task> =
+        held_out_tasks(config.seed, config.eval.tasks_per_level).into_iter().map(|t| shown(&config, t)).collect();
     let episode = episode_config(&config);
     let before = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == 0).and_then(|m| m.eval.clone()) {
         Some(e) => e,

@@ -436,3 +436,19 @@ fn runs_are_counted_from_the_sampled_run_tokens_only() {
     t.logprobs.extend([0.0; 4]);
     assert_eq!(eval::runs_of(&t), 2);
 }
+
+#[test]
+fn shown_examples_cut_training_and_held_out_prompts_and_leave_other_fingerprints_alone() {
+    let mut c = tiny_config();
+    let full = training_task(&c, 2, 1, 0);
+    c.shown_examples = Some(1);
+    let cut = training_task(&c, 2, 1, 0);
+    assert_eq!(cut.shown_examples, Some(1));
+    assert_eq!(cut.parts, full.parts, "the same task, only its prompt shorter");
+    assert!(cut.prompt().len() < full.prompt().len());
+    assert!(!serde_json::to_string(&TrainConfig::default()).unwrap().contains("shown_examples"));
+    let root = tempfile::tempdir().unwrap();
+    c.grpo.steps = 1;
+    let s = train(c, &options(root.path(), "shown")).unwrap();
+    assert!(s.complete);
+}
