@@ -25,8 +25,8 @@ pub enum Error {
     },
     /// NVRTC could not be found anywhere it is looked for.
     #[error(
-        "NVRTC not found (tried {tried:?}): install the CUDA toolkit, set CUDA_HOME, or point \
-         SQUID_NVRTC_LIB at libnvrtc.so"
+        "NVRTC not found (tried {tried:?}): run `source scripts/cuda-tools.sh` (fetches it once), \
+         install the CUDA toolkit, set CUDA_HOME, or point SQUID_NVRTC_LIB at libnvrtc.so"
     )]
     NvrtcNotFound {
         /// The paths and names that were tried.
@@ -54,7 +54,10 @@ pub enum Error {
     #[error("invalid GPU architecture `{0}`: expected sm_XY with XY >= 50, such as sm_80 or sm_90")]
     InvalidArch(String),
     /// ptxas could not be found.
-    #[error("ptxas not found (tried {tried:?}): set SQUID_PTXAS or CUDA_HOME, or put ptxas on PATH")]
+    #[error(
+        "ptxas not found (tried {tried:?}): run `source scripts/cuda-tools.sh` (fetches it once), set \
+         SQUID_PTXAS or CUDA_HOME, or put ptxas on PATH"
+    )]
     PtxasNotFound {
         /// The paths that were tried.
         tried: Vec<String>,

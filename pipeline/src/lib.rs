@@ -62,6 +62,22 @@ pub enum Error {
     /// A vocabulary that is malformed or foreign, or program text it cannot encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A run stopped by Ctrl-C (SIGINT) between steps, after its checkpoint.
+    #[error("interrupted at {phase} step {step}; resume with `squid train --resume {}`", dir.display())]
+    Interrupted {
+        /// `warm-up` or `GRPO`.
+        phase: String,
+        /// The last step done (and checkpointed) of that phase.
+        step: u64,
+        /// The run directory.
+        dir: std::path::PathBuf,
+    },
+    /// Another process holds the run directory's lock (it is training into it).
+    #[error("{} is in use by another `squid train` (its lock .squid-train.lock is held); wait for it or stop it first", dir.display())]
+    RunLocked {
+        /// The run directory.
+        dir: std::path::PathBuf,
+    },
     /// A logits row that cannot be sampled (NaN, +inf, every entry -inf, or the wrong length).
     #[error("bad logits: {0}")]
     BadLogits(String),

@@ -1,7 +1,10 @@
 //! `squid`: the reference RL-for-code pipeline's command line.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,87 +48,100 @@ enum ExperimentKind {
     RewardShaping(TrainArgs),
 }
 
-#[derive(clap::Args, Clone)]
+/// `text [default: D]`, with `--quick`'s value when it differs: the defaults come from the code.
+fn dflt<T: std::fmt::Display>(text: &str, value: impl Fn(&TrainConfig) -> T) -> String {
+    let (full, quick) = (value(&TrainConfig::default()).to_string(), value(&TrainConfig::quick()).to_string());
+    if full == quick {
+        format!("{text} [default: {full}]")
+    } else {
+        format!("{text} [default: {full}; with --quick: {quick}]")
+    }
+}
+
+fn mix_text(m: [f64; 3]) -> String {
+    format!("{},{},{}", m[0], m[1], m[2])
+}
+
+#[derive(clap::Args, Clone, Default)]
 struct TrainArgs {
-    /// Seed of tasks, initialisation and sampling.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Where new run directories go.
-    #[arg(long, default_value = "runs")]
-    out: PathBuf,
-    /// Run directory name (default: UTC time stamp and seed).
+    /// Start from this run configuration (a run's `config.json`), so a run can be repeated;
+    /// flags given beside it override its values (and are listed when the run starts).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[arg(long, help = dflt("Seed of tasks, initialisation and sampling.", |c| c.seed))]
+    seed: Option<u64>,
+    /// Where new run directories go [default: runs].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Run directory name [default: UTC time stamp and seed].
     #[arg(long)]
     name: Option<String>,
-    /// Continue the run in this directory from its newest checkpoint (its config.json wins).
+    /// Continue the run in this directory from its newest checkpoint that loads (older ones
+    /// are tried when the newest is corrupt). Its config.json holds every setting: flags that
+    /// would change it are refused.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Skip the warm-up: start GRPO from this model (a `warmup/model.safetensors` of an
     /// earlier run with the same model shape).
     #[arg(long, value_name = "MODEL")]
     warm_start: Option<PathBuf>,
-    /// Tensor-parallel ranks (threads).
-    #[arg(long, default_value_t = 1)]
-    tp: usize,
-    /// Attention of the policy.
-    #[arg(long, value_enum, default_value_t = AttentionArg::Segments)]
-    attention: AttentionArg,
-    /// Reward of the GRPO phase.
-    #[arg(long, value_enum, default_value_t = RewardArg::Partial)]
-    reward: RewardArg,
-    /// Warm-up steps.
-    #[arg(long)]
+    #[arg(long, help = dflt("Tensor-parallel ranks (threads).", |c| c.tp))]
+    tp: Option<usize>,
+    /// Attention of the policy [default: segments].
+    #[arg(long, value_enum)]
+    attention: Option<AttentionArg>,
+    /// Reward of the GRPO phase [default: partial].
+    #[arg(long, value_enum)]
+    reward: Option<RewardArg>,
+    #[arg(long, help = dflt("Warm-up steps.", |c| c.sft.steps))]
     sft_steps: Option<u64>,
-    /// GRPO steps.
-    #[arg(long)]
+    #[arg(long, help = dflt("GRPO steps.", |c| c.grpo.steps))]
     steps: Option<u64>,
-    /// Tasks per GRPO step.
-    #[arg(long)]
+    #[arg(long, help = dflt("Tasks per GRPO step.", |c| c.grpo.tasks_per_step))]
     tasks_per_step: Option<usize>,
-    /// Samples per task.
-    #[arg(long)]
+    #[arg(long, help = dflt("Samples per task.", |c| c.grpo.group_size))]
     group_size: Option<usize>,
-    /// GRPO learning rate.
-    #[arg(long)]
+    #[arg(long, help = dflt("GRPO learning rate.", |c| c.grpo.lr))]
     lr: Option<f32>,
-    /// KL coefficient to the warm-up policy (0 = off).
-    #[arg(long)]
+    #[arg(long, help = dflt("KL coefficient to the warm-up policy (0 = off).", |c| c.grpo.kl_beta))]
     kl_beta: Option<f32>,
-    /// Sampling temperature of the GRPO rollouts.
-    #[arg(long)]
+    #[arg(long, help = dflt("Sampling temperature of the GRPO rollouts.", |c| c.grpo.temperature))]
     temperature: Option<f32>,
-    /// Roll out this many times the tasks per step and train on the groups whose rewards differ.
-    #[arg(long)]
+    #[arg(long, help = dflt("Roll out this many times the tasks per step and train on the groups whose rewards differ.", |c| c.grpo.oversample))]
     oversample: Option<usize>,
-    /// Minibatches (optimizer steps) per GRPO step.
-    #[arg(long)]
+    #[arg(long, help = dflt("Minibatches (optimizer steps) per GRPO step.", |c| c.grpo.minibatches))]
     minibatches: Option<usize>,
-    /// PPO clip (lower side, and upper unless --clip-high is given).
-    #[arg(long)]
+    #[arg(long, help = dflt("PPO clip (lower side, and upper unless --clip-high is given).", |c| c.grpo.clip))]
     clip: Option<f32>,
-    /// Upper PPO clip (DAPO clip-higher).
-    #[arg(long)]
+    #[arg(long, help = dflt("Upper PPO clip (DAPO clip-higher; none = --clip).", |c| c.grpo.clip_high.map_or("none".to_string(), |v| v.to_string())))]
     clip_high: Option<f32>,
-    /// Reward added to a submission that passes every hidden test (0 = off).
-    #[arg(long)]
+    #[arg(long, help = dflt("Reward added to a submission that passes every hidden test (0 = off).", |c| c.grpo.solve_bonus))]
     solve_bonus: Option<f32>,
-    /// Held-out tasks per level.
-    #[arg(long)]
+    #[arg(long, help = dflt("Held-out tasks per level.", |c| c.eval.tasks_per_level))]
     eval_tasks: Option<usize>,
-    /// Level weights of the warm-up traces, `easy,medium,hard`.
-    #[arg(long, value_parser = parse_mix)]
+    #[arg(long, value_parser = parse_mix, help = dflt("Level weights of the warm-up traces, `easy,medium,hard`.", |c| mix_text(c.sft_level_mix)))]
     sft_mix: Option<[f64; 3]>,
-    /// Level weights of the GRPO tasks, `easy,medium,hard`.
-    #[arg(long, value_parser = parse_mix)]
+    #[arg(long, value_parser = parse_mix, help = dflt("Level weights of the GRPO tasks, `easy,medium,hard`.", |c| mix_text(c.grpo_level_mix)))]
     grpo_mix: Option<[f64; 3]>,
-    /// Evaluate pass@1 every N GRPO steps.
-    #[arg(long)]
+    #[arg(long, help = dflt("Evaluate pass@1 every N GRPO steps.", |c| c.eval.every))]
     eval_every: Option<u64>,
-    /// A small, fast configuration (about a minute): checks the whole loop, proves nothing.
+    /// Show only N visible examples per part in prompts; the `<run>` tool still runs them all,
+    /// so the rest reach the policy only by running its program [default: all].
+    #[arg(long, value_name = "N")]
+    shown_examples: Option<usize>,
+    /// A smoke run (about a minute): easy tasks only, sized so GRPO does update the policy;
+    /// checks the whole loop, proves nothing about learning.
     #[arg(long)]
     quick: bool,
-    /// No progress bars.
+    /// No progress bars (without a terminal there are none; plain lines are logged instead).
     #[arg(long)]
     no_progress: bool,
+    #[arg(
+        long,
+        default_value_t = 10,
+        help = "Without a terminal (or with --no-progress), log one line per this many steps (and every evaluation)."
+    )]
+    log_every: u64,
 }
 
 fn parse_mix(s: &str) -> Result<[f64; 3], String> {
@@ -148,19 +164,103 @@ enum RewardArg {
 }
 
 impl TrainArgs {
-    fn config(&self) -> TrainConfig {
-        let mut c = if self.quick { TrainConfig::quick() } else { TrainConfig::default() };
-        c.seed = self.seed;
-        c.tp = self.tp;
-        c.model.attention = match self.attention {
-            AttentionArg::Dense => AttentionKind::Dense,
-            AttentionArg::Segments => AttentionKind::Segments,
-            AttentionArg::Nsa => AttentionKind::Nsa(NsaParams::default()),
+    /// The flags that set a configuration value (what `--resume` refuses and `--config` lets
+    /// override).
+    fn config_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--config", self.config.is_some()),
+            ("--quick", self.quick),
+            ("--seed", self.seed.is_some()),
+            ("--tp", self.tp.is_some()),
+            ("--attention", self.attention.is_some()),
+            ("--reward", self.reward.is_some()),
+            ("--sft-steps", self.sft_steps.is_some()),
+            ("--steps", self.steps.is_some()),
+            ("--tasks-per-step", self.tasks_per_step.is_some()),
+            ("--group-size", self.group_size.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--kl-beta", self.kl_beta.is_some()),
+            ("--temperature", self.temperature.is_some()),
+            ("--oversample", self.oversample.is_some()),
+            ("--minibatches", self.minibatches.is_some()),
+            ("--clip", self.clip.is_some()),
+            ("--clip-high", self.clip_high.is_some()),
+            ("--solve-bonus", self.solve_bonus.is_some()),
+            ("--eval-tasks", self.eval_tasks.is_some()),
+            ("--sft-mix", self.sft_mix.is_some()),
+            ("--grpo-mix", self.grpo_mix.is_some()),
+            ("--eval-every", self.eval_every.is_some()),
+            ("--shown-examples", self.shown_examples.is_some()),
+        ];
+        given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
+    }
+
+    /// Checks flags that do not go together: with `--resume` the run's config.json holds every
+    /// setting, so a flag that would change one (or name a new run) is refused, not dropped.
+    fn check(&self) -> Result<(), Error> {
+        if self.resume.is_some() {
+            let mut refused = self.config_flags();
+            for (flag, given) in [
+                ("--out", self.out.is_some()),
+                ("--name", self.name.is_some()),
+                ("--warm-start", self.warm_start.is_some()),
+            ] {
+                if given {
+                    refused.push(flag);
+                }
+            }
+            if !refused.is_empty() {
+                return Err(Error::Config(format!(
+                    "--resume continues a run as its config.json says; {} cannot change on resume (to train with other settings, start a new run: --config DIR/config.json plus the flags to change)",
+                    refused.join(", ")
+                )));
+            }
+        }
+        if self.config.is_some() && self.quick {
+            return Err(Error::Config("--config and --quick both give the whole configuration; use one".into()));
+        }
+        Ok(())
+    }
+
+    fn config(&self) -> Result<TrainConfig, Error> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::Config(format!("--config {}: {e}", path.display())))?;
+                let c: TrainConfig = serde_json::from_str(&text)
+                    .map_err(|e| Error::Config(format!("--config {}: not a squid run config: {e}", path.display())))?;
+                let overrides: Vec<&str> = self.config_flags().into_iter().filter(|f| *f != "--config").collect();
+                if !overrides.is_empty() {
+                    eprintln!(
+                        "squid train: configuration from {}, overridden by {}",
+                        path.display(),
+                        overrides.join(", ")
+                    );
+                }
+                c
+            }
+            None if self.quick => TrainConfig::quick(),
+            None => TrainConfig::default(),
         };
-        c.grpo.reward = match self.reward {
-            RewardArg::Partial => RewardMode::PartialCredit,
-            RewardArg::AllOrNothing => RewardMode::AllOrNothing,
-        };
+        if let Some(v) = self.seed {
+            c.seed = v;
+        }
+        if let Some(v) = self.tp {
+            c.tp = v;
+        }
+        if let Some(a) = self.attention {
+            c.model.attention = match a {
+                AttentionArg::Dense => AttentionKind::Dense,
+                AttentionArg::Segments => AttentionKind::Segments,
+                AttentionArg::Nsa => AttentionKind::Nsa(NsaParams::default()),
+            };
+        }
+        if let Some(r) = self.reward {
+            c.grpo.reward = match r {
+                RewardArg::Partial => RewardMode::PartialCredit,
+                RewardArg::AllOrNothing => RewardMode::AllOrNothing,
+            };
+        }
         if let Some(v) = self.sft_steps {
             c.sft.steps = v;
         }
@@ -209,19 +309,40 @@ impl TrainArgs {
         if let Some(v) = self.eval_every {
             c.eval.every = v;
         }
-        c
+        if self.shown_examples.is_some() {
+            c.shown_examples = self.shown_examples;
+        }
+        Ok(c)
     }
 
-    fn options(&self) -> RunOptions {
+    fn options(&self, interrupt: Option<Arc<AtomicBool>>) -> RunOptions {
+        let terminal = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+        let bars = !self.no_progress && terminal;
         RunOptions {
-            runs_dir: self.out.clone(),
+            runs_dir: self.out.clone().unwrap_or_else(|| PathBuf::from("runs")),
             name: self.name.clone(),
             resume: self.resume.clone(),
-            progress: !self.no_progress,
+            progress: bars,
             stop_after: None,
             warm_start: self.warm_start.clone(),
+            interrupt,
+            log_every: (!bars).then_some(self.log_every.max(1)),
         }
     }
+}
+
+/// A flag that Ctrl-C (SIGINT) sets; the trainer stops at the next step boundary. A second
+/// Ctrl-C exits at once (130).
+fn interrupt_flag() -> Option<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    #[cfg(unix)]
+    {
+        use signal_hook::consts::SIGINT;
+        // Registered first, so it sees the flag as the previous Ctrl-C left it.
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag)).ok()?;
+        signal_hook::flag::register(SIGINT, Arc::clone(&flag)).ok()?;
+    }
+    Some(flag)
 }
 
 #[derive(Subcommand)]
@@ -241,6 +362,10 @@ enum KernelsAction {
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::Interrupted { .. }) => {
+            eprintln!("squid: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("squid: {e}");
             ExitCode::FAILURE
@@ -274,12 +399,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Train(args) => {
-            let summary = train(args.config(), &args.options())?;
+            args.check()?;
+            let summary = train(args.config()?, &args.options(interrupt_flag()))?;
             print_summary(&summary);
             Ok(())
         }
         Command::Experiment { which: ExperimentKind::RewardShaping(args) } => {
-            let result = experiment::reward_shaping(args.config(), &args.options())?;
+            args.check()?;
+            let result = experiment::reward_shaping(args.config()?, &args.options(interrupt_flag()))?;
             println!("experiment: {}", result.dir.display());
             print_summary(&result.partial);
             print_summary(&result.sparse);
@@ -302,6 +429,10 @@ fn print_summary(s: &RunSummary) {
     println!(
         "rollout {:.0} tokens/s, training {:.0} tokens/s; GRPO step {:.2} s rollout / {:.3} s reward / {:.2} s train; {:.0} s",
         s.rollout_tokens_per_s, s.train_tokens_per_s, s.step_seconds[0], s.step_seconds[1], s.step_seconds[2], s.wall_s
+    );
+    println!(
+        "GRPO update: {} optimizer steps ({} of {} steps without an informative group), largest grad norm {:.4}, weights moved {:.3e} (relative)",
+        s.grpo_optimizer_steps, s.grpo_steps_without_update, s.grpo_steps, s.grpo_max_grad_norm, s.grpo_weight_change
     );
 }
 
@@ -343,5 +474,68 @@ fn check_kernels(arch: &str, require_ptxas: bool) -> Result<(), Error> {
     match outcome.problems() {
         0 => Ok(()),
         failed => Err(Error::KernelCheckFailed { failed }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn train_args(args: &[&str]) -> TrainArgs {
+        let argv = ["squid", "train"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Train(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn resume_refuses_flags_it_would_otherwise_drop() {
+        let a = train_args(&["--resume", "runs/x", "--steps", "5", "--tp", "2"]);
+        match a.check() {
+            Err(Error::Config(m)) => {
+                assert!(m.contains("--tp, --steps") && m.contains("cannot change on resume"), "{m}")
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+        train_args(&["--resume", "runs/x", "--no-progress", "--log-every", "5"]).check().unwrap();
+        assert!(train_args(&["--resume", "runs/x", "--name", "y"]).check().is_err());
+        assert!(train_args(&["--config", "c.json", "--quick"]).check().is_err());
+    }
+
+    #[test]
+    fn a_config_file_repeats_a_run_and_flags_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = TrainConfig::quick();
+        c.seed = 7;
+        c.grpo.lr = 1e-4;
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&c).unwrap()).unwrap();
+        let p = path.to_str().unwrap();
+        assert_eq!(train_args(&["--config", p]).config().unwrap(), c);
+        let changed = train_args(&["--config", p, "--steps", "9"]).config().unwrap();
+        assert_eq!(changed.grpo.steps, 9);
+        assert_eq!((changed.seed, changed.grpo.lr), (7, 1e-4));
+        std::fs::write(&path, b"{ not json").unwrap();
+        assert!(
+            matches!(train_args(&["--config", p]).config(), Err(Error::Config(m)) if m.contains("not a squid run config"))
+        );
+        // Without --config: the defaults, or --quick's.
+        assert_eq!(train_args(&[]).config().unwrap(), TrainConfig::default());
+        assert_eq!(train_args(&["--quick"]).config().unwrap(), TrainConfig::quick());
+    }
+
+    #[test]
+    fn help_shows_the_defaults_of_both_configurations() {
+        let help = dflt("GRPO steps.", |c| c.grpo.steps);
+        assert_eq!(
+            help,
+            format!(
+                "GRPO steps. [default: {}; with --quick: {}]",
+                TrainConfig::default().grpo.steps,
+                TrainConfig::quick().grpo.steps
+            )
+        );
+        assert_eq!(dflt("lr", |c| c.grpo.lr), format!("lr [default: {}]", TrainConfig::default().grpo.lr));
     }
 }

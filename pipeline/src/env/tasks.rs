@@ -124,6 +124,9 @@ pub struct Task {
     pub family: &'static str,
     /// The functions to write, in order.
     pub parts: Vec<TaskPart>,
+    /// Visible examples per part that the prompt shows (`None` = all). The `run` tool runs all
+    /// of them, so the ones left out show only in its output: running is then worth a call.
+    pub shown_examples: Option<usize>,
 }
 
 impl Task {
@@ -135,11 +138,17 @@ impl Task {
                 out.push_str(&format!("Part {}: ", i + 1));
             }
             out.push_str(&format!("def {}({})\n{}\n", part.name, part.params.join(", "), part.description));
-            for case in &part.visible {
+            for case in part.visible.iter().take(self.shown_examples.unwrap_or(usize::MAX)) {
                 out.push_str(&format!("  {}\n", case.describe(&part.name)));
             }
         }
         out
+    }
+
+    /// This task with only the first `shown` visible examples of each part in its prompt.
+    pub fn with_shown_examples(mut self, shown: usize) -> Self {
+        self.shown_examples = Some(shown);
+        self
     }
 
     /// All parts' reference definitions, one per line: a complete correct program.
@@ -436,5 +445,5 @@ pub fn generate_task(level: Level, seed: u64) -> Task {
         }
     };
     let parts = families.into_iter().map(|f| realize(f, &mut rng)).collect();
-    Task { level, seed, family, parts }
+    Task { level, seed, family, parts, shown_examples: None }
 }

@@ -307,6 +307,7 @@ fn hand_task() -> Task {
                 reference: "def inc(x) = x + 1".into(),
             },
         ],
+        shown_examples: None,
     }
 }
 
@@ -519,4 +520,22 @@ fn many_functions_and_long_environments() {
     let args = vec!["0"; MAX_PARAMS].join(", ");
     let body = format!("def f() = let a0 = 0 in {lets}let h = \\{} -> a99 + a0 + p15 in h({args})", params.join(" "));
     assert_eq!(on_small_stack(move || run(&body, &[]).map(|v| v.to_string())), Ok("99".to_string()));
+}
+
+#[test]
+fn withheld_examples_leave_the_prompt_but_show_in_run_output() {
+    let task = generate_task(Level::Easy, 11);
+    let part = &task.parts[0];
+    let last = part.visible.last().unwrap().describe(&part.name);
+    assert!(task.prompt().contains(&last));
+    let prompt = task.clone().with_shown_examples(1).prompt();
+    assert!(!prompt.contains(&last), "{prompt}");
+    assert!(prompt.contains(&part.visible[0].describe(&part.name)));
+    // By hand: inc's second example (inc(5) == 6) is withheld; a program right on the first
+    // one only learns the withheld answer from running it.
+    let task = hand_task().with_shown_examples(1);
+    assert!(!task.prompt().contains("inc(5)"), "{}", task.prompt());
+    let mut episode = Episode::new(task, EpisodeConfig::default());
+    let out = episode.step(ToolCall::Run { program: "def double(x) = x + x\ndef inc(x) = 2".into() }).unwrap();
+    assert!(out.text.contains("inc(5)") && out.text.contains('6'), "{}", out.text);
 }

@@ -83,6 +83,15 @@ pub struct ModelConfig {
     pub attention: AttentionKind,
 }
 
+/// Largest vocabulary a [`ModelConfig`] accepts (token ids are u32; this bounds the head).
+pub const MAX_VOCAB: usize = 1 << 20;
+/// Largest `d_model` and `mlp_hidden`.
+pub const MAX_WIDTH: usize = 1 << 14;
+/// Most layers.
+pub const MAX_LAYERS: usize = 256;
+/// Most query (and kv) heads.
+pub const MAX_HEADS: usize = 1024;
+
 impl ModelConfig {
     /// The trainer's default: vocab 512, d_model 96, 3 layers, 4 heads over 2 kv heads of 24
     /// dims, SwiGLU hidden 256, segment attention (353 952 parameters).
@@ -118,7 +127,8 @@ impl ModelConfig {
         }
     }
 
-    /// Checks every dimension and the attention settings; says which value is wrong.
+    /// Checks every dimension (each at least 1 and at most the caps above) and the attention
+    /// settings; says which value is wrong.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::Config(format!("model: {msg}")));
         for (name, v) in [
@@ -134,8 +144,19 @@ impl ModelConfig {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        if self.vocab > u32::MAX as usize {
-            return bad(format!("vocab {} does not fit u32 token ids", self.vocab));
+        // Caps that keep every size product far from overflow and an absurd config from
+        // aborting on allocation (the CPU model holds f32 weights, gradients and AdamW state).
+        for (name, v, max) in [
+            ("vocab", self.vocab, MAX_VOCAB),
+            ("d_model", self.d_model, MAX_WIDTH),
+            ("n_layers", self.n_layers, MAX_LAYERS),
+            ("n_heads", self.n_heads, MAX_HEADS),
+            ("n_kv_heads", self.n_kv_heads, MAX_HEADS),
+            ("mlp_hidden", self.mlp_hidden, MAX_WIDTH),
+        ] {
+            if v > max {
+                return bad(format!("{name} {v} is above {max}, the most this CPU model is built for"));
+            }
         }
         if self.n_heads % self.n_kv_heads != 0 {
             return bad(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));

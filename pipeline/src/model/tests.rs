@@ -425,3 +425,38 @@ fn documents_first_and_back_to_back_match_forward() {
 fn small_config_has_the_documented_size() {
     assert_eq!(ModelConfig::small().num_params(), 353_952);
 }
+
+/// The NSA session decodes through per-layer caches; it must give the logits of recomputing
+/// the forward over each whole context, past many compressed blocks, selected blocks beyond
+/// the window, documents appended mid-way, forks and batched steps of unequal contexts.
+#[test]
+fn nsa_cached_decoding_matches_recomputing_the_forward() {
+    use crate::policy::Policy;
+    for params in
+        [NsaParams { block_cmp: 4, stride_cmp: 2, block_slc: 4, num_selected: 4, window: 4 }, NsaParams::default()]
+    {
+        let cfg = ModelConfig { vocab: 32, ..ModelConfig::tiny(AttentionKind::Nsa(params)) };
+        let model = Model::init(cfg, 3).unwrap();
+        let mut s = model.session(SessionConfig::default()).unwrap();
+        let a = s.open().unwrap();
+        let prompt: Vec<u32> = (0..37u32).map(|i| (i * 7 + 3) % 32).collect();
+        let lg = s.append(a, &prompt, SegmentKind::Global).unwrap();
+        assert_close(&format!("{params:?} prompt"), &lg, &s.recompute(&[a]).unwrap());
+        let lg = s.append(a, &[4, 9, 1, 30, 2], SegmentKind::Document).unwrap();
+        assert_close(&format!("{params:?} document"), &lg, &s.recompute(&[a]).unwrap());
+        let b = s.fork(a).unwrap();
+        let c = s.open().unwrap();
+        s.append(c, &[5], SegmentKind::Global).unwrap();
+        for step in 0..70u32 {
+            let ids = [a, b, c];
+            let toks = [(step * 3) % 32, (step * 5 + 1) % 32, (step * 11 + 7) % 32];
+            let lg = s.step(&ids, &toks).unwrap();
+            if step % 7 == 0 || step == 69 {
+                let want = s.recompute(&ids).unwrap();
+                assert_close(&format!("{params:?} step {step}"), &lg, &want);
+            }
+        }
+        assert_eq!(s.len(a).unwrap(), 37 + 5 + 70);
+        assert_eq!(s.len(c).unwrap(), 71);
+    }
+}

@@ -100,24 +100,65 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, Error> {
 
 /// The newest complete checkpoint under `root` (temp and half-deleted directories skipped).
 pub fn latest_checkpoint(root: &Path) -> Result<Option<(PathBuf, CheckpointState)>, Error> {
+    Ok(checkpoints(root)?.found.into_iter().next())
+}
+
+/// Every checkpoint directory under `root`.
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    /// Those with a valid `state.json`, newest first.
+    pub found: Vec<(PathBuf, CheckpointState)>,
+    /// Directories whose `state.json` cannot be read, with the reason (temp directories of
+    /// unfinished saves are not listed: they start with a dot).
+    pub unreadable: Vec<(PathBuf, String)>,
+}
+
+/// Lists the checkpoints under `root` (none when it does not exist).
+pub fn checkpoints(root: &Path) -> Result<Checkpoints, Error> {
     let entries = match fs::read_dir(root) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Checkpoints::default()),
         Err(e) => return Err(io_error(root, e)),
     };
-    let mut best: Option<(PathBuf, CheckpointState)> = None;
+    let mut out = Checkpoints::default();
     for entry in entries {
         let entry = entry.map_err(|e| io_error(root, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || !entry.path().is_dir() {
             continue;
         }
-        let Ok(state) = read_state(&entry.path()) else { continue };
-        if best.as_ref().is_none_or(|(_, b)| state.rank() > b.rank()) {
-            best = Some((entry.path(), state));
+        match read_state(&entry.path()) {
+            Ok(state) => out.found.push((entry.path(), state)),
+            Err(e) => out.unreadable.push((entry.path(), e.to_string())),
         }
     }
-    Ok(best)
+    out.found.sort_by(|a, b| b.1.rank().cmp(&a.1.rank()).then_with(|| b.0.cmp(&a.0)));
+    out.unreadable.sort();
+    Ok(out)
+}
+
+/// Removes what killed saves left under `root`: `.NAME.tmp-PID` directories (a save in
+/// flight) and `.NAME.old-PID` ones (a replaced checkpoint not yet deleted). Only call it while
+/// holding the run's lock, so no live save is removed. Returns what was removed.
+pub fn remove_stale_temps(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    let entries = match fs::read_dir(root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(root, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(root, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-")) {
+            let path = entry.path();
+            let gone = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            gone.map_err(|e| io_error(&path, e))?;
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    Ok(removed)
 }
 
 /// Removes GRPO checkpoints older than the newest `keep` (the warm-up one always stays).
@@ -194,6 +235,41 @@ mod tests {
         names.sort();
         assert_eq!(names, ["step-000004", "step-000005", "warmup"]);
         assert_eq!(fs::read_to_string(root.join("step-000005/model.txt")).unwrap(), "new");
+    }
+
+    #[test]
+    fn killed_saves_leave_temps_that_the_next_start_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        save_checkpoint(root, &state("grpo", 1), write_marker("1")).unwrap();
+        // What a save killed before its rename leaves, and a replaced one not yet deleted.
+        fs::create_dir(root.join(".step-000002.tmp-4242")).unwrap();
+        fs::write(root.join(".step-000002.tmp-4242/model.txt"), b"half").unwrap();
+        fs::create_dir(root.join(".step-000001.old-77")).unwrap();
+        fs::write(root.join(".state.json.tmp-9"), b"{").unwrap();
+        let removed = remove_stale_temps(root).unwrap();
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        let names: Vec<String> =
+            fs::read_dir(root).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["step-000001"]);
+        assert!(remove_stale_temps(&root.join("absent")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn checkpoints_are_listed_newest_first_with_the_unreadable_ones_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        save_checkpoint(root, &state("warmup", 0), write_marker("w")).unwrap();
+        save_checkpoint(root, &state("grpo", 1), write_marker("1")).unwrap();
+        save_checkpoint(root, &state("grpo", 2), write_marker("2")).unwrap();
+        fs::create_dir(root.join("step-000003")).unwrap();
+        fs::write(root.join("step-000003/state.json"), b"{ torn").unwrap();
+        let all = checkpoints(root).unwrap();
+        let steps: Vec<(String, u64)> = all.found.iter().map(|(_, s)| (s.phase.clone(), s.step)).collect();
+        assert_eq!(steps, [("grpo".into(), 2), ("grpo".into(), 1), ("warmup".into(), 0)]);
+        assert_eq!(all.unreadable.len(), 1);
+        assert!(all.unreadable[0].0.ends_with("step-000003"));
+        assert!(all.unreadable[0].1.contains("not a squid checkpoint state"), "{}", all.unreadable[0].1);
     }
 
     #[test]

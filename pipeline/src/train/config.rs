@@ -7,6 +7,23 @@ use crate::env::RewardMode;
 use crate::model::{AttentionKind, ModelConfig};
 use crate::Error;
 
+/// Most parameters of a trained model (f32 weights, gradients and AdamW moments: 16 bytes each).
+pub const MAX_PARAMS: usize = 1 << 30;
+/// Most samples per task (`--group-size`, and pass@k samples).
+pub const MAX_GROUP: usize = 1024;
+/// Most tasks per GRPO step (and traces per warm-up step).
+pub const MAX_TASKS_PER_STEP: usize = 4096;
+/// Most oversampling of a GRPO step.
+pub const MAX_OVERSAMPLE: usize = 64;
+/// Most contexts one GRPO rollout holds (tasks x oversample x group size).
+pub const MAX_ROLLOUT_CONTEXTS: usize = 16_384;
+/// Most held-out tasks per level.
+pub const MAX_EVAL_TASKS: usize = 10_000;
+/// Most tokens a context may hold.
+pub const MAX_CONTEXT: usize = 1 << 16;
+/// Most turns of an episode.
+pub const MAX_TURNS: usize = 64;
+
 /// Supervised warm-up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SftConfig {
@@ -109,6 +126,19 @@ pub struct TrainConfig {
     pub sft_level_mix: [f64; 3],
     /// Weights of the levels among GRPO tasks.
     pub grpo_level_mix: [f64; 3],
+    /// A smoke run (`--quick`): says so in its output and report. Absent from the JSON when
+    /// false, so configs (and checkpoint fingerprints) of other runs are unchanged.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub smoke: bool,
+    /// Show only this many visible examples per part in prompts (training and held-out); the
+    /// `<run>` tool still runs all of them, so the others reach the policy only through a run
+    /// (tools worth calling). `None` (absent from the JSON) shows them all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shown_examples: Option<usize>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Default for TrainConfig {
@@ -147,20 +177,28 @@ impl Default for TrainConfig {
             // few of them.
             sft_level_mix: [0.475, 0.475, 0.05],
             grpo_level_mix: [0.3, 0.1, 0.6],
+            smoke: false,
+            shown_examples: None,
         }
     }
 }
 
 impl TrainConfig {
-    /// A configuration that exercises every stage in about a minute on 2 cores (CI's end-to-end
-    /// smoke run). Too short to learn much: it proves the loop runs, not that it trains.
+    /// The smoke run (`--quick`, CI's end-to-end run): every stage in one to two minutes on 2
+    /// cores (debug build), sized so that GRPO does update the policy. Easy tasks only, in the
+    /// warm-up and in GRPO: after 60 warm-up steps the policy writes programs that parse and
+    /// pass some tests, so sampled groups differ (an all-equal group teaches nothing), and 4x
+    /// oversampling finds such groups every step. Too short to learn anything measurable.
     pub fn quick() -> Self {
-        let mut c = Self::default();
-        c.sft.steps = 20;
+        let mut c = Self { smoke: true, ..Self::default() };
+        c.sft.steps = 60;
         c.sft.batch = 8;
+        c.sft_level_mix = [1.0, 0.0, 0.0];
+        c.grpo_level_mix = [1.0, 0.0, 0.0];
         c.grpo.steps = 4;
         c.grpo.tasks_per_step = 4;
         c.grpo.group_size = 4;
+        c.grpo.oversample = 4;
         c.eval.tasks_per_level = 4;
         c.eval.every = 2;
         c.eval.samples = 4;
@@ -184,6 +222,7 @@ impl TrainConfig {
         if self.sft.batch == 0 || self.grpo.tasks_per_step == 0 {
             return bad("batch sizes must be at least 1".into());
         }
+        self.check_sizes()?;
         if self.grpo.group_size < 2 {
             return bad(format!("--group-size {} must be at least 2 (advantages are relative)", self.grpo.group_size));
         }
@@ -244,6 +283,65 @@ impl TrainConfig {
         }
         if matches!(self.model.attention, AttentionKind::Nsa(_)) && self.tp > 1 {
             return bad("--tp > 1 is implemented for dense and segment attention only".into());
+        }
+        Ok(())
+    }
+
+    /// Caps on every size that becomes an allocation, checked with checked arithmetic before
+    /// anything is allocated: an absurd flag is a typed error naming it, not an abort.
+    fn check_sizes(&self) -> Result<(), Error> {
+        let too_big = |flag: &str, v: usize, max: usize, why: &str| {
+            Err(Error::Config(format!("{flag} {v} is above {max}: {why}")))
+        };
+        let params = self.model.num_params();
+        if params > MAX_PARAMS {
+            return Err(Error::Config(format!(
+                "model: {params} parameters is above {MAX_PARAMS}: the CPU trainer keeps f32 weights, gradients and two AdamW moments per parameter"
+            )));
+        }
+        let checks = [
+            (
+                "--group-size",
+                self.grpo.group_size,
+                MAX_GROUP,
+                "a group's samples are rolled out together, each with its own KV",
+            ),
+            (
+                "--tasks-per-step",
+                self.grpo.tasks_per_step,
+                MAX_TASKS_PER_STEP,
+                "every task of a step is rolled out at once",
+            ),
+            ("--oversample", self.grpo.oversample, MAX_OVERSAMPLE, "oversampled tasks are rolled out at once"),
+            (
+                "--eval-tasks",
+                self.eval.tasks_per_level,
+                MAX_EVAL_TASKS,
+                "each evaluation rolls out every held-out task",
+            ),
+            ("eval samples", self.eval.samples, MAX_GROUP, "each task's pass@k samples are rolled out together"),
+            ("sft batch", self.sft.batch, MAX_TASKS_PER_STEP, "a warm-up step packs every trace into one batch"),
+            ("max_context", self.limits.max_context, MAX_CONTEXT, "each context's KV is sized for it"),
+            ("max_new_tokens", self.limits.max_new_tokens, MAX_CONTEXT, "a turn cannot outgrow its context"),
+            ("max_turns", self.limits.max_turns, MAX_TURNS, "episodes end at the tool-call limit"),
+        ];
+        for (flag, v, max, why) in checks {
+            if v > max {
+                return too_big(flag, v, max, why);
+            }
+        }
+        // Contexts of one GRPO rollout: B x oversample x G, each up to max_context tokens.
+        let contexts = self
+            .grpo
+            .tasks_per_step
+            .checked_mul(self.grpo.oversample)
+            .and_then(|n| n.checked_mul(self.grpo.group_size))
+            .filter(|&n| n <= MAX_ROLLOUT_CONTEXTS);
+        if contexts.is_none() {
+            return Err(Error::Config(format!(
+                "--tasks-per-step {} x --oversample {} x --group-size {} contexts is above {MAX_ROLLOUT_CONTEXTS}: one GRPO step rolls them out in one session",
+                self.grpo.tasks_per_step, self.grpo.oversample, self.grpo.group_size
+            )));
         }
         Ok(())
     }

@@ -33,6 +33,11 @@ pub fn splitmix(x: u64) -> u64 {
 /// Held-out tasks rolled out per session (bounds the KV held at once).
 const EVAL_CHUNK: usize = 16;
 
+/// `<run>` tokens the policy sampled in `t` (each one a run of its program on the examples).
+pub fn runs_of(t: &Trajectory) -> usize {
+    t.tokens.iter().zip(&t.loss_mask).filter(|&(&tok, &sampled)| sampled && tok == crate::tokenizer::RUN).count()
+}
+
 fn passed(reward: Option<&crate::env::Reward>) -> bool {
     reward.is_some_and(|r| !r.malformed && r.total > 0 && r.passed == r.total)
 }
@@ -82,8 +87,11 @@ pub fn evaluate(
         }
         let mut p1 = 0.0;
         let mut pk = 0.0;
+        let (mut calls, mut runs) = (0usize, 0usize);
         for &i in &idx {
             let t = &greedy[i];
+            calls += t.tool_calls;
+            runs += runs_of(t);
             p1 += f64::from(u8::from(passed(t.reward.as_ref())));
             reward_all += t.reward.as_ref().map_or(0.0, |r| r.value.max(0.0));
             if let Some(s) = &sampled {
@@ -100,6 +108,8 @@ pub fn evaluate(
             tasks: idx.len(),
             pass_at_1: p1 / n,
             pass_at_k: sampled.as_ref().map(|_| pk / n),
+            tool_calls_per_episode: Some(calls as f64 / n),
+            runs_per_episode: Some(runs as f64 / n),
         });
     }
     let n = tasks.len().max(1) as f64;

@@ -41,6 +41,8 @@ pub fn reward_shaping(config: TrainConfig, opts: &RunOptions) -> Result<RewardSh
             progress: opts.progress,
             stop_after: None,
             warm_start: warm,
+            interrupt: opts.interrupt.clone(),
+            log_every: opts.log_every,
         };
         train(c, &o)
     };

@@ -37,6 +37,12 @@ pub struct LevelEval {
     pub pass_at_1: f64,
     /// Unbiased pass@k, when sampled.
     pub pass_at_k: Option<f64>,
+    /// Tool calls (run, think, submit) per greedy episode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_per_episode: Option<f64>,
+    /// `<run>` calls (the policy running its program on the visible examples) per greedy episode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_per_episode: Option<f64>,
 }
 
 /// One line of `metrics.jsonl` (fields absent from a line read back as `None`).
@@ -79,6 +85,9 @@ pub struct StepMetrics {
     pub kv_shared_fraction: Option<f64>,
     /// Fraction of rolled-out groups whose rewards differ (the informative ones).
     pub informative_groups: Option<f64>,
+    /// Optimizer steps (minibatches) the GRPO step took: 0 when no group was informative.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub optimizer_steps: Option<u64>,
     /// Held-out evaluation, on eval lines.
     pub eval: Option<EvalMetrics>,
 }
@@ -94,22 +103,22 @@ pub struct MetricsLog {
 impl MetricsLog {
     /// Opens (creating) `path`, keeping only the lines `keep` accepts (used on resume to drop
     /// steps after the checkpoint). A line that does not parse (a torn last write) is dropped.
+    /// Kept lines are written back as they were read (their text, not a re-serialisation), so
+    /// no value drifts however often a run is resumed.
     pub fn open(path: &Path, keep: impl Fn(&StepMetrics) -> bool) -> Result<Self, Error> {
         let mut lines = Vec::new();
         if path.exists() {
             let reader = BufReader::new(File::open(path).map_err(|e| io_error(path, e))?);
+            let mut text = String::new();
             for line in reader.lines() {
                 let line = line.map_err(|e| io_error(path, e))?;
                 if let Ok(m) = serde_json::from_str::<StepMetrics>(&line) {
                     if keep(&m) {
                         lines.push(m);
+                        text.push_str(line.trim_end());
+                        text.push('\n');
                     }
                 }
-            }
-            let mut text = String::new();
-            for m in &lines {
-                text.push_str(&serde_json::to_string(m).expect("metrics serialize"));
-                text.push('\n');
             }
             write_atomic(path, text.as_bytes())?;
         }
@@ -130,5 +139,73 @@ impl MetricsLog {
     /// Every line so far (this run and the resumed part).
     pub fn lines(&self) -> &[StepMetrics] {
         &self.lines
+    }
+
+    /// Steps of `phase` in `1..=last` that have no line (a file cut or edited by hand), as
+    /// ranges `first..=last`.
+    pub fn missing_steps(&self, phase: &str, last: u64) -> Vec<(u64, u64)> {
+        let mut seen: Vec<u64> = self.lines.iter().filter(|m| m.phase == phase).map(|m| m.step).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        let mut holes = Vec::new();
+        let mut next = 1;
+        for s in seen.into_iter().filter(|&s| s >= 1 && s <= last).chain(std::iter::once(last + 1)) {
+            if s > next {
+                holes.push((next, s - 1));
+            }
+            next = s + 1;
+        }
+        holes
+    }
+}
+
+/// `3-5, 9` for the ranges `[(3, 5), (9, 9)]`.
+pub fn format_ranges(ranges: &[(u64, u64)]) -> String {
+    let parts: Vec<String> =
+        ranges.iter().map(|&(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") }).collect();
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_lines_are_rewritten_byte_for_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        // Values whose shortest decimal form a lenient parser may read 1 ulp off.
+        let text = concat!(
+            r#"{"phase":"grpo","step":1,"loss":0.30000000000000004,"reward_mean":2.2250738585072014e-308}"#,
+            "\n",
+            r#"{"phase":"grpo","step":2,"loss":0.1234567890123456789,"grad_norm":1.7976931348623157e308}"#,
+            "\n",
+            r#"{"phase":"grpo","step":3,"loss":1.0}"#,
+            "\n"
+        );
+        std::fs::write(&path, text).unwrap();
+        for _ in 0..3 {
+            MetricsLog::open(&path, |_| true).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        let log = MetricsLog::open(&path, |m| m.step <= 2).unwrap();
+        assert_eq!(log.lines().len(), 2);
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(kept, text.lines().take(2).map(|l| format!("{l}\n")).collect::<String>());
+    }
+
+    #[test]
+    fn missing_steps_are_found_as_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        let line = |phase: &str, step: u64| format!("{{\"phase\":\"{phase}\",\"step\":{step}}}\n");
+        let text: String = [1, 2, 6, 8].iter().map(|&s| line("grpo", s)).chain([line("eval", 4)]).collect();
+        std::fs::write(&path, text).unwrap();
+        let log = MetricsLog::open(&path, |_| true).unwrap();
+        assert_eq!(log.missing_steps("grpo", 8), [(3, 5), (7, 7)]);
+        assert_eq!(log.missing_steps("grpo", 10), [(3, 5), (7, 7), (9, 10)]);
+        assert_eq!(log.missing_steps("grpo", 2), []);
+        assert_eq!(log.missing_steps("sft", 0), []);
+        assert_eq!(format_ranges(&log.missing_steps("grpo", 8)), "3-5, 7");
     }
 }

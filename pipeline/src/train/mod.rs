@@ -28,8 +28,10 @@ pub mod passk;
 pub mod plot;
 mod report;
 
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,7 +44,9 @@ use squid_optim::{AdamWConfig, LrSchedule};
 
 pub use crate::fsutil::{ensure_writable_dir, write_atomic};
 pub use batch::{pack, TrainingBatch};
-pub use checkpoint::{latest_checkpoint, CheckpointState, CHECKPOINT_FORMAT};
+pub use checkpoint::{
+    checkpoints, latest_checkpoint, remove_stale_temps, CheckpointState, Checkpoints, CHECKPOINT_FORMAT,
+};
 pub use clock::now_stamp;
 pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, TrainConfig};
 pub use eval::{evaluate, held_out_tasks, splitmix};
@@ -70,6 +74,12 @@ pub struct RunOptions {
     pub stop_after: Option<u64>,
     /// Start GRPO from this warm-up model instead of training one (experiments sharing a warm-up).
     pub warm_start: Option<PathBuf>,
+    /// Set (by a Ctrl-C handler) to stop the run at the next step boundary, after its
+    /// checkpoint: [`train`] then returns [`Error::Interrupted`].
+    pub interrupt: Option<Arc<AtomicBool>>,
+    /// Print one plain line per this many steps and per evaluation to stdout (for logs without a
+    /// terminal, where progress bars draw nothing); `None` = no such lines.
+    pub log_every: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -81,7 +91,50 @@ impl Default for RunOptions {
             progress: true,
             stop_after: None,
             warm_start: None,
+            interrupt: None,
+            log_every: None,
         }
+    }
+}
+
+/// Messages of a run to its user (printed to stderr as they happen, and kept for the summary).
+#[derive(Debug, Default)]
+struct Notes(Vec<String>);
+
+impl Notes {
+    fn say(&mut self, msg: String) {
+        eprintln!("squid train: {msg}");
+        self.0.push(msg);
+    }
+}
+
+/// An exclusive lock on a run directory (`.squid-train.lock`, an flock released when dropped or
+/// when the process dies): two processes never train into one directory at once.
+#[derive(Debug)]
+struct RunLock {
+    file: File,
+}
+
+impl RunLock {
+    fn acquire(dir: &Path) -> Result<Self, Error> {
+        let path = dir.join(".squid-train.lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| crate::fsutil::io_error(&path, e))?;
+        match fs4::FileExt::try_lock(&file) {
+            Ok(()) => Ok(Self { file }),
+            Err(fs4::TryLockError::WouldBlock) => Err(Error::RunLocked { dir: dir.to_path_buf() }),
+            Err(fs4::TryLockError::Error(e)) => Err(crate::fsutil::io_error(&path, e)),
+        }
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = fs4::FileExt::unlock(&self.file);
     }
 }
 
@@ -112,6 +165,22 @@ pub struct RunSummary {
     pub wall_s: f64,
     /// Whether the run reached its last GRPO step (false when stopped early by `stop_after`).
     pub complete: bool,
+    /// Optimizer steps GRPO took (minibatches trained; a step without an informative group
+    /// takes none).
+    #[serde(default)]
+    pub grpo_optimizer_steps: u64,
+    /// Largest gradient norm (before clipping) over the GRPO optimizer steps; 0 without any.
+    #[serde(default)]
+    pub grpo_max_grad_norm: f64,
+    /// How far GRPO moved the weights: `|w_after - w_warmup| / |w_warmup|` over all parameters.
+    #[serde(default)]
+    pub grpo_weight_change: f64,
+    /// GRPO steps in which no group was informative (every sample of every group scored alike).
+    #[serde(default)]
+    pub grpo_steps_without_update: u64,
+    /// What this invocation told its user (fallbacks, holes in the metrics, warnings).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
@@ -144,7 +213,15 @@ fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
             break;
         }
     }
-    generate_task(level, splitmix(h) >> 1)
+    shown(config, generate_task(level, splitmix(h) >> 1))
+}
+
+/// `task` with the prompt's examples cut to the config's `shown_examples`.
+fn shown(config: &TrainConfig, task: Task) -> Task {
+    match config.shown_examples {
+        Some(n) => task.with_shown_examples(n),
+        None => task,
+    }
 }
 
 fn episode_config(config: &TrainConfig) -> EpisodeConfig {
@@ -170,9 +247,63 @@ struct Prepared {
     dir: PathBuf,
     config: TrainConfig,
     resume_from: Option<(PathBuf, CheckpointState)>,
+    /// Held for the whole run.
+    _lock: RunLock,
+    /// The stored summary of a run that had already finished.
+    finished: Option<RunSummary>,
 }
 
-fn prepare(config: TrainConfig, opts: &RunOptions) -> Result<Prepared, Error> {
+/// Whether the checkpoint at `path` can be resumed from: its model loads (checksums checked)
+/// and, for a warm-up or GRPO step, its optimizer state loads too.
+fn verify_checkpoint(path: &Path, state: &CheckpointState, config: &TrainConfig) -> Result<(), Error> {
+    if state.config_fingerprint != config.fingerprint() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "written by a run with another configuration".into(),
+        });
+    }
+    let model = Model::load(path.join("model.safetensors"))?;
+    if state.phase != "warmup" {
+        TpTrainer::new(&model, config.tp, adamw(config.grpo.max_grad_norm))?.load_optimizer(path)?;
+    }
+    Ok(())
+}
+
+/// The newest checkpoint under `root` that loads, saying which newer ones were skipped and why.
+fn resume_point(
+    root: &Path,
+    config: &TrainConfig,
+    notes: &mut Notes,
+) -> Result<Option<(PathBuf, CheckpointState)>, Error> {
+    let all = checkpoints(root)?;
+    for (path, reason) in &all.unreadable {
+        notes.say(format!("skipping checkpoint {}: {reason}", path.display()));
+    }
+    let mut failed: Option<Error> = None;
+    for (path, state) in all.found {
+        match verify_checkpoint(&path, &state, config) {
+            Ok(()) => {
+                if failed.is_some() {
+                    notes.say(format!("resuming from the older checkpoint {}", path.display()));
+                }
+                return Ok(Some((path, state)));
+            }
+            // Another run's checkpoint is not a corruption to step over.
+            Err(e @ Error::Checkpoint { .. }) if state.config_fingerprint != config.fingerprint() => return Err(e),
+            Err(e) => {
+                notes.say(format!("checkpoint {} cannot be used ({e}); trying the previous one", path.display()));
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        // Every checkpoint is corrupt: starting over silently would throw the run away.
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
+fn prepare(config: TrainConfig, opts: &RunOptions, notes: &mut Notes) -> Result<Prepared, Error> {
     if let Some(dir) = &opts.resume {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::Checkpoint {
@@ -183,36 +314,121 @@ fn prepare(config: TrainConfig, opts: &RunOptions) -> Result<Prepared, Error> {
             .map_err(|e| Error::Checkpoint { path: path.clone(), reason: format!("not a squid run config: {e}") })?;
         config.validate()?;
         ensure_writable_dir(dir)?;
-        let resume_from = latest_checkpoint(&dir.join("checkpoints"))?;
-        if let Some((p, state)) = &resume_from {
-            if state.config_fingerprint != config.fingerprint() {
-                return Err(Error::Checkpoint {
-                    path: p.clone(),
-                    reason: "written by a run with another configuration".into(),
-                });
-            }
+        let lock = RunLock::acquire(dir)?;
+        notes.say(format!("run directory: {} (resumed)", dir.display()));
+        let ckpt_root = dir.join("checkpoints");
+        for gone in remove_stale_temps(&ckpt_root)?.into_iter().chain(remove_stale_temps(dir)?) {
+            notes.say(format!("removed {}, left by a killed save", gone.display()));
         }
-        return Ok(Prepared { dir: dir.clone(), config, resume_from });
+        let resume_from = resume_point(&ckpt_root, &config, notes)?;
+        let finished = match &resume_from {
+            Some((_, s)) if s.phase == "grpo" && s.step == config.grpo.steps => std::fs::read(dir.join("summary.json"))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<RunSummary>(&bytes).ok())
+                .filter(|summary| summary.complete && summary.grpo_steps == config.grpo.steps),
+            _ => None,
+        };
+        return Ok(Prepared { dir: dir.clone(), config, resume_from, _lock: lock, finished });
     }
     config.validate()?;
     let name = opts.name.clone().unwrap_or_else(|| format!("{}-seed{}", now_stamp(), config.seed));
     let dir = opts.runs_dir.join(name);
     ensure_writable_dir(&dir)?;
+    let lock = RunLock::acquire(&dir)?;
     if dir.join("config.json").exists() {
         return Err(Error::Config(format!("{} already holds a run (use --resume to continue it)", dir.display())));
     }
+    notes.say(format!("run directory: {}", dir.display()));
     let json = serde_json::to_vec_pretty(&config).expect("config serializes");
     write_atomic(&dir.join("config.json"), &json)?;
-    Ok(Prepared { dir, config, resume_from: None })
+    Ok(Prepared { dir, config, resume_from: None, _lock: lock, finished: None })
 }
 
-/// Runs (or resumes) a whole training run.
+/// Stops the run when `opts.interrupt` is set (checked between steps, after each checkpoint).
+fn check_interrupt(opts: &RunOptions, dir: &Path, phase: &str, step: u64) -> Result<(), Error> {
+    if opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+        return Err(Error::Interrupted { phase: phase.into(), step, dir: dir.to_path_buf() });
+    }
+    Ok(())
+}
+
+/// `|a - b| / |b|` over all parameters (0 when `b` is all zeros and `a` equals it).
+fn relative_change(after: &Model, before: &Model) -> f64 {
+    let (mut diff, mut base) = (0.0f64, 0.0f64);
+    for (a, b) in after.params().iter().zip(before.params()) {
+        for (&x, &y) in a.iter().zip(b) {
+            diff += f64::from(x - y).powi(2);
+            base += f64::from(y).powi(2);
+        }
+    }
+    if base > 0.0 {
+        (diff / base).sqrt()
+    } else {
+        diff.sqrt()
+    }
+}
+
+/// One plain log line of a step (for logs without a terminal).
+fn log_line(m: &StepMetrics, total: u64) -> String {
+    let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+    match m.phase.as_str() {
+        "sft" => format!("warm-up step {}/{total}: loss {} grad norm {}", m.step, f(m.loss), f(m.grad_norm)),
+        "eval" => {
+            let e = m.eval.as_ref();
+            let levels: Vec<String> = e
+                .map(|e| e.per_level.iter().map(|l| format!("{} {:.1}%", l.level, 100.0 * l.pass_at_1)).collect())
+                .unwrap_or_default();
+            format!(
+                "eval after GRPO step {}: pass@1 {:.1}% ({})",
+                m.step,
+                100.0 * e.map_or(0.0, |e| e.pass_at_1),
+                levels.join(", ")
+            )
+        }
+        _ => format!(
+            "GRPO step {}/{total}: reward {} pass {} informative groups {} loss {} grad norm {} tool calls/episode {}",
+            m.step,
+            f(m.reward_mean),
+            f(m.pass_rate),
+            f(m.informative_groups),
+            f(m.loss),
+            f(m.grad_norm),
+            f(m.tool_calls_per_episode)
+        ),
+    }
+}
+
+/// Prints `m`'s log line when plain lines are asked for and the step is due (evals always).
+fn maybe_log(opts: &RunOptions, m: &StepMetrics, total: u64) {
+    if let Some(n) = opts.log_every {
+        if m.phase == "eval" || m.step % n.max(1) == 0 || m.step == total {
+            println!("{}", log_line(m, total));
+        }
+    }
+}
+
+/// Runs (or resumes) a whole training run. Says where it writes first; a resumed run that had
+/// already finished returns its stored summary (with a note saying so).
 pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error> {
     let wall = Instant::now();
     let tokenizer = Tokenizer::new();
     let mut config = config;
     config.model.vocab = tokenizer.vocab_size();
-    let Prepared { dir, config, resume_from } = prepare(config, opts)?;
+    let mut notes = Notes::default();
+    let Prepared { dir, config, resume_from, _lock, finished } = prepare(config, opts, &mut notes)?;
+    if let Some(mut summary) = finished {
+        notes.say(format!(
+            "{} is already complete ({} of {} GRPO steps): nothing to do",
+            dir.display(),
+            summary.grpo_steps,
+            config.grpo.steps
+        ));
+        summary.notes = notes.0;
+        return Ok(summary);
+    }
+    if config.smoke {
+        notes.say("a smoke run (--quick): it checks that every stage runs and that GRPO updates the policy; its pass rates mean nothing".into());
+    }
     if config.model.vocab != tokenizer.vocab_size() {
         return Err(Error::Checkpoint {
             path: dir.join("config.json"),
@@ -240,6 +456,22 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         "warmup" => m.phase == "sft" || (m.phase == "eval" && m.step == 0),
         _ => m.phase != "grpo" && m.phase != "eval" || m.step <= step_done,
     })?;
+    // A file cut or edited by hand: the steps are not re-run, so say which are missing.
+    let has_sft = metrics.lines().iter().any(|m| m.phase == "sft");
+    let holes = match phase_done.as_str() {
+        "sft" => vec![("warm-up", metrics.missing_steps("sft", step_done))],
+        "grpo" => vec![
+            ("warm-up", if has_sft { metrics.missing_steps("sft", config.sft.steps) } else { Vec::new() }),
+            ("GRPO", metrics.missing_steps("grpo", step_done)),
+        ],
+        _ => Vec::new(),
+    };
+    for (phase, missing) in holes.into_iter().filter(|(_, m)| !m.is_empty()) {
+        notes.say(format!(
+            "metrics.jsonl has no line for {phase} steps {} (cut or edited by hand?): they are not re-run, so the curves and means skip them",
+            metrics::format_ranges(&missing)
+        ));
+    }
 
     // ---- warm-up -------------------------------------------------------------------------
     let warmup_model = match (&resume_from, &opts.warm_start) {
@@ -260,22 +492,26 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
                 Some((path, s)) if s.phase == "sft" => Some((path.clone(), s.step)),
                 _ => None,
             };
-            let m = run_sft(&config, &tokenizer, &ckpt_root, &fingerprint, start, &mut metrics, opts.progress)?;
+            let m = run_sft(&config, &tokenizer, &ckpt_root, &fingerprint, start, &mut metrics, opts, &dir)?;
             save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
             checkpoint::prune_phase(&ckpt_root, "sft", 0)?;
             m
         }
     };
-    let held_out = held_out_tasks(config.seed, config.eval.tasks_per_level);
+    let held_out: Vec<Task> =
+        held_out_tasks(config.seed, config.eval.tasks_per_level).into_iter().map(|t| shown(&config, t)).collect();
     let episode = episode_config(&config);
     let before = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == 0).and_then(|m| m.eval.clone()) {
         Some(e) => e,
         None => {
             let e = evaluate(&warmup_model, &tokenizer, &held_out, &config, true)?;
-            metrics.push(StepMetrics { phase: "eval".into(), step: 0, eval: Some(e.clone()), ..Default::default() })?;
+            let m = StepMetrics { phase: "eval".into(), step: 0, eval: Some(e.clone()), ..Default::default() };
+            maybe_log(opts, &m, config.grpo.steps);
+            metrics.push(m)?;
             e
         }
     };
+    check_interrupt(opts, &dir, "warm-up", config.sft.steps)?;
 
     // ---- GRPO ----------------------------------------------------------------------------
     let (start_model, first_step) = match &resume_from {
@@ -298,16 +534,29 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         }
         let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step)?;
         bar.set_message(format!("reward {:.3}", m.reward_mean.unwrap_or(0.0)));
+        if m.informative_groups == Some(0.0) {
+            bar.suspend(|| {
+                notes.say(format!(
+                    "GRPO step {step}: no informative group (every sample of every group scored alike), so no update"
+                ))
+            });
+        }
+        maybe_log(opts, &m, config.grpo.steps);
         metrics.push(m)?;
         let model = trainer.gather()?;
         if step % config.eval.every == 0 && step != config.grpo.steps {
             let e = evaluate(&model, &tokenizer, &held_out, &config, false)?;
-            metrics.push(StepMetrics { phase: "eval".into(), step, eval: Some(e), ..Default::default() })?;
+            let m = StepMetrics { phase: "eval".into(), step, eval: Some(e), ..Default::default() };
+            maybe_log(opts, &m, config.grpo.steps);
+            metrics.push(m)?;
         }
         save_model_checkpoint(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer))?;
         checkpoint::prune(&ckpt_root, 2)?;
         bar.inc(1);
         last = step;
+        if step != config.grpo.steps {
+            check_interrupt(opts, &dir, "GRPO", step)?;
+        }
     }
     bar.finish_and_clear();
     let complete = last == config.grpo.steps;
@@ -316,17 +565,16 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         Some(m) if m.eval.as_ref().is_some_and(|e| e.pass_at_k.is_some()) => m.eval.clone().expect("checked"),
         _ => {
             let e = evaluate(&final_model, &tokenizer, &held_out, &config, true)?;
-            metrics.push(StepMetrics {
-                phase: "eval".into(),
-                step: last,
-                eval: Some(e.clone()),
-                ..Default::default()
-            })?;
+            let m = StepMetrics { phase: "eval".into(), step: last, eval: Some(e.clone()), ..Default::default() };
+            maybe_log(opts, &m, config.grpo.steps);
+            metrics.push(m)?;
             e
         }
     };
-    let summary =
+    let mut summary =
         report::summarize(&dir, &config, &metrics, before, after, last, complete, wall.elapsed().as_secs_f64());
+    summary.grpo_weight_change = relative_change(&final_model, &warmup_model);
+    summary.notes = notes.0;
     report::write_all(&dir, &config, &metrics, &summary)?;
     Ok(summary)
 }
@@ -355,6 +603,7 @@ fn save_model_checkpoint(
 }
 
 /// The supervised warm-up; resumes from an `sft` checkpoint when given.
+#[allow(clippy::too_many_arguments)]
 fn run_sft(
     config: &TrainConfig,
     tokenizer: &Tokenizer,
@@ -362,7 +611,8 @@ fn run_sft(
     fingerprint: &str,
     start: Option<(PathBuf, u64)>,
     metrics: &mut MetricsLog,
-    progress: bool,
+    opts: &RunOptions,
+    dir: &Path,
 ) -> Result<Model, Error> {
     let sft = &config.sft;
     let (model, first) = match &start {
@@ -376,7 +626,7 @@ fn run_sft(
     let schedule = LrSchedule::cosine(sft.lr, (sft.steps / 10).max(1), sft.steps.max(2), 0.1)?;
     let episode = episode_config(config);
     let vocab = config.model.vocab;
-    let bar = progress_bar(progress, sft.steps, "warm-up");
+    let bar = progress_bar(opts.progress, sft.steps, "warm-up");
     bar.set_position(first - 1);
     for step in first..=sft.steps {
         let t0 = Instant::now();
@@ -393,7 +643,7 @@ fn run_sft(
         let report =
             trainer.step(&batch.batch, schedule.lr_at(step - 1), |logits| losses::sft_loss(&batch, logits, vocab))?;
         let secs = t0.elapsed().as_secs_f64();
-        metrics.push(StepMetrics {
+        let m = StepMetrics {
             phase: "sft".into(),
             step,
             loss: Some(f64::from(report.loss)),
@@ -401,12 +651,17 @@ fn run_sft(
             train_tokens_per_s: Some(batch.len() as f64 / secs),
             train_s: Some(secs),
             ..Default::default()
-        })?;
+        };
+        maybe_log(opts, &m, sft.steps);
+        metrics.push(m)?;
         bar.set_message(format!("loss {:.3}", report.loss));
         let model = trainer.gather()?;
         save_model_checkpoint(ckpt_root, "sft", step, fingerprint, &model, Some(&trainer))?;
         checkpoint::prune_phase(ckpt_root, "sft", 2)?;
         bar.inc(1);
+        if step != sft.steps {
+            check_interrupt(opts, dir, "warm-up", step)?;
+        }
     }
     bar.finish_and_clear();
     trainer.gather()
@@ -533,6 +788,7 @@ fn grpo_step(
         train_s: Some(train_s),
         kv_shared_fraction: Some(stats.kv.bytes_held as f64 / (stats.kv.bytes_unshared as f64).max(1.0)),
         informative_groups: Some(informative as f64 / rolled_tasks as f64),
+        optimizer_steps: Some(minibatches as u64),
         eval: None,
     })
 }

@@ -47,6 +47,11 @@ pub fn summarize(
         sft_tokens_per_s: mean_of(&sft, |m| m.train_tokens_per_s),
         wall_s,
         complete,
+        grpo_optimizer_steps: grpo.iter().filter_map(|m| m.optimizer_steps).sum(),
+        grpo_max_grad_norm: grpo.iter().filter_map(|m| m.grad_norm).filter(|v| v.is_finite()).fold(0.0, f64::max),
+        grpo_weight_change: 0.0,
+        grpo_steps_without_update: grpo.iter().filter(|m| m.informative_groups == Some(0.0)).count() as u64,
+        notes: Vec::new(),
     }
 }
 
@@ -62,6 +67,12 @@ fn opt_pct(v: Option<f64>) -> String {
 pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# squid train: seed {}\n", s.seed);
+    if config.smoke {
+        let _ = writeln!(
+            md,
+            "**A smoke run (`--quick`)**: a configuration sized to check that every stage runs and that GRPO updates the policy in about a minute. Its pass rates mean nothing.\n"
+        );
+    }
     let _ = writeln!(
         md,
         "{} parameters, {:?} attention, tp {}; warm-up {} steps x {} traces; GRPO {} of {} steps x {} tasks x {} samples ({} reward).\n",
@@ -112,6 +123,25 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
         opt_pct(s.before.pass_at_k),
         opt_pct(s.after.pass_at_k)
     );
+    let _ = writeln!(
+        md,
+        "Tool use of the greedy held-out episodes: tool calls (run, think, submit) and `<run>` calls per episode.\n"
+    );
+    let _ = writeln!(md, "| level | tool calls warm-up | tool calls after | `<run>` warm-up | `<run>` after |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    for (b, a) in s.before.per_level.iter().zip(&s.after.per_level) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            b.level,
+            num(b.tool_calls_per_episode),
+            num(a.tool_calls_per_episode),
+            num(b.runs_per_episode),
+            num(a.runs_per_episode)
+        );
+    }
+    let _ = writeln!(md);
     let [r, w, t] = s.step_seconds;
     let _ = writeln!(md, "| throughput | value |\n|---|---|");
     let _ = writeln!(md, "| rollout tokens/s | {:.0} |", s.rollout_tokens_per_s);
@@ -119,6 +149,11 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
     let _ = writeln!(md, "| warm-up training tokens/s | {:.0} |", s.sft_tokens_per_s);
     let _ = writeln!(md, "| GRPO step: rollout / reward / train (s) | {r:.2} / {w:.3} / {t:.2} |");
     let _ = writeln!(md, "| wall time of this invocation (s) | {:.0} |\n", s.wall_s);
+    let _ = writeln!(md, "| GRPO update | value |\n|---|---|");
+    let _ = writeln!(md, "| optimizer steps | {} |", s.grpo_optimizer_steps);
+    let _ = writeln!(md, "| steps without an informative group (no update) | {} |", s.grpo_steps_without_update);
+    let _ = writeln!(md, "| largest gradient norm (before clipping) | {:.4} |", s.grpo_max_grad_norm);
+    let _ = writeln!(md, "| relative weight change, warm-up to final | {:.3e} |\n", s.grpo_weight_change);
     let _ = writeln!(md, "![curves](curves.png)");
     md
 }

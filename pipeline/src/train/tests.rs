@@ -3,6 +3,8 @@
 //! (flags, directories, checkpoints) is refused with a typed error.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use super::*;
 use crate::model::ModelConfig;
@@ -44,6 +46,8 @@ fn options(root: &Path, name: &str) -> RunOptions {
         progress: false,
         stop_after: None,
         warm_start: None,
+        interrupt: None,
+        log_every: None,
     }
 }
 
@@ -80,6 +84,13 @@ fn a_run_writes_every_artifact() {
     }
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(report.contains("| easy |") && report.contains("| all |"), "{report}");
+    assert!(report.contains("`<run>` warm-up") && report.contains("smoke run"), "{report}");
+    for level in &summary.after.per_level {
+        let calls = level.tool_calls_per_episode.unwrap();
+        let runs = level.runs_per_episode.unwrap();
+        // Runs are some of the tool calls, which the episode limit bounds.
+        assert!(runs <= calls && calls <= config_turns() as f64, "{level:?}");
+    }
 }
 
 #[test]
@@ -141,15 +152,17 @@ fn bad_configs_dirs_and_checkpoints_are_typed_errors() {
     assert!(
         matches!(train(tiny_config(), &warm), Err(Error::Checkpoint { reason, .. }) if reason.contains("another shape"))
     );
-    // A corrupt model file in the newest checkpoint.
+    // Every checkpoint corrupt (the warm-up one included): refused, not restarted silently.
     let mut first = options(root.path(), "e");
     first.stop_after = Some(1);
     train(tiny_config(), &first).unwrap();
-    let model = root.path().join("e/checkpoints/step-000001/model.safetensors");
-    let mut bytes = std::fs::read(&model).unwrap();
-    let n = bytes.len();
-    bytes[n - 3] ^= 0xFF;
-    std::fs::write(&model, bytes).unwrap();
+    for name in ["step-000001", "warmup"] {
+        let model = root.path().join("e/checkpoints").join(name).join("model.safetensors");
+        let mut bytes = std::fs::read(&model).unwrap();
+        let n = bytes.len();
+        bytes[n - 3] ^= 0xFF;
+        std::fs::write(&model, bytes).unwrap();
+    }
     let mut resume = options(root.path(), "e2");
     resume.resume = Some(root.path().join("e"));
     assert!(matches!(train(tiny_config(), &resume), Err(Error::Checkpoint { .. })));
@@ -229,4 +242,213 @@ fn configs_written_before_the_new_grpo_knobs_still_load() {
     let old: TrainConfig = serde_json::from_value(json).unwrap();
     assert_eq!(old.grpo.clip_high, None);
     assert_eq!(old.grpo.solve_bonus, 0.0);
+}
+
+#[test]
+fn absurd_sizes_are_typed_errors_before_anything_is_allocated() {
+    let cases: [BadConfig; 6] = [
+        (|c| c.grpo.group_size = 100_000, "--group-size 100000"),
+        (|c| c.eval.tasks_per_level = 100_000_000, "--eval-tasks 100000000"),
+        (|c| c.grpo.tasks_per_step = usize::MAX, "--tasks-per-step 18446744073709551615"),
+        (|c| c.grpo.oversample = usize::MAX, "--oversample 18446744073709551615"),
+        // Each within its own cap, but the product of contexts is not.
+        (
+            |c| {
+                c.grpo.tasks_per_step = 4096;
+                c.grpo.oversample = 64;
+                c.grpo.group_size = 1024;
+            },
+            "contexts",
+        ),
+        (|c| c.model.d_model = usize::MAX, "d_model"),
+    ];
+    for (break_it, says) in cases {
+        let mut c = TrainConfig::default();
+        break_it(&mut c);
+        match c.validate() {
+            Err(Error::Config(m)) => assert!(m.contains(says), "{m:?} should name {says:?}"),
+            other => panic!("expected a config error naming {says:?}, got {other:?}"),
+        }
+    }
+    // Through `train` too: refused before the run directory is made.
+    let root = tempfile::tempdir().unwrap();
+    let mut c = tiny_config();
+    c.grpo.group_size = 100_000;
+    assert!(matches!(train(c, &options(root.path(), "big")), Err(Error::Config(_))));
+    assert!(!root.path().join("big").exists());
+}
+
+#[test]
+fn quick_is_a_smoke_run_that_rolls_out_only_easy_tasks_and_oversamples() {
+    let q = TrainConfig::quick();
+    q.validate().unwrap();
+    assert!(q.smoke && !TrainConfig::default().smoke);
+    assert_eq!((q.sft_level_mix, q.grpo_level_mix), ([1.0, 0.0, 0.0], [1.0, 0.0, 0.0]));
+    assert!(q.grpo.oversample >= 4 && q.sft.steps >= 60);
+    // `smoke` is absent from other configs' JSON, so their fingerprints did not change.
+    assert!(!serde_json::to_string(&TrainConfig::default()).unwrap().contains("smoke"));
+    assert!(serde_json::to_string(&q).unwrap().contains("\"smoke\":true"));
+}
+
+fn resume_options(root: &Path, name: &str) -> RunOptions {
+    let mut o = options(root, "unused");
+    o.resume = Some(root.join(name));
+    o
+}
+
+#[test]
+fn ctrl_c_stops_at_a_step_boundary_and_the_run_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut o = options(root.path(), "int");
+    o.interrupt = Some(Arc::new(AtomicBool::new(true)));
+    match train(tiny_config(), &o) {
+        Err(e @ Error::Interrupted { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.starts_with("interrupted at warm-up step 1; resume with `squid train --resume "), "{msg}");
+            assert!(msg.contains("int"), "{msg}");
+        }
+        other => panic!("expected an interruption, got {other:?}"),
+    }
+    assert_eq!(latest_checkpoint(&root.path().join("int/checkpoints")).unwrap().unwrap().1.step, 1);
+    let done = train(tiny_config(), &resume_options(root.path(), "int")).unwrap();
+    assert!(done.complete);
+    assert_eq!(read_metrics(&root.path().join("int")).iter().filter(|m| m.phase == "sft").count(), 3);
+}
+
+#[test]
+fn resume_locks_the_run_says_when_it_is_complete_and_cleans_killed_saves() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = options(root.path(), "r");
+    first.stop_after = Some(1);
+    train(tiny_config(), &first).unwrap();
+    let dir = root.path().join("r");
+    // Another process training into the directory: refused, nothing touched.
+    {
+        let _held = RunLock::acquire(&dir).unwrap();
+        match train(tiny_config(), &resume_options(root.path(), "r")) {
+            Err(e @ Error::RunLocked { .. }) => assert!(e.to_string().contains("in use"), "{e}"),
+            other => panic!("expected the run to be locked, got {other:?}"),
+        }
+    }
+    // A save killed before its rename left a temp directory.
+    std::fs::create_dir(dir.join("checkpoints/.step-000002.tmp-999999")).unwrap();
+    let done = train(tiny_config(), &resume_options(root.path(), "r")).unwrap();
+    assert!(done.complete);
+    assert!(done.notes.iter().any(|n| n.contains(".step-000002.tmp-999999")), "{:?}", done.notes);
+    assert!(!dir.join("checkpoints/.step-000002.tmp-999999").exists());
+    let lines = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    // Resuming a finished run: says so, changes nothing.
+    let again = train(tiny_config(), &resume_options(root.path(), "r")).unwrap();
+    assert!(again.notes.iter().any(|n| n.contains("already complete")), "{:?}", again.notes);
+    assert_eq!(again.after, done.after);
+    assert_eq!(std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap(), lines);
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_previous_one() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = options(root.path(), "c");
+    first.stop_after = Some(2);
+    train(tiny_config(), &first).unwrap();
+    let ckpt = root.path().join("c/checkpoints");
+    let model = ckpt.join("step-000002/model.safetensors");
+    let mut bytes = std::fs::read(&model).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0xFF;
+    std::fs::write(&model, bytes).unwrap();
+    let done = train(tiny_config(), &resume_options(root.path(), "c")).unwrap();
+    assert!(done.complete);
+    let notes = done.notes.join("\n");
+    assert!(notes.contains("step-000002") && notes.contains("cannot be used"), "{notes}");
+    assert!(notes.contains("older checkpoint") && notes.contains("step-000001"), "{notes}");
+    // Each GRPO step once: step 2 was re-run from step 1's checkpoint, its old line dropped.
+    let steps: Vec<u64> =
+        read_metrics(&root.path().join("c")).iter().filter(|m| m.phase == "grpo").map(|m| m.step).collect();
+    assert_eq!(steps, [1, 2, 3]);
+}
+
+#[test]
+fn a_hole_in_metrics_is_reported_on_resume() {
+    let root = tempfile::tempdir().unwrap();
+    let mut first = options(root.path(), "h");
+    first.stop_after = Some(2);
+    train(tiny_config(), &first).unwrap();
+    let log = root.path().join("h/metrics.jsonl");
+    let text: String = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with(r#"{"phase":"grpo","step":1,"#))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&log, text).unwrap();
+    let done = train(tiny_config(), &resume_options(root.path(), "h")).unwrap();
+    assert!(
+        done.notes.iter().any(|n| n.contains("no line for GRPO steps 1 ")),
+        "the missing step 1 should be named: {:?}",
+        done.notes
+    );
+}
+
+#[test]
+fn the_summary_counts_updates_and_steps_without_one_are_warned_about() {
+    let root = tempfile::tempdir().unwrap();
+    let s = train(tiny_config(), &options(root.path(), "u")).unwrap();
+    let grpo: Vec<StepMetrics> =
+        read_metrics(&root.path().join("u")).into_iter().filter(|m| m.phase == "grpo").collect();
+    let steps: u64 = grpo.iter().map(|m| m.optimizer_steps.unwrap()).sum();
+    assert_eq!(s.grpo_optimizer_steps, steps);
+    let idle = grpo.iter().filter(|m| m.informative_groups == Some(0.0)).count();
+    assert_eq!(s.grpo_steps_without_update as usize, idle);
+    let warnings = s.notes.iter().filter(|n| n.contains("no informative group")).count();
+    assert_eq!(warnings, idle, "{:?}", s.notes);
+    // Weights move exactly when an optimizer step ran.
+    assert_eq!(s.grpo_weight_change > 0.0, steps > 0, "{s:?}");
+    assert_eq!(s.grpo_max_grad_norm > 0.0, steps > 0, "{s:?}");
+    assert!(s.notes[0].starts_with("run directory: "), "{:?}", s.notes);
+}
+
+#[test]
+fn plain_log_lines_name_the_step_and_its_numbers() {
+    let m = StepMetrics {
+        phase: "grpo".into(),
+        step: 20,
+        reward_mean: Some(0.5),
+        informative_groups: Some(0.25),
+        ..Default::default()
+    };
+    let line = log_line(&m, 300);
+    assert!(line.starts_with("GRPO step 20/300: reward 0.500") && line.contains("informative groups 0.250"), "{line}");
+    let sft = StepMetrics { phase: "sft".into(), step: 3, loss: Some(1.25), ..Default::default() };
+    assert_eq!(log_line(&sft, 600), "warm-up step 3/600: loss 1.250 grad norm -");
+}
+
+fn config_turns() -> usize {
+    tiny_config().limits.max_turns
+}
+
+#[test]
+fn runs_are_counted_from_the_sampled_run_tokens_only() {
+    use crate::tokenizer::RUN;
+    let mut t = Trajectory::new(0, 0, &[1, 2, RUN]);
+    assert_eq!(eval::runs_of(&t), 0, "a <run> in the prompt is not the policy's");
+    t.tokens.extend([5, RUN, 7, RUN]);
+    t.loss_mask.extend([true, true, false, true]);
+    t.logprobs.extend([0.0; 4]);
+    assert_eq!(eval::runs_of(&t), 2);
+}
+
+#[test]
+fn shown_examples_cut_training_and_held_out_prompts_and_leave_other_fingerprints_alone() {
+    let mut c = tiny_config();
+    let full = training_task(&c, 2, 1, 0);
+    c.shown_examples = Some(1);
+    let cut = training_task(&c, 2, 1, 0);
+    assert_eq!(cut.shown_examples, Some(1));
+    assert_eq!(cut.parts, full.parts, "the same task, only its prompt shorter");
+    assert!(cut.prompt().len() < full.prompt().len());
+    assert!(!serde_json::to_string(&TrainConfig::default()).unwrap().contains("shown_examples"));
+    let root = tempfile::tempdir().unwrap();
+    c.grpo.steps = 1;
+    let s = train(c, &options(root.path(), "shown")).unwrap();
+    assert!(s.complete);
 }
