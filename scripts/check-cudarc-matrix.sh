@@ -79,7 +79,20 @@ RS
         if [ "$n" = pin13 ] && [ "$version" = 12080 ]; then
             # cudarc's own clash: only acceptable if squid-cuda is not where it breaks.
             if [ $rc -ne 0 ] && grep -q "could not compile \`cudarc\`" "$log" && ! grep -q "could not compile \`squid-cuda\`" "$log"; then
-                printf '%-7s CUDARC_CUDA_VERSION=%-6s expected failure inside cudarc (the pin and the variable select two versions)\n' "$n" "$version"
+                # The control: the pinning crate alone (no squid) fails the same way.
+                alone="$dir/pin13-alone"
+                mkdir -p "$alone/src"
+                printf '[package]\nname = "pin13-alone"\nversion = "0.0.0"\nedition = "2021"\npublish = false\n\n[dependencies]\n%s\n\n[workspace]\n' \
+                    "$(neighbour_dep pin13)" > "$alone/Cargo.toml"
+                cp "$root/Cargo.lock" "$alone/Cargo.lock"
+                echo 'fn main() { let _ = cudarc::driver::CudaContext::device_count(); }' > "$alone/src/main.rs"
+                if CUDARC_CUDA_VERSION=12080 CARGO_TARGET_DIR="$target" \
+                    cargo check --quiet --manifest-path "$alone/Cargo.toml" >"$alone/check.log" 2>&1; then
+                    printf '%-7s CUDARC_CUDA_VERSION=%-6s FAILED (the pin alone builds, so squid breaks it)\n' "$n" "$version"
+                    failed=$((failed + 1))
+                else
+                    printf '%-7s CUDARC_CUDA_VERSION=%-6s expected failure inside cudarc: the pin and the variable select two versions (the pin alone fails too)\n' "$n" "$version"
+                fi
                 continue
             elif [ $rc -eq 0 ]; then
                 printf '%-7s CUDARC_CUDA_VERSION=%-6s ok\n' "$n" "$version"
