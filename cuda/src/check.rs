@@ -23,6 +23,8 @@ pub struct EntryReport {
     pub usage: Option<ResourceUsage>,
     /// The entry point.
     pub entry: &'static str,
+    /// The version of the NVRTC that compiled it, e.g. `(13, 0)`.
+    pub nvrtc: (i32, i32),
 }
 
 /// Compiles `kernel` for `arch` (fresh, no cache, so the time is real), checks that every
@@ -34,6 +36,7 @@ pub fn check_kernel(
     ptxas: Option<&Path>,
 ) -> Result<Vec<EntryReport>, Error> {
     let ptx = compile(kernel, &CompileOptions::for_kernel(kernel, arch))?;
+    let nvrtc = crate::nvrtc::nvrtc_version()?;
     kernel.check_ptx_entries(&ptx.text)?;
     let (usages, assemble_ms) = match ptxas {
         Some(p) => {
@@ -55,25 +58,26 @@ pub fn check_kernel(
                 })?),
                 None => None,
             };
-            Ok(EntryReport { kernel: kernel.name, entry, arch, compile_ms: ptx.compile_ms, assemble_ms, usage })
+            Ok(EntryReport { kernel: kernel.name, entry, arch, compile_ms: ptx.compile_ms, assemble_ms, usage, nvrtc })
         })
         .collect()
 }
 
-/// The table `squid kernels check` prints.
+/// The table `squid kernels check` prints (the `nvrtc` column names the compiler of each row).
 pub fn format_table(rows: &[EntryReport]) -> String {
     let dash = || "-".to_string();
     let mut out = format!(
-        "{:<12} {:<22} {:<6} {:>5} {:>11} {:>10} {:>10} {:>11} {:>10}\n",
-        "kernel", "entry", "arch", "regs", "spill_st_B", "spill_ld_B", "smem_B", "compile_ms", "ptxas_ms"
+        "{:<12} {:<22} {:<6} {:<6} {:>5} {:>11} {:>10} {:>10} {:>11} {:>10}\n",
+        "kernel", "entry", "arch", "nvrtc", "regs", "spill_st_B", "spill_ld_B", "smem_B", "compile_ms", "ptxas_ms"
     );
     for r in rows {
         let u = r.usage.as_ref();
         out += &format!(
-            "{:<12} {:<22} {:<6} {:>5} {:>11} {:>10} {:>10} {:>11.1} {:>10}\n",
+            "{:<12} {:<22} {:<6} {:<6} {:>5} {:>11} {:>10} {:>10} {:>11.1} {:>10}\n",
             r.kernel,
             r.entry,
             r.arch.to_string(),
+            format!("{}.{}", r.nvrtc.0, r.nvrtc.1),
             u.map_or_else(dash, |u| u.registers.to_string()),
             u.map_or_else(dash, |u| u.spill_stores.to_string()),
             u.map_or_else(dash, |u| u.spill_loads.to_string()),

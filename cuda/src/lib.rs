@@ -7,7 +7,9 @@
 //!   driver at run time through cudarc, so no build needs a CUDA install. The same feature
 //!   brings the simulated device (`launch::Gpu::simulator`, squid-ptxsim), so a kernel
 //!   test runs on a GPU when present and on the CPU otherwise. All `unsafe` of the crate
-//!   lives in [`nvrtc`] and [`launch`], right above cudarc's `sys`/`result` layers.
+//!   lives in [`nvrtc`] (its own small `sys`/`result` layers over the NVRTC library it found)
+//!   and [`launch`] (right above cudarc's `sys`/`result` layers, whose `safe` types it takes
+//!   from callers).
 
 pub mod arch;
 pub mod cache;
@@ -24,6 +26,10 @@ pub mod testing;
 
 pub use arch::Arch;
 pub use cache::{CacheKey, PtxCache};
+/// The cudarc squid-cuda is built against: a caller's streams and slices must be of this one
+/// (Cargo unifies it with the caller's own cudarc 0.19).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use device::{Device, DeviceInfo};
 pub use dtype::{DType, Element};
 pub use error::Error;

@@ -64,6 +64,30 @@ fn the_disk_cache_serves_a_second_process_and_keys_on_options() {
     assert_eq!(compile_cached(kernel, &other, &PtxCache::with_dir(dir.path())).unwrap().cache, CacheHit::Miss);
 }
 
+/// The PTX cache keys on the version of the NVRTC that compiles: PTX filed under another
+/// version (planted here, as a CUDA 12 process would have left it for a CUDA 13 one) is never
+/// served, while the same PTX filed under this process's version is.
+#[test]
+fn the_ptx_cache_keys_on_the_nvrtc_version() {
+    if !nvrtc_available() {
+        return;
+    }
+    let (major, minor) = squid_cuda::nvrtc::nvrtc_version().unwrap();
+    println!("NVRTC {major}.{minor} from {:?}", squid_cuda::nvrtc::nvrtc_library());
+    let kernel = &KERNELS[0];
+    let opts = CompileOptions::for_kernel(kernel, Arch::SM80);
+    let source = kernel.full_source();
+    let planted = "// PTX left by another NVRTC\n";
+    for (version, served) in [((major + 1, minor), false), ((major, minor + 1), false), ((major, minor), true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = squid_cuda::nvrtc::cache_key(&source, &opts, version);
+        PtxCache::with_dir(dir.path()).get_or_compile(key, || Ok(planted.to_string())).unwrap();
+        let ptx = compile_cached(kernel, &opts, &PtxCache::with_dir(dir.path())).unwrap();
+        assert_eq!(&*ptx.text == planted, served, "entry filed under NVRTC {version:?}");
+        assert_eq!(ptx.cache, if served { CacheHit::Disk } else { CacheHit::Miss });
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod device {
     use half::bf16;

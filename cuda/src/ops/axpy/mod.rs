@@ -43,20 +43,28 @@ pub mod cuda {
     use half::bf16;
 
     use super::*;
-    use crate::launch::{DeviceBuffer, Gpu, LaunchDims};
+    use crate::launch::{DeviceView, DeviceViewMut, Gpu, LaunchDims};
 
     macro_rules! axpy_launcher {
         ($fn:ident, $t:ty, $entry:literal) => {
-            /// `y <- a * x + y` on the GPU.
-            pub fn $fn(gpu: &Gpu, a: f32, x: &DeviceBuffer<$t>, y: &mut DeviceBuffer<$t>) -> Result<(), Error> {
+            /// `y <- a * x + y` on the device, queued on `gpu`'s stream. `x` and `y` are any
+            /// device memory of that stream's context: `&DeviceBuffer`s, or a caller's
+            /// `CudaSlice` / `CudaView(Mut)` / raw pointer views (`SimSlice`s on the simulator).
+            pub fn $fn<'x, 'y>(
+                gpu: &Gpu,
+                a: f32,
+                x: impl Into<DeviceView<'x, $t>>,
+                y: impl Into<DeviceViewMut<'y, $t>>,
+            ) -> Result<(), Error> {
+                let (x, y) = (x.into(), y.into());
                 check_lengths(x.len(), y.len())?;
                 // SAFETY: the entry is (long long n, float a, const T* x, T* y), and the kernel
                 // touches indices < n = len(x) = len(y) only.
                 let kernel = unsafe {
-                    gpu.typed_kernel::<(i64, f32, &DeviceBuffer<$t>, &mut DeviceBuffer<$t>)>(&KERNEL, $entry)
+                    gpu.typed_kernel::<(i64, f32, DeviceView<'_, $t>, DeviceViewMut<'_, $t>)>(&KERNEL, $entry)
                 }?;
-                let dims = LaunchDims::linear(y.len(), 256, 65_535);
-                kernel.launch(gpu, dims, (y.len() as i64, a, x, y))
+                let n = y.len();
+                kernel.launch(gpu, LaunchDims::linear(n, 256, 65_535), (n as i64, a, x, y))
             }
         };
     }

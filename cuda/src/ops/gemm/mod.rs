@@ -96,16 +96,19 @@ pub fn cpu(shape: GemmShape, a: &[bf16], b: &[bf16], c: &mut [f32]) -> Result<()
 #[cfg(feature = "cuda")]
 pub mod cuda {
     use super::*;
-    use crate::launch::{DeviceBuffer, Gpu, LaunchDims};
+    use crate::launch::{DeviceView, DeviceViewMut, Gpu, LaunchDims};
 
-    /// `C = A * B` on the device.
-    pub fn gemm_bf16(
+    /// `C = A * B` on the device, over any memory of `gpu`'s context (`&DeviceBuffer`s or a
+    /// caller's views; sub-views at any element offset work, the kernel takes its 16-byte
+    /// path only where the addresses allow).
+    pub fn gemm_bf16<'a, 'b, 'c>(
         gpu: &Gpu,
         shape: GemmShape,
-        a: &DeviceBuffer<bf16>,
-        b: &DeviceBuffer<bf16>,
-        c: &mut DeviceBuffer<f32>,
+        a: impl Into<DeviceView<'a, bf16>>,
+        b: impl Into<DeviceView<'b, bf16>>,
+        c: impl Into<DeviceViewMut<'c, f32>>,
     ) -> Result<(), Error> {
+        let (a, b, c) = (a.into(), b.into(), c.into());
         shape.check(a.len(), b.len(), c.len())?;
         let GemmShape { m, n, k } = shape;
         if m == 0 || n == 0 {
@@ -120,7 +123,7 @@ pub mod cuda {
         // it reads A and B only at (row, col) inside [m, k] and [k, n] and writes C only
         // inside [m, n], and the lengths were checked above.
         let kernel = unsafe {
-            gpu.typed_kernel::<(&DeviceBuffer<bf16>, &DeviceBuffer<bf16>, &mut DeviceBuffer<f32>, i32, i32, i32)>(
+            gpu.typed_kernel::<(DeviceView<'_, bf16>, DeviceView<'_, bf16>, DeviceViewMut<'_, f32>, i32, i32, i32)>(
                 &KERNEL,
                 "squid_gemm_bf16_f32",
             )

@@ -69,18 +69,20 @@ pub mod cuda {
     use half::bf16;
 
     use super::*;
-    use crate::launch::{DeviceBuffer, Gpu, LaunchDims};
+    use crate::launch::{DeviceView, DeviceViewMut, Gpu, LaunchDims};
 
     macro_rules! logsumexp_launcher {
         ($fn:ident, $t:ty, $entry:literal) => {
-            /// Per-row logsumexp of `scale * x` (`[rows, cols]`) into `out` (`rows` entries).
-            pub fn $fn(
+            /// Per-row logsumexp of `scale * x` (`[rows, cols]`) into `out` (`rows` entries), on
+            /// any memory of `gpu`'s context (`&DeviceBuffer`s or a caller's views).
+            pub fn $fn<'x, 'o>(
                 gpu: &Gpu,
-                x: &DeviceBuffer<$t>,
-                out: &mut DeviceBuffer<f32>,
+                x: impl Into<DeviceView<'x, $t>>,
+                out: impl Into<DeviceViewMut<'o, f32>>,
                 cols: usize,
                 scale: f32,
             ) -> Result<(), Error> {
+                let (x, out) = (x.into(), out.into());
                 let rows = check_shape(x.len(), out.len(), cols)?;
                 if rows == 0 {
                     return Ok(());
@@ -93,7 +95,7 @@ pub mod cuda {
                 // float scale); warp w of block b reads row b * 4 + w < rows of x and writes that
                 // entry of out, and rows * cols = len(x), rows = len(out).
                 let kernel = unsafe {
-                    gpu.typed_kernel::<(&DeviceBuffer<$t>, &mut DeviceBuffer<f32>, i64, i64, f32)>(&KERNEL, $entry)
+                    gpu.typed_kernel::<(DeviceView<'_, $t>, DeviceViewMut<'_, f32>, i64, i64, f32)>(&KERNEL, $entry)
                 }?;
                 let dims = LaunchDims::per_row(blocks, 32 * ROWS_PER_BLOCK);
                 kernel.launch(gpu, dims, (x, out, rows as i64, cols as i64, scale))

@@ -78,12 +78,19 @@ pub mod cuda {
     use half::bf16;
 
     use super::*;
-    use crate::launch::{DeviceBuffer, Gpu, LaunchDims};
+    use crate::launch::{DeviceView, DeviceViewMut, Gpu, LaunchDims};
 
     macro_rules! softmax_launcher {
         ($fn:ident, $t:ty, $entry:literal) => {
-            /// Row-wise softmax of `x` (`[rows, cols]`) into `y` on the GPU.
-            pub fn $fn(gpu: &Gpu, x: &DeviceBuffer<$t>, y: &mut DeviceBuffer<$t>, cols: usize) -> Result<(), Error> {
+            /// Row-wise softmax of `x` (`[rows, cols]`) into `y` on the device (any memory of
+            /// `gpu`'s context: `&DeviceBuffer`s or a caller's views).
+            pub fn $fn<'x, 'y>(
+                gpu: &Gpu,
+                x: impl Into<DeviceView<'x, $t>>,
+                y: impl Into<DeviceViewMut<'y, $t>>,
+                cols: usize,
+            ) -> Result<(), Error> {
+                let (x, y) = (x.into(), y.into());
                 let rows = check_shape(x.len(), y.len(), cols)?;
                 if rows == 0 {
                     return Ok(());
@@ -95,7 +102,7 @@ pub mod cuda {
                 // SAFETY: the entry is (const T* x, T* y, long long cols); block b reads and
                 // writes row b only, and rows * cols = len(x) = len(y).
                 let kernel =
-                    unsafe { gpu.typed_kernel::<(&DeviceBuffer<$t>, &mut DeviceBuffer<$t>, i64)>(&KERNEL, $entry) }?;
+                    unsafe { gpu.typed_kernel::<(DeviceView<'_, $t>, DeviceViewMut<'_, $t>, i64)>(&KERNEL, $entry) }?;
                 let block = if cols >= 1024 { 256 } else { 128 };
                 kernel.launch(gpu, LaunchDims::per_row(rows, block), (x, y, cols as i64))
             }
