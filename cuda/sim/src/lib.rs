@@ -7,6 +7,8 @@ mod lex;
 mod memory;
 mod parse;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -117,6 +119,19 @@ pub enum FaultKind {
         /// The other access's PTX line.
         other_line: usize,
     },
+    /// An access to the shared-memory destination of a `cp.async` before the
+    /// `cp.async.wait_group`/`wait_all` of the issuing thread that covers the copy.
+    #[error("{} of shared offset {offset}, the destination of a cp.async (PTX line {copy_line}) by thread ({},{},{}) that no cp.async.wait_group/wait_all has completed", if *write { "write" } else { "read" }, issuer[0], issuer[1], issuer[2])]
+    AsyncCopyPending {
+        /// A write (else a read).
+        write: bool,
+        /// Byte offset in shared memory.
+        offset: u64,
+        /// `%tid` of the thread that issued the copy.
+        issuer: [u32; 3],
+        /// PTX line of the `cp.async`.
+        copy_line: usize,
+    },
     /// A read of shared memory that no thread of the block has written.
     #[error("read of uninitialised shared memory at offset {offset}")]
     UninitShared {
@@ -130,8 +145,9 @@ pub enum FaultKind {
     /// is used wrongly.
     #[error("warp collective error: {0}")]
     Collective(String),
-    /// A thread ran more instructions than the launch allows (an endless loop?).
-    #[error("step budget of {limit} instructions per thread exhausted")]
+    /// The launch ran more thread-instructions than its budget (an endless loop?); the whole
+    /// launch stops at once.
+    #[error("the launch's step budget of {limit} thread-instructions is exhausted (an endless loop?)")]
     StepBudget {
         /// The budget.
         limit: u64,
@@ -216,8 +232,9 @@ impl LaunchReport {
 /// Options of a simulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// Instructions one thread may execute per launch before [`FaultKind::StepBudget`].
-    pub step_limit_per_thread: u64,
+    /// Thread-instructions one launch may execute (all its threads together) before
+    /// [`FaultKind::StepBudget`] stops the whole launch.
+    pub step_limit: u64,
     /// Track shared-memory races and uninitialised reads (costs memory and time).
     pub check_shared: bool,
     /// Run blocks on the rayon pool (else one after another).
@@ -231,9 +248,16 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { step_limit_per_thread: 10_000_000, check_shared: true, parallel_blocks: true, approx_worst_case: false }
+        Self { step_limit: 1 << 32, check_shared: true, parallel_blocks: true, approx_worst_case: false }
     }
 }
+
+/// Local memory a thread may have (CUDA's limit, 512 KiB).
+pub const MAX_LOCAL_BYTES: u64 = 512 * 1024;
+
+/// Registers and local memory one simulated block may need (1 GiB): over it a launch is a
+/// typed error instead of an allocation that could abort the process.
+pub const MAX_BLOCK_STATE_BYTES: u64 = 1 << 30;
 
 static NEXT_SIM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
@@ -369,6 +393,36 @@ impl Simulator {
                 config.grid, config.block
             )));
         }
+        if config.block[2] > 64 || config.grid[0] > i32::MAX as u32 || config.grid[1] > 65535 || config.grid[2] > 65535
+        {
+            return Err(bad(format!(
+                "grid {:?} x block {:?}: CUDA allows grids up to (2^31-1, 65535, 65535) and a block z of 64",
+                config.grid, config.block
+            )));
+        }
+        let blocks_total: u64 = config.grid.iter().map(|&d| u64::from(d)).product();
+        let threads_total = blocks_total * threads;
+        if threads_total > self.options.step_limit {
+            return Err(bad(format!(
+                "{threads_total} threads ({blocks_total} blocks of {threads}) exceed the step budget of {} \
+                 thread-instructions before each ran one (Options::step_limit)",
+                self.options.step_limit
+            )));
+        }
+        if f.local_bytes > MAX_LOCAL_BYTES {
+            return Err(bad(format!(
+                "{} bytes of local memory per thread exceed the CUDA limit of {MAX_LOCAL_BYTES}",
+                f.local_bytes
+            )));
+        }
+        let block_bytes = threads * (u64::from(f.num_regs) * 8 + f.local_bytes);
+        if block_bytes > MAX_BLOCK_STATE_BYTES {
+            return Err(bad(format!(
+                "a block's registers and local memory ({threads} threads x ({} registers, {} local bytes)) \
+                 need {block_bytes} bytes, over the simulator's limit of {MAX_BLOCK_STATE_BYTES}",
+                f.num_regs, f.local_bytes
+            )));
+        }
         if let Some(m) = f.max_threads {
             if threads > u64::from(m) {
                 return Err(bad(format!("block of {threads} threads exceeds the kernel's .maxntid/.reqntid {m}")));
@@ -423,6 +477,10 @@ impl Simulator {
             params[p.offset as usize..(p.offset + size) as usize].copy_from_slice(&bytes[..size as usize]);
         }
         let global = memory::GlobalView::new(visible);
+        let steps_used = AtomicU64::new(0);
+        let abort = AtomicBool::new(false);
+        // The first fault of any block; it stops every other block.
+        let first_fault: Mutex<Option<Fault>> = Mutex::new(None);
         let ctx = exec::LaunchCtx {
             kernel: entry,
             f,
@@ -431,26 +489,41 @@ impl Simulator {
             dynamic_shared: u64::from(config.dynamic_shared_bytes),
             params: &params,
             global: &global,
-            step_limit: self.options.step_limit_per_thread,
+            step_limit: self.options.step_limit,
+            steps_used: &steps_used,
+            abort: &abort,
             check_shared: self.options.check_shared,
             approx_worst_case: self.options.approx_worst_case,
         };
-        let [gx, gy, gz] = config.grid;
-        let blocks: Vec<[u32; 3]> =
-            (0..gz).flat_map(|z| (0..gy).flat_map(move |y| (0..gx).map(move |x| [x, y, z]))).collect();
+        let [gx, gy, _] = config.grid.map(u64::from);
         let start = Instant::now();
-        let run = |b: &[u32; 3]| exec::Block::new(&ctx, *b).run();
-        let results: Vec<Result<u64, Fault>> = if self.options.parallel_blocks {
-            blocks.par_iter().map(run).collect()
+        let run = |i: u64| -> u64 {
+            if abort.load(Ordering::Relaxed) {
+                return 0;
+            }
+            let b = [(i % gx) as u32, ((i / gx) % gy) as u32, (i / (gx * gy)) as u32];
+            match exec::Block::new(&ctx, b).run() {
+                Ok(n) => n,
+                Err(f) => {
+                    let mut first = first_fault.lock().unwrap_or_else(|p| p.into_inner());
+                    if first.is_none() && !abort.load(Ordering::Relaxed) {
+                        *first = Some(f);
+                    }
+                    abort.store(true, Ordering::Relaxed);
+                    0
+                }
+            }
+        };
+        let total: u64 = if self.options.parallel_blocks {
+            (0..blocks_total).into_par_iter().map(run).sum()
         } else {
-            blocks.iter().map(run).collect()
+            (0..blocks_total).map(run).sum()
         };
         let seconds = start.elapsed().as_secs_f64();
-        let mut total = 0;
-        for r in results {
-            total += r.map_err(|f| Error::Fault(Box::new(f)))?;
+        if let Some(f) = first_fault.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(Error::Fault(Box::new(f)));
         }
-        Ok(LaunchReport { thread_instructions: total, blocks: blocks.len() as u64, seconds })
+        Ok(LaunchReport { thread_instructions: total, blocks: blocks_total, seconds })
     }
 }
 
