@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::float::*;
 use crate::ir::*;
-use crate::memory::{GlobalFault, GlobalView};
+use crate::memory::{Accessor, GlobalFault, GlobalView};
 use crate::parse::{LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
 use crate::{Fault, FaultKind};
 
@@ -140,7 +140,7 @@ pub struct Block<'a> {
     async_group: Vec<u32>,
 }
 
-type R<T> = Result<T, Fault>;
+type R<T> = Result<T, Box<Fault>>;
 
 fn f32b(v: u64) -> f32 {
     f32::from_bits(v as u32)
@@ -190,10 +190,10 @@ impl<'a> Block<'a> {
         [t % bx, (t / bx) % by, t / (bx * by)]
     }
 
-    fn fault(&self, t: usize, kind: FaultKind) -> Fault {
+    fn fault(&self, t: usize, kind: FaultKind) -> Box<Fault> {
         let pc = self.pc[t] as usize;
         let line = self.ctx.f.insts.get(pc).map_or(self.ctx.f.line, |i| i.line) as usize;
-        Fault { kernel: self.ctx.kernel.to_string(), line, block: self.ctaid, thread: self.tid3(t), kind }
+        Box::new(Fault { kernel: self.ctx.kernel.to_string(), line, block: self.ctaid, thread: self.tid3(t), kind })
     }
 
     /// Runs the block to completion; returns the instructions executed.
@@ -237,7 +237,7 @@ impl<'a> Block<'a> {
         Ok(())
     }
 
-    fn deadlock(&self, t: usize) -> Fault {
+    fn deadlock(&self, t: usize) -> Box<Fault> {
         let exited = self.state.iter().filter(|s| **s == TState::Exited).count();
         let mut parts = Vec::new();
         for (id, b) in self.bars.iter().enumerate() {
@@ -340,7 +340,7 @@ impl<'a> Block<'a> {
         }
     }
 
-    fn global_fault(&self, t: usize, space: Space, e: GlobalFault, write: bool) -> Fault {
+    fn global_fault(&self, t: usize, space: Space, e: GlobalFault, write: bool) -> Box<Fault> {
         let kind = match e {
             GlobalFault::OutOfBounds(detail) => FaultKind::OutOfBounds { space: space.name(), write, detail },
             GlobalFault::ReadOnly(label) => {
@@ -448,7 +448,7 @@ impl<'a> Block<'a> {
         Ok(())
     }
 
-    fn pending_fault(&self, t: usize, offset: usize, s: Shadow, write: bool) -> Fault {
+    fn pending_fault(&self, t: usize, offset: usize, s: Shadow, write: bool) -> Box<Fault> {
         self.fault(
             t,
             FaultKind::AsyncCopyPending {
@@ -460,7 +460,7 @@ impl<'a> Block<'a> {
         )
     }
 
-    fn race(&self, t: usize, hazard: &'static str, other: usize, other_line: u32, offset: usize) -> Fault {
+    fn race(&self, t: usize, hazard: &'static str, other: usize, other_line: u32, offset: usize) -> Box<Fault> {
         self.fault(
             t,
             FaultKind::SharedRace {
@@ -477,7 +477,11 @@ impl<'a> Block<'a> {
         self.check_align(t, space, a, size)?;
         match space {
             Space::Global | Space::Const | Space::Generic => {
-                self.ctx.global.load(a, size).map_err(|e| self.global_fault(t, space, e, false))
+                let v = self.ctx.global.load(a, size).map_err(|e| self.global_fault(t, space, e, false))?;
+                if self.ctx.global.checks_races() {
+                    self.check_global_race(t, a, size, false)?;
+                }
+                Ok(v)
             }
             Space::Shared => {
                 let off = self.shared_range(t, a, size, false)?;
@@ -501,7 +505,29 @@ impl<'a> Block<'a> {
         }
     }
 
-    fn oob(&self, t: usize, space: &'static str, write: bool, a: u64, size: u64, len: u64) -> Fault {
+    #[cold]
+    fn check_global_race(&self, t: usize, addr: u64, size: u64, write: bool) -> R<()> {
+        let [gx, gy, _] = self.ctx.grid.map(u64::from);
+        let [bx, by, bz] = self.ctaid.map(u64::from);
+        let who = Accessor::new(bx + gx * (by + gy * bz), t, self.epoch);
+        let line = self.ctx.f.insts[self.pc[t] as usize].line;
+        self.ctx.global.check_race(addr, size, write, who, line).map_err(|r| {
+            let b = r.other.block();
+            let other_block = [(b % gx) as u32, ((b / gx) % gy) as u32, (b / (gx * gy)) as u32];
+            self.fault(
+                t,
+                FaultKind::GlobalRace {
+                    hazard: r.hazard,
+                    detail: r.detail,
+                    other_block,
+                    other_thread: self.tid3(r.other.thread()),
+                    other_line: r.other_line as usize,
+                },
+            )
+        })
+    }
+
+    fn oob(&self, t: usize, space: &'static str, write: bool, a: u64, size: u64, len: u64) -> Box<Fault> {
         self.fault(
             t,
             FaultKind::OutOfBounds { space, write, detail: format!("{size} bytes at offset {a} of {len} bytes") },
@@ -513,7 +539,11 @@ impl<'a> Block<'a> {
         self.check_align(t, space, a, size)?;
         match space {
             Space::Global | Space::Generic => {
-                self.ctx.global.store(a, size, v).map_err(|e| self.global_fault(t, space, e, true))
+                self.ctx.global.store(a, size, v).map_err(|e| self.global_fault(t, space, e, true))?;
+                if self.ctx.global.checks_races() {
+                    self.check_global_race(t, a, size, true)?;
+                }
+                Ok(())
             }
             Space::Shared => {
                 let off = self.shared_range(t, a, size, true)?;

@@ -132,6 +132,21 @@ pub enum FaultKind {
         /// PTX line of the `cp.async`.
         copy_line: usize,
     },
+    /// Two threads of one launch touched the same global bytes, at least one writing, with no
+    /// atomic and nothing ordering them (another block, or the same block without a barrier).
+    #[error("global-memory race ({hazard}) at {detail} with block ({},{},{}) thread ({},{},{}) at PTX line {other_line}", other_block[0], other_block[1], other_block[2], other_thread[0], other_thread[1], other_thread[2])]
+    GlobalRace {
+        /// `read-after-write`, `write-after-read` or `write-after-write`.
+        hazard: &'static str,
+        /// The buffer and the byte offset in it.
+        detail: String,
+        /// The other access's `%ctaid`.
+        other_block: [u32; 3],
+        /// The other access's `%tid`.
+        other_thread: [u32; 3],
+        /// The other access's PTX line.
+        other_line: usize,
+    },
     /// A read of shared memory that no thread of the block has written.
     #[error("read of uninitialised shared memory at offset {offset}")]
     UninitShared {
@@ -237,6 +252,9 @@ pub struct Options {
     pub step_limit: u64,
     /// Track shared-memory races and uninitialised reads (costs memory and time).
     pub check_shared: bool,
+    /// Track global-memory races between the threads of a launch (plain accesses; atomics
+    /// are not tracked).
+    pub check_global: bool,
     /// Run blocks on the rayon pool (else one after another).
     pub parallel_blocks: bool,
     /// Return the `.approx` functions' results (`ex2 lg2 rcp rsqrt sqrt sin cos tanh`, f32)
@@ -248,7 +266,13 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { step_limit: 1 << 32, check_shared: true, parallel_blocks: true, approx_worst_case: false }
+        Self {
+            step_limit: 1 << 32,
+            check_shared: true,
+            check_global: true,
+            parallel_blocks: true,
+            approx_worst_case: false,
+        }
     }
 }
 
@@ -476,11 +500,11 @@ impl Simulator {
             }
             params[p.offset as usize..(p.offset + size) as usize].copy_from_slice(&bytes[..size as usize]);
         }
-        let global = memory::GlobalView::new(visible);
+        let global = memory::GlobalView::new(visible, self.options.check_global);
         let steps_used = AtomicU64::new(0);
         let abort = AtomicBool::new(false);
         // The first fault of any block; it stops every other block.
-        let first_fault: Mutex<Option<Fault>> = Mutex::new(None);
+        let first_fault: Mutex<Option<Box<Fault>>> = Mutex::new(None);
         let ctx = exec::LaunchCtx {
             kernel: entry,
             f,
@@ -521,7 +545,7 @@ impl Simulator {
         };
         let seconds = start.elapsed().as_secs_f64();
         if let Some(f) = first_fault.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            return Err(Error::Fault(Box::new(f)));
+            return Err(Error::Fault(f));
         }
         Ok(LaunchReport { thread_instructions: total, blocks: blocks_total, seconds })
     }

@@ -2,8 +2,8 @@
 //! (byte-wise atomics, so blocks may run on different host threads without undefined
 //! behaviour even when a kernel races).
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Where the first buffer is placed; buffers are 256-byte aligned with a 64 KiB gap between.
 pub const GLOBAL_BASE: u64 = 0x0000_1000_0000_0000;
@@ -50,6 +50,74 @@ pub struct GlobalView<'a> {
     /// Sorted by base.
     pub regions: Vec<&'a Region>,
     locks: Vec<Mutex<()>>,
+    /// Per region (same order), the race-check shadow of its bytes; empty when off.
+    shadow: Vec<RegionShadow>,
+}
+
+/// Who made a global access: the block's linear index, the thread's linear index in the block
+/// and the block's barrier epoch, packed into one word (0: nobody).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accessor(u64);
+
+impl Accessor {
+    /// Packs block (< 2^32 - 1), thread (< 1024) and epoch (kept modulo 2^22).
+    pub fn new(block: u64, thread: usize, epoch: u32) -> Self {
+        Self(((block + 1) << 32) | ((thread as u64) << 22) | u64::from(epoch & 0x3f_ffff))
+    }
+    /// The block's linear index.
+    pub fn block(self) -> u64 {
+        (self.0 >> 32) - 1
+    }
+    /// The thread's linear index in its block.
+    pub fn thread(self) -> usize {
+        ((self.0 >> 22) & 0x3ff) as usize
+    }
+    fn same_thread(self, o: Accessor) -> bool {
+        self.0 >> 22 == o.0 >> 22
+    }
+    /// Unordered with `o`: another block, or the same block in the same barrier epoch.
+    fn unordered(self, o: Accessor) -> bool {
+        self.0 >> 32 != o.0 >> 32 || self.0 & 0x3f_ffff == o.0 & 0x3f_ffff
+    }
+}
+
+/// A global-memory race found by [`GlobalView::check_race`].
+pub struct GlobalRace {
+    /// `read-after-write`, `write-after-read` or `write-after-write`.
+    pub hazard: &'static str,
+    /// The buffer and offset.
+    pub detail: String,
+    /// The other access.
+    pub other: Accessor,
+    /// Its PTX line.
+    pub other_line: u32,
+}
+
+const SHADOW_PAGE: usize = 4096;
+
+/// One byte's last writer and a reader that may still race, with their lines.
+#[derive(Default)]
+struct ByteShadow {
+    w: AtomicU64,
+    r: AtomicU64,
+    w_line: AtomicU32,
+    r_line: AtomicU32,
+}
+
+/// Shadow pages of one region, allocated when first touched.
+struct RegionShadow {
+    pages: Box<[OnceLock<Box<[ByteShadow]>>]>,
+}
+
+impl RegionShadow {
+    fn new(len: u64) -> Self {
+        Self { pages: (0..(len as usize).div_ceil(SHADOW_PAGE)).map(|_| OnceLock::new()).collect() }
+    }
+    fn byte(&self, off: usize) -> &ByteShadow {
+        let page =
+            self.pages[off / SHADOW_PAGE].get_or_init(|| (0..SHADOW_PAGE).map(|_| ByteShadow::default()).collect());
+        &page[off % SHADOW_PAGE]
+    }
 }
 
 /// Why a global access failed.
@@ -62,16 +130,70 @@ pub enum GlobalFault {
 
 impl<'a> GlobalView<'a> {
     /// A view over `regions`.
-    pub fn new(mut regions: Vec<&'a Region>) -> Self {
+    pub fn new(mut regions: Vec<&'a Region>, check_races: bool) -> Self {
         regions.sort_by_key(|r| r.base);
-        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect() }
+        let shadow =
+            if check_races { regions.iter().map(|r| RegionShadow::new(r.len())).collect() } else { Vec::new() };
+        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect(), shadow }
+    }
+
+    /// Whether plain accesses are race-checked.
+    pub fn checks_races(&self) -> bool {
+        !self.shadow.is_empty()
+    }
+
+    fn find_index(&self, addr: u64, size: u64) -> Option<(usize, usize)> {
+        self.regions
+            .iter()
+            .position(|r| {
+                addr >= r.base && addr.wrapping_add(size) <= r.base + r.len() && addr.wrapping_add(size) >= addr
+            })
+            .map(|i| (i, (addr - self.regions[i].base) as usize))
+    }
+
+    /// Records a plain (non-atomic) access of `size` bytes at `addr` by `who` and reports a
+    /// race with an earlier access it is unordered with (another block, or the same block
+    /// without a barrier between), at least one of them a write. Each byte remembers its
+    /// last writer and one reader that may still race. Read-only regions are not tracked.
+    pub fn check_race(&self, addr: u64, size: u64, write: bool, who: Accessor, line: u32) -> Result<(), GlobalRace> {
+        let Some((ri, off)) = self.find_index(addr, size) else { return Ok(()) };
+        let region = self.regions[ri];
+        if region.read_only {
+            return Ok(());
+        }
+        let shadow = &self.shadow[ri];
+        for i in off..off + size as usize {
+            let b = shadow.byte(i);
+            let race = |hazard, other: u64, other_line: &AtomicU32| GlobalRace {
+                hazard,
+                detail: format!("offset {i} of {}", region.label),
+                other: Accessor(other),
+                other_line: other_line.load(Ordering::Relaxed),
+            };
+            let w = b.w.load(Ordering::Relaxed);
+            if w != 0 && !who.same_thread(Accessor(w)) && who.unordered(Accessor(w)) {
+                return Err(race(if write { "write-after-write" } else { "read-after-write" }, w, &b.w_line));
+            }
+            let r = b.r.load(Ordering::Relaxed);
+            if write {
+                if r != 0 && !who.same_thread(Accessor(r)) && who.unordered(Accessor(r)) {
+                    return Err(race("write-after-read", r, &b.r_line));
+                }
+                b.w.store(who.0, Ordering::Relaxed);
+                b.w_line.store(line, Ordering::Relaxed);
+                b.r.store(0, Ordering::Relaxed);
+            } else if r == 0 || who.same_thread(Accessor(r)) || !who.unordered(Accessor(r)) {
+                // Keep a reader of another thread that may still race with a later write.
+                b.r.store(who.0, Ordering::Relaxed);
+                b.r_line.store(line, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     fn find(&self, addr: u64, size: u64) -> Result<(&'a Region, usize), GlobalFault> {
-        for r in &self.regions {
-            if addr >= r.base && addr.wrapping_add(size) <= r.base + r.len() && addr.wrapping_add(size) >= addr {
-                return Ok((r, (addr - r.base) as usize));
-            }
+        if let Some((i, off)) = self.find_index(addr, size) {
+            return Ok((self.regions[i], off));
         }
         // Describe the nearest region.
         let near = self.regions.iter().min_by_key(|r| {

@@ -71,7 +71,7 @@ fn ignore_src_predicate_zero_fills_when_true_and_copies_when_false() {
     assert_eq!(copy_out(negated, 0), expected(0, 16));
 }
 
-fn launch(ptx: &str, threads: u32) -> Result<Vec<u32>, Fault> {
+fn launch(ptx: &str, threads: u32) -> Result<Vec<u32>, Box<Fault>> {
     let mut sim = Simulator::new(ptx).unwrap_or_else(|e| panic!("{e}"));
     let (i, o) = (sim.alloc(&(0..64u32).collect::<Vec<_>>()), sim.alloc_zeroed::<u32>(64));
     match sim.launch("k", LaunchConfig::linear(1, threads), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)]) {
@@ -79,7 +79,7 @@ fn launch(ptx: &str, threads: u32) -> Result<Vec<u32>, Fault> {
         Err(Error::Fault(f)) => {
             let msg = f.to_string();
             assert!(msg.contains("kernel `k`") && msg.contains(&format!("PTX line {}", f.line)), "{msg}");
-            Err(*f)
+            Err(f)
         }
         Err(e) => panic!("{e}"),
     }
