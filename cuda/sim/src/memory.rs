@@ -54,15 +54,19 @@ pub struct GlobalView<'a> {
     shadow: Vec<RegionShadow>,
 }
 
-/// Who made a global access: the block's linear index, the thread's linear index in the block
-/// and the block's barrier epoch, packed into one word (0: nobody).
+/// Who made a global access: the block's linear index, the thread's linear index in the block,
+/// the bytes of a 4-byte word it touched and the block's barrier epoch, packed into one word
+/// (0: nobody).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accessor(u64);
 
+const EPOCH_BITS: u32 = 18;
+const EPOCH_MASK: u64 = (1 << EPOCH_BITS) - 1;
+
 impl Accessor {
-    /// Packs block (< 2^32 - 1), thread (< 1024) and epoch (kept modulo 2^22).
+    /// Packs block (< 2^32 - 1), thread (< 1024) and epoch (kept modulo 2^18).
     pub fn new(block: u64, thread: usize, epoch: u32) -> Self {
-        Self(((block + 1) << 32) | ((thread as u64) << 22) | u64::from(epoch & 0x3f_ffff))
+        Self(((block + 1) << 32) | ((thread as u64) << 22) | (u64::from(epoch) & EPOCH_MASK))
     }
     /// The block's linear index.
     pub fn block(self) -> u64 {
@@ -72,12 +76,22 @@ impl Accessor {
     pub fn thread(self) -> usize {
         ((self.0 >> 22) & 0x3ff) as usize
     }
+    fn bytes(self) -> u64 {
+        (self.0 >> EPOCH_BITS) & 0xf
+    }
+    fn with_bytes(self, m: u64) -> Self {
+        Self((self.0 & !(0xf << EPOCH_BITS)) | (m << EPOCH_BITS))
+    }
     fn same_thread(self, o: Accessor) -> bool {
         self.0 >> 22 == o.0 >> 22
     }
-    /// Unordered with `o`: another block, or the same block in the same barrier epoch.
-    fn unordered(self, o: Accessor) -> bool {
-        self.0 >> 32 != o.0 >> 32 || self.0 & 0x3f_ffff == o.0 & 0x3f_ffff
+    /// Touches some of `o`'s bytes and is unordered with it (another thread of another block,
+    /// or of the same block in the same barrier epoch).
+    fn races(self, o: Accessor) -> bool {
+        o.0 != 0
+            && self.bytes() & o.bytes() != 0
+            && !self.same_thread(o)
+            && (self.0 >> 32 != o.0 >> 32 || self.0 & EPOCH_MASK == o.0 & EPOCH_MASK)
     }
 }
 
@@ -93,11 +107,13 @@ pub struct GlobalRace {
     pub other_line: u32,
 }
 
-const SHADOW_PAGE: usize = 4096;
+/// 4-byte words per shadow page.
+const SHADOW_PAGE: usize = 1024;
 
-/// One byte's last writer and a reader that may still race, with their lines.
+/// One 4-byte word's last writer and a reader that may still race (each with the bytes of the
+/// word it touched), and their PTX lines.
 #[derive(Default)]
-struct ByteShadow {
+struct WordShadow {
     w: AtomicU64,
     r: AtomicU64,
     w_line: AtomicU32,
@@ -106,17 +122,17 @@ struct ByteShadow {
 
 /// Shadow pages of one region, allocated when first touched.
 struct RegionShadow {
-    pages: Box<[OnceLock<Box<[ByteShadow]>>]>,
+    pages: Box<[OnceLock<Box<[WordShadow]>>]>,
 }
 
 impl RegionShadow {
     fn new(len: u64) -> Self {
-        Self { pages: (0..(len as usize).div_ceil(SHADOW_PAGE)).map(|_| OnceLock::new()).collect() }
+        Self { pages: (0..(len as usize).div_ceil(4 * SHADOW_PAGE)).map(|_| OnceLock::new()).collect() }
     }
-    fn byte(&self, off: usize) -> &ByteShadow {
+    fn word(&self, w: usize) -> &WordShadow {
         let page =
-            self.pages[off / SHADOW_PAGE].get_or_init(|| (0..SHADOW_PAGE).map(|_| ByteShadow::default()).collect());
-        &page[off % SHADOW_PAGE]
+            self.pages[w / SHADOW_PAGE].get_or_init(|| (0..SHADOW_PAGE).map(|_| WordShadow::default()).collect());
+        &page[w % SHADOW_PAGE]
     }
 }
 
@@ -153,8 +169,9 @@ impl<'a> GlobalView<'a> {
 
     /// Records a plain (non-atomic) access of `size` bytes at `addr` by `who` and reports a
     /// race with an earlier access it is unordered with (another block, or the same block
-    /// without a barrier between), at least one of them a write. Each byte remembers its
-    /// last writer and one reader that may still race. Read-only regions are not tracked.
+    /// without a barrier between), at least one of them a write. Each 4-byte word remembers
+    /// its last writer and one reader that may still race, with the bytes they touched.
+    /// Read-only regions are not tracked.
     pub fn check_race(&self, addr: u64, size: u64, write: bool, who: Accessor, line: u32) -> Result<(), GlobalRace> {
         let Some((ri, off)) = self.find_index(addr, size) else { return Ok(()) };
         let region = self.regions[ri];
@@ -162,30 +179,39 @@ impl<'a> GlobalView<'a> {
             return Ok(());
         }
         let shadow = &self.shadow[ri];
-        for i in off..off + size as usize {
-            let b = shadow.byte(i);
+        let end = off + size as usize;
+        for word in off / 4..end.div_ceil(4) {
+            let lo = off.max(4 * word) - 4 * word;
+            let hi = end.min(4 * word + 4) - 4 * word;
+            let me = who.with_bytes(((1u64 << hi) - 1) & !((1u64 << lo) - 1));
+            let s = shadow.word(word);
             let race = |hazard, other: u64, other_line: &AtomicU32| GlobalRace {
                 hazard,
-                detail: format!("offset {i} of {}", region.label),
+                detail: format!("offset {} of {}", 4 * word + lo, region.label),
                 other: Accessor(other),
                 other_line: other_line.load(Ordering::Relaxed),
             };
-            let w = b.w.load(Ordering::Relaxed);
-            if w != 0 && !who.same_thread(Accessor(w)) && who.unordered(Accessor(w)) {
-                return Err(race(if write { "write-after-write" } else { "read-after-write" }, w, &b.w_line));
+            let w = Accessor(s.w.load(Ordering::Relaxed));
+            if me.races(w) {
+                return Err(race(if write { "write-after-write" } else { "read-after-write" }, w.0, &s.w_line));
             }
-            let r = b.r.load(Ordering::Relaxed);
+            let r = Accessor(s.r.load(Ordering::Relaxed));
             if write {
-                if r != 0 && !who.same_thread(Accessor(r)) && who.unordered(Accessor(r)) {
-                    return Err(race("write-after-read", r, &b.r_line));
+                if me.races(r) {
+                    return Err(race("write-after-read", r.0, &s.r_line));
                 }
-                b.w.store(who.0, Ordering::Relaxed);
-                b.w_line.store(line, Ordering::Relaxed);
-                b.r.store(0, Ordering::Relaxed);
-            } else if r == 0 || who.same_thread(Accessor(r)) || !who.unordered(Accessor(r)) {
+                let merged = if w.0 != 0 && w.same_thread(me) && w.0 & EPOCH_MASK == me.0 & EPOCH_MASK {
+                    me.with_bytes(me.bytes() | w.bytes())
+                } else {
+                    me
+                };
+                s.w.store(merged.0, Ordering::Relaxed);
+                s.w_line.store(line, Ordering::Relaxed);
+            } else if r.0 == 0 || r.same_thread(me) || !me.with_bytes(0xf).races(r.with_bytes(0xf)) {
                 // Keep a reader of another thread that may still race with a later write.
-                b.r.store(who.0, Ordering::Relaxed);
-                b.r_line.store(line, Ordering::Relaxed);
+                let merged = if r.0 != 0 && r.same_thread(me) { me.with_bytes(me.bytes() | r.bytes()) } else { me };
+                s.r.store(merged.0, Ordering::Relaxed);
+                s.r_line.store(line, Ordering::Relaxed);
             }
         }
         Ok(())
