@@ -8,6 +8,7 @@ use crate::float::*;
 use crate::ir::*;
 use crate::memory::{Accessor, GlobalFault, GlobalView};
 use crate::parse::{LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
+use crate::profile::{shared_wavefronts, BlockProfile, LaneAccess, Profile};
 use crate::{Fault, FaultKind};
 
 /// What every block of one launch shares.
@@ -36,6 +37,8 @@ pub struct LaunchCtx<'a> {
     pub check_shared: bool,
     /// Push approximate results to the edge of the ISA's error bound.
     pub approx_worst_case: bool,
+    /// Count what each block does for a [`Profile`].
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -138,6 +141,8 @@ pub struct Block<'a> {
     /// Each thread's copies in flight, and the number of its open `cp.async` group.
     async_copies: Vec<Vec<AsyncCopy>>,
     async_group: Vec<u32>,
+    /// The profile's counters (profiling only).
+    prof: Option<Box<BlockProfile>>,
 }
 
 type R<T> = Result<T, Box<Fault>>;
@@ -181,6 +186,7 @@ impl<'a> Block<'a> {
             unflushed: 0,
             async_copies: (0..n).map(|_| Vec::new()).collect(),
             async_group: vec![0; n],
+            prof: ctx.profile.then(|| Box::new(BlockProfile::new(n, ctx.f.insts.len()))),
         }
     }
 
@@ -196,8 +202,9 @@ impl<'a> Block<'a> {
         Box::new(Fault { kernel: self.ctx.kernel.to_string(), line, block: self.ctaid, thread: self.tid3(t), kind })
     }
 
-    /// Runs the block to completion; returns the instructions executed.
-    pub fn run(mut self) -> R<u64> {
+    /// Runs the block to completion; returns the instructions executed and, when profiling,
+    /// the block's profile.
+    pub fn run(mut self) -> R<(u64, Option<Profile>)> {
         if self.ctx.abort.load(Ordering::Relaxed) {
             return Err(self.fault(0, FaultKind::Trap));
         }
@@ -219,7 +226,44 @@ impl<'a> Block<'a> {
         if let Some(t) = (0..self.n).find(|&t| self.state[t] != TState::Exited) {
             return Err(self.deadlock(t));
         }
-        Ok(self.steps.iter().sum())
+        let steps = self.steps.iter().sum();
+        let prof = self.prof.take().map(|p| {
+            let mut out = p.finish(&self.ctx.f.insts, self.n);
+            out.thread_instructions = steps;
+            out.barriers = u64::from(self.epoch - 1);
+            out
+        });
+        Ok((steps, prof))
+    }
+
+    /// Records one lane's `ld`/`st`/`cp.async` access for the profile.
+    #[cold]
+    fn record_access(&mut self, t: usize, space: Space, addr: u64, bytes: u64, write: bool) {
+        let (sp, a) = self.resolve(space, addr);
+        let pc = self.pc[t] as usize;
+        let Some(p) = self.prof.as_mut() else { return };
+        let kind = match sp {
+            Space::Global | Space::Const | Space::Generic => {
+                self.ctx.global.touch(a, bytes, write);
+                u8::from(write)
+            }
+            Space::Shared => {
+                if space == Space::Generic {
+                    p.pc_shared[pc] = true;
+                }
+                2
+            }
+            _ => return,
+        };
+        p.accesses.push(LaneAccess {
+            kind,
+            warp: (t / 32) as u32,
+            pc: pc as u32,
+            occurrence: p.counts[t * p.ninsts + pc],
+            lane: (t % 32) as u32,
+            addr: a,
+            bytes: bytes as u32,
+        });
     }
 
     /// Adds the block's unflushed steps to the launch's count: the launch's budget exhausted
@@ -580,6 +624,9 @@ impl<'a> Block<'a> {
             };
             self.steps[t] += 1;
             self.unflushed += 1;
+            if let Some(p) = self.prof.as_mut() {
+                p.counts[t * p.ninsts + pc] += 1;
+            }
             if self.unflushed >= STEP_FLUSH {
                 self.flush_steps(t)?;
             }
@@ -596,6 +643,9 @@ impl<'a> Block<'a> {
                     let addr = self.addr(t, &a[1]);
                     let esz = ty.bytes();
                     let vec = u64::from(inst.vec);
+                    if self.prof.is_some() {
+                        self.record_access(t, *space, addr, esz * vec, false);
+                    }
                     if vec > 1 {
                         let (sp, at) = self.resolve(*space, addr);
                         self.check_align(t, sp, at, esz * vec)?;
@@ -614,6 +664,9 @@ impl<'a> Block<'a> {
                     let addr = self.addr(t, &a[0]);
                     let esz = ty.bytes();
                     let vec = u64::from(inst.vec);
+                    if self.prof.is_some() {
+                        self.record_access(t, *space, addr, esz * vec, true);
+                    }
                     if vec > 1 {
                         let (sp, at) = self.resolve(*space, addr);
                         self.check_align(t, sp, at, esz * vec)?;
@@ -873,7 +926,15 @@ impl<'a> Block<'a> {
                     continue;
                 }
                 Op::CpAsync { ignore_src } => self.cp_async(t, *ignore_src, a)?,
-                Op::CpAsyncCommit => self.async_group[t] += 1,
+                Op::CpAsyncCommit => {
+                    self.async_group[t] += 1;
+                    if let Some(p) = self.prof.as_mut() {
+                        let mut groups: Vec<u32> = self.async_copies[t].iter().map(|c| c.group).collect();
+                        groups.dedup();
+                        let depth = groups.len() as u32;
+                        p.out.max_async_groups_in_flight = p.out.max_async_groups_in_flight.max(depth);
+                    }
+                }
                 Op::CpAsyncWait { n, all } => {
                     if *all {
                         self.async_group[t] += 1;
@@ -958,6 +1019,12 @@ impl<'a> Block<'a> {
             data[i as usize..(i + step) as usize].copy_from_slice(&v.to_le_bytes()[..step as usize]);
             i += step;
         }
+        if self.prof.is_some() {
+            if src_size > 0 {
+                self.record_access(t, Space::Global, src, src_size, false);
+            }
+            self.record_access(t, Space::Shared, da, size, true);
+        }
         let off = self.shared_range(t, da, size, true)?;
         // The copy writes the destination at some time before the wait: a hazard with every
         // access of other threads in this epoch, as a store would be.
@@ -985,12 +1052,11 @@ impl<'a> Block<'a> {
         if self.async_copies[t].is_empty() {
             return;
         }
-        let copies = std::mem::take(&mut self.async_copies[t]);
+        // Taken out and put back, so the thread's list keeps its allocation.
+        let mut copies = std::mem::take(&mut self.async_copies[t]);
         let (e, we) = (self.epoch, self.wepoch[t / 32]);
-        let mut keep = Vec::new();
-        for c in copies {
+        for c in &copies {
             if c.group >= group {
-                keep.push(c);
                 continue;
             }
             let (off, len) = (c.dst as usize, usize::from(c.len));
@@ -1008,7 +1074,8 @@ impl<'a> Block<'a> {
                 }
             }
         }
-        self.async_copies[t] = keep;
+        copies.retain(|c| c.group >= group);
+        self.async_copies[t] = copies;
     }
 
     /// `call`: a new frame in the thread's local memory, the arguments copied into it, the
@@ -1250,11 +1317,15 @@ impl<'a> Block<'a> {
         let w = t / 32;
         let lane = t % 32;
         let whole_warp = matches!(inst.op, Op::Mma { .. } | Op::Ldmatrix { .. });
-        let mut lanes: Vec<usize> = Vec::with_capacity(32);
+        let mut lane_buf = [0usize; 32];
+        let mut nlanes = 0;
         let mut exited = 0u32;
         for l in (0..32).filter(|l| mask & (1 << l) != 0) {
             match self.state[w * 32 + l] {
-                TState::AtCollective(m) if m == mask => lanes.push(l),
+                TState::AtCollective(m) if m == mask => {
+                    lane_buf[nlanes] = l;
+                    nlanes += 1;
+                }
                 TState::Exited if !whole_warp => exited |= 1 << l,
                 TState::Exited => {
                     return Err(self.fault(
@@ -1265,9 +1336,10 @@ impl<'a> Block<'a> {
                 _ => return Ok(()),
             }
         }
+        let lanes = &lane_buf[..nlanes];
         // Every non-exited lane is here: the same collective?
         let op0 = &inst.op;
-        for &l in &lanes {
+        for &l in lanes {
             let tt = w * 32 + l;
             let other = &f.insts[self.pc[tt] as usize];
             if std::mem::discriminant(&other.op) != std::mem::discriminant(op0) || other.op != *op0 {
@@ -1282,17 +1354,16 @@ impl<'a> Block<'a> {
         }
         match *op0 {
             Op::Shfl(mode) => {
-                let vals: Vec<u64> = (0..32)
-                    .map(|l| {
-                        if (mask & !exited) & (1 << l) != 0 {
-                            self.rd(w * 32 + l, &f.insts[self.pc[w * 32 + l] as usize].args[1])
-                        } else {
-                            0
-                        }
-                    })
-                    .collect();
-                let mut outs = Vec::with_capacity(lanes.len());
-                for &l in &lanes {
+                let vals: [u64; 32] = std::array::from_fn(|l| {
+                    if (mask & !exited) & (1 << l) != 0 {
+                        self.rd(w * 32 + l, &f.insts[self.pc[w * 32 + l] as usize].args[1])
+                    } else {
+                        0
+                    }
+                });
+                let mut outs = [(0usize, 0u64, false); 32];
+                let mut nout = 0;
+                for &l in lanes {
                     let tt = w * 32 + l;
                     let i = &f.insts[self.pc[tt] as usize];
                     let b = (self.rd(tt, &i.args[2]) & 0x1f) as i32;
@@ -1320,9 +1391,10 @@ impl<'a> Block<'a> {
                             FaultKind::Collective(format!("shfl reads lane {j}, outside membermask 0x{mask:08x}")),
                         ));
                     }
-                    outs.push((tt, vals[j], p));
+                    outs[nout] = (tt, vals[j], p);
+                    nout += 1;
                 }
-                for (tt, v, p) in outs {
+                for &(tt, v, p) in &outs[..nout] {
                     let i = &f.insts[self.pc[tt] as usize];
                     self.wr(tt, &i.args[0], v);
                     if let Some(pd) = i.pdst {
@@ -1332,7 +1404,7 @@ impl<'a> Block<'a> {
             }
             Op::Vote(mode) => {
                 let mut ballot = 0u64;
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
                     if self.rd(tt, &f.insts[self.pc[tt] as usize].args[1]) != 0 {
                         ballot |= 1 << l;
@@ -1345,15 +1417,15 @@ impl<'a> Block<'a> {
                     VoteMode::Uni => u64::from(ballot == 0 || ballot == active),
                     VoteMode::Ballot => ballot,
                 };
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
-                    let d = f.insts[self.pc[tt] as usize].args[0].clone();
-                    self.wr(tt, &d, r);
+                    let d = &f.insts[self.pc[tt] as usize].args[0];
+                    self.wr(tt, d, r);
                 }
             }
             Op::Redux(op, ty) => {
                 let mut acc: Option<u64> = None;
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
                     let v = self.rd(tt, &f.insts[self.pc[tt] as usize].args[1]) & ty.mask();
                     acc = Some(match acc {
@@ -1361,10 +1433,10 @@ impl<'a> Block<'a> {
                         Some(a) => atom_apply(op, ty, a, v, 0),
                     });
                 }
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
-                    let d = f.insts[self.pc[tt] as usize].args[0].clone();
-                    self.wr(tt, &d, acc.unwrap_or(0));
+                    let d = &f.insts[self.pc[tt] as usize].args[0];
+                    self.wr(tt, d, acc.unwrap_or(0));
                 }
             }
             Op::Match(all, ty) => {
@@ -1396,7 +1468,7 @@ impl<'a> Block<'a> {
             Op::Ldmatrix { num, trans, space } => self.ldmatrix(w, num, trans, space)?,
             _ => {}
         }
-        for &l in &lanes {
+        for &l in lanes {
             let tt = w * 32 + l;
             self.pc[tt] += 1;
             self.state[tt] = TState::Ready;
@@ -1409,11 +1481,18 @@ impl<'a> Block<'a> {
 
 impl Block<'_> {
     /// Reads operand `idx` (a vector of registers) of lane `l`'s instruction.
-    fn lane_vec(&self, tt: usize, idx: usize) -> Vec<u64> {
+    /// (Up to 4 elements, without allocating: the mma fragments.)
+    fn lane_vec(&self, tt: usize, idx: usize) -> [u64; 4] {
+        let mut out = [0u64; 4];
         match &self.ctx.f.insts[self.pc[tt] as usize].args[idx] {
-            Operand::Vec(v) => v.iter().map(|o| self.rd(tt, o)).collect(),
-            o => vec![self.rd(tt, o)],
+            Operand::Vec(v) => {
+                for (o, x) in out.iter_mut().zip(v) {
+                    *o = self.rd(tt, x);
+                }
+            }
+            o => out[0] = self.rd(tt, o),
         }
+        out
     }
 
     /// `mma.sync` m16n8k{8,16}: D = A (16 x K, row) * B (K x 8, col) + C, f32 accumulation,
@@ -1421,6 +1500,9 @@ impl Block<'_> {
     /// exact and the sum is rounded once to f32.
     fn mma(&mut self, w: usize, k: u8, bf16: bool) {
         let k = usize::from(k);
+        if let Some(p) = self.prof.as_mut() {
+            p.out.tensor_flops += 2 * 16 * 8 * k as u64;
+        }
         let half = |bits: u64| -> f64 {
             if bf16 {
                 f64::from(half::bf16::from_bits(bits as u16).to_f32())
@@ -1428,8 +1510,8 @@ impl Block<'_> {
                 f64::from(half::f16::from_bits(bits as u16).to_f32())
             }
         };
-        let mut a = vec![[0f64; 16]; 16];
-        let mut b = vec![[0f64; 8]; 16];
+        let mut a = [[0f64; 16]; 16];
+        let mut b = [[0f64; 8]; 16];
         let mut c = [[0f64; 8]; 16];
         for l in 0..32 {
             let tt = w * 32 + l;
@@ -1456,8 +1538,8 @@ impl Block<'_> {
         for l in 0..32 {
             let tt = w * 32 + l;
             let (g, tig) = (l / 4, l % 4);
-            let d = self.ctx.f.insts[self.pc[tt] as usize].args[0].clone();
-            let Operand::Vec(ds) = d else { continue };
+            let f: &Function = self.ctx.f;
+            let Operand::Vec(ds) = &f.insts[self.pc[tt] as usize].args[0] else { continue };
             for (i, dreg) in ds.iter().enumerate().take(4) {
                 let row = if i < 2 { g } else { g + 8 };
                 let col = tig * 2 + (i & 1);
@@ -1474,6 +1556,20 @@ impl Block<'_> {
     /// each matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or their transpose with `.trans`.
     fn ldmatrix(&mut self, w: usize, num: u8, trans: bool, space: Space) -> R<()> {
         let num = usize::from(num);
+        if self.prof.is_some() {
+            // The rows the lanes address, as the shared-memory unit sees them.
+            let mut rows = Vec::with_capacity(8 * num);
+            for r in 0..8 * num {
+                let tt = w * 32 + r;
+                let addr = self.addr(tt, &self.ctx.f.insts[self.pc[tt] as usize].args[1]);
+                rows.push((self.resolve(space, addr).1, 16));
+            }
+            if let Some(p) = self.prof.as_mut() {
+                p.out.shared_requests += 1;
+                p.out.shared_wavefronts += shared_wavefronts(&rows);
+                p.out.shared_bytes_requested += 16 * rows.len() as u64;
+            }
+        }
         let mut m = vec![[[0u16; 8]; 8]; num];
         for (mi, mat) in m.iter_mut().enumerate() {
             for (r, row) in mat.iter_mut().enumerate() {
@@ -1481,17 +1577,21 @@ impl Block<'_> {
                 let addr = self.addr(tt, &self.ctx.f.insts[self.pc[tt] as usize].args[1]);
                 let (sp, a) = self.resolve(space, addr);
                 self.check_align(tt, sp, a, 16)?;
-                for (cix, e) in row.iter_mut().enumerate() {
-                    *e = self.load(tt, space, addr + 2 * cix as u64, 2)? as u16;
+                // The row as two 8-byte halves (16-byte aligned, checked above).
+                for half in 0..2 {
+                    let v = self.load(tt, space, addr + 8 * half as u64, 8)?;
+                    for j in 0..4 {
+                        row[4 * half + j] = (v >> (16 * j)) as u16;
+                    }
                 }
             }
         }
         for l in 0..32 {
             let tt = w * 32 + l;
-            let d = self.ctx.f.insts[self.pc[tt] as usize].args[0].clone();
-            let regs: Vec<Operand> = match d {
+            let f: &Function = self.ctx.f;
+            let regs: &[Operand] = match &f.insts[self.pc[tt] as usize].args[0] {
                 Operand::Vec(v) => v,
-                o => vec![o],
+                o => std::slice::from_ref(o),
             };
             for (mi, reg) in regs.iter().enumerate().take(num) {
                 let (r, c0) = (l / 4, 2 * (l % 4));

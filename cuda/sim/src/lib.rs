@@ -6,6 +6,7 @@ pub mod ir;
 mod lex;
 mod memory;
 mod parse;
+pub mod profile;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -14,6 +15,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 pub use ir::Module;
+pub use profile::{occupancy, GpuModel, InstClass, Occupancy, Profile, Roofline, A100, H100_SXM};
 
 /// What the simulator can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -262,6 +264,9 @@ pub struct Options {
     /// direction, instead of the nearly exact value: a kernel test that passes this way has a
     /// tolerance wide enough for any conforming GPU.
     pub approx_worst_case: bool,
+    /// Count a [`Profile`] of every launch ([`Simulator::last_profile`]); off by default
+    /// (when off it costs one branch per instruction).
+    pub profile: bool,
 }
 
 impl Default for Options {
@@ -272,6 +277,7 @@ impl Default for Options {
             check_global: true,
             parallel_blocks: true,
             approx_worst_case: false,
+            profile: false,
         }
     }
 }
@@ -293,6 +299,8 @@ pub struct Simulator {
     id: usize,
     /// The options in force.
     pub options: Options,
+    /// The profile of the last launch made with [`Options::profile`] on.
+    last_profile: Mutex<Option<Profile>>,
 }
 
 /// One module and the memory of its `.global`/`.const` variables.
@@ -310,6 +318,7 @@ impl Simulator {
             next_base: memory::GLOBAL_BASE,
             id: NEXT_SIM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             options: Options::default(),
+            last_profile: Mutex::new(None),
         }
     }
 
@@ -358,6 +367,12 @@ impl Simulator {
         let mut v: Vec<&str> = self.modules().flat_map(|m| m.entries.keys().map(String::as_str)).collect();
         v.sort_unstable();
         v
+    }
+
+    /// The profile of the last launch run with [`Options::profile`] on (also of one that
+    /// faulted: the blocks that finished).
+    pub fn last_profile(&self) -> Option<Profile> {
+        self.last_profile.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Copies `data` into a new device buffer.
@@ -500,7 +515,8 @@ impl Simulator {
             }
             params[p.offset as usize..(p.offset + size) as usize].copy_from_slice(&bytes[..size as usize]);
         }
-        let global = memory::GlobalView::new(visible, self.options.check_global);
+        let global = memory::GlobalView::new(visible, self.options.check_global, self.options.profile);
+        let profile = Mutex::new(Profile::default());
         let steps_used = AtomicU64::new(0);
         let abort = AtomicBool::new(false);
         // The first fault of any block; it stops every other block.
@@ -518,6 +534,7 @@ impl Simulator {
             abort: &abort,
             check_shared: self.options.check_shared,
             approx_worst_case: self.options.approx_worst_case,
+            profile: self.options.profile,
         };
         let [gx, gy, _] = config.grid.map(u64::from);
         let start = Instant::now();
@@ -527,7 +544,12 @@ impl Simulator {
             }
             let b = [(i % gx) as u32, ((i / gx) % gy) as u32, (i / (gx * gy)) as u32];
             match exec::Block::new(&ctx, b).run() {
-                Ok(n) => n,
+                Ok((n, prof)) => {
+                    if let Some(p) = prof {
+                        profile.lock().unwrap_or_else(|p| p.into_inner()).merge(&p);
+                    }
+                    n
+                }
                 Err(f) => {
                     let mut first = first_fault.lock().unwrap_or_else(|p| p.into_inner());
                     if first.is_none() && !abort.load(Ordering::Relaxed) {
@@ -544,6 +566,15 @@ impl Simulator {
             (0..blocks_total).map(run).sum()
         };
         let seconds = start.elapsed().as_secs_f64();
+        if self.options.profile {
+            let mut p = profile.into_inner().unwrap_or_else(|p| p.into_inner());
+            p.kernel = entry.to_string();
+            p.grid = config.grid;
+            p.block = config.block;
+            p.shared_bytes_per_block = f.dynamic_shared_offset + u64::from(config.dynamic_shared_bytes);
+            (p.unique_bytes_read, p.unique_bytes_written) = global.unique_bytes();
+            *self.last_profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
+        }
         if let Some(f) = first_fault.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(Error::Fault(f));
         }

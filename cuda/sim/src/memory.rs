@@ -52,6 +52,8 @@ pub struct GlobalView<'a> {
     locks: Vec<Mutex<()>>,
     /// Per region (same order), the race-check shadow of its bytes; empty when off.
     shadow: Vec<RegionShadow>,
+    /// Per region, bitsets of the bytes read and written (profiling); empty when off.
+    touched: Vec<[Box<[AtomicU64]>; 2]>,
 }
 
 /// Who made a global access: the block's linear index, the thread's linear index in the block,
@@ -146,11 +148,35 @@ pub enum GlobalFault {
 
 impl<'a> GlobalView<'a> {
     /// A view over `regions`.
-    pub fn new(mut regions: Vec<&'a Region>, check_races: bool) -> Self {
+    pub fn new(mut regions: Vec<&'a Region>, check_races: bool, profile: bool) -> Self {
         regions.sort_by_key(|r| r.base);
         let shadow =
             if check_races { regions.iter().map(|r| RegionShadow::new(r.len())).collect() } else { Vec::new() };
-        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect(), shadow }
+        let bits = |len: u64| (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect::<Box<[AtomicU64]>>();
+        let touched =
+            if profile { regions.iter().map(|r| [bits(r.len()), bits(r.len())]).collect() } else { Vec::new() };
+        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect(), shadow, touched }
+    }
+
+    /// Marks `size` bytes at `addr` read (or written) for the profile's unique-byte counts.
+    pub fn touch(&self, addr: u64, size: u64, write: bool) {
+        let Some((ri, off)) = self.find_index(addr, size) else { return };
+        let Some(sets) = self.touched.get(ri) else { return };
+        let set = &sets[usize::from(write)];
+        for b in off..off + size as usize {
+            set[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Distinct bytes read and written so far (profiling).
+    pub fn unique_bytes(&self) -> (u64, u64) {
+        let count = |i: usize| -> u64 {
+            self.touched
+                .iter()
+                .map(|s| s[i].iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum::<u64>())
+                .sum()
+        };
+        (count(0), count(1))
     }
 
     /// Whether plain accesses are race-checked.
