@@ -60,6 +60,8 @@ struct SimState {
     thread_instructions: u64,
     /// Wall seconds spent in launches so far.
     seconds: f64,
+    /// The profile of the last launch, when the simulator's options ask for one.
+    last_profile: Option<squid_ptxsim::Profile>,
 }
 
 impl SimDevice {
@@ -113,7 +115,7 @@ impl Gpu {
             total_memory_bytes: 0,
             multiprocessors: rayon::current_num_threads() as u32,
         };
-        let state = SimState { sim, loaded: HashSet::new(), thread_instructions: 0, seconds: 0.0 };
+        let state = SimState { sim, loaded: HashSet::new(), thread_instructions: 0, seconds: 0.0, last_profile: None };
         Ok(Self {
             id: NEXT_DEVICE.fetch_add(1, Ordering::Relaxed),
             info,
@@ -141,6 +143,17 @@ impl Gpu {
                 let state = dev.lock();
                 Some((state.thread_instructions, state.seconds))
             }
+        }
+    }
+
+    /// For the simulator made with [`squid_ptxsim::Options::profile`] on
+    /// ([`Gpu::simulator_with`]): the [`squid_ptxsim::Profile`] of the last kernel launch
+    /// (warp instructions, memory requests, bank conflicts; counts of the simulated run, from
+    /// which a roofline *model* follows). `None` on a GPU or without the option.
+    pub fn last_profile(&self) -> Option<squid_ptxsim::Profile> {
+        match &self.backend {
+            Backend::Cuda { .. } => None,
+            Backend::Sim(dev) => dev.lock().last_profile.clone(),
         }
     }
 
@@ -459,7 +472,11 @@ impl<A: KernelArgs> TypedKernel<A> {
                     dynamic_shared_bytes: dims.shared_bytes,
                 };
                 let mut state = dev.lock();
-                let report = state.sim.launch(self.entry, cfg, &sim_args)?;
+                let report = state.sim.launch(self.entry, cfg, &sim_args);
+                if state.sim.options.profile {
+                    state.last_profile = state.sim.last_profile();
+                }
+                let report = report?;
                 state.thread_instructions += report.thread_instructions;
                 state.seconds += report.seconds;
                 Ok(())
