@@ -273,7 +273,8 @@ pub struct Roofline {
     pub estimate_s: f64,
     /// Which one that is: `tensor`, `dram`, `shared` or `issue`.
     pub bound: &'static str,
-    /// SMs the launch's blocks can keep busy (fewer blocks than SMs leave some idle).
+    /// SMs the launch's blocks occupy (the block scheduler spreads blocks over idle SMs
+    /// first, so fewer blocks than SMs leave some idle).
     pub sms_used: u32,
 }
 
@@ -313,15 +314,11 @@ impl Profile {
         self.block.iter().product()
     }
 
-    /// The roofline model on `gpu` with `occ` (blocks per SM) deciding how many SMs the grid
-    /// can fill.
-    pub fn roofline(&self, gpu: &GpuModel, occ: &Occupancy) -> Roofline {
-        let slots = u64::from(gpu.sms) * u64::from(occ.blocks_per_sm.max(1));
-        let sms_used = if self.blocks >= slots {
-            gpu.sms
-        } else {
-            (self.blocks.div_ceil(u64::from(occ.blocks_per_sm.max(1))) as u32).clamp(1, gpu.sms)
-        };
+    /// The roofline model on `gpu`: each resource's work at its full rate on the SMs the
+    /// grid occupies. (Occupancy does not enter the bounds; it says how much latency the
+    /// resident warps can hide, which the model does not estimate.)
+    pub fn roofline(&self, gpu: &GpuModel) -> Roofline {
+        let sms_used = self.blocks.clamp(1, u64::from(gpu.sms)) as u32;
         let per_s = f64::from(sms_used) * gpu.clock_ghz * 1e9;
         let tensor_s = self.tensor_flops as f64 / (gpu.mma_flops_per_clock_per_sm * per_s);
         let dram_s = (self.unique_bytes_read + self.unique_bytes_written) as f64 / gpu.dram_bytes_per_s;

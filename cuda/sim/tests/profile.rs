@@ -166,13 +166,23 @@ fn occupancy_follows_the_cuda_rules() {
 #[test]
 fn the_roofline_model_names_the_bound() {
     let mut p = Profile { blocks: 1000, tensor_flops: 1 << 40, ..Profile::default() };
-    let occ = occupancy(&A100, 128, 64, 0);
-    let r = p.roofline(&A100, &occ);
+    let r = p.roofline(&A100);
     assert_eq!(r.bound, "tensor");
     assert!((r.tensor_s - (1u64 << 40) as f64 / (2048.0 * 108.0 * 1.41e9)).abs() < 1e-12);
     p.unique_bytes_read = 1 << 40;
-    assert_eq!(p.roofline(&A100, &occ).bound, "dram");
-    // Two blocks keep only two SMs busy.
+    assert_eq!(p.roofline(&A100).bound, "dram");
+    // Two blocks keep only two SMs busy: the tensor bound is 66 times H100's full-chip one.
     let small = Profile { blocks: 2, tensor_flops: 1 << 30, ..Profile::default() };
-    assert_eq!(small.roofline(&H100_SXM, &occ).sms_used, 1);
+    let r = small.roofline(&H100_SXM);
+    assert_eq!(r.sms_used, 2);
+    assert!((r.tensor_s - (1u64 << 30) as f64 / (2048.0 * 2.0 * 1.83e9)).abs() < 1e-15);
+    // Issue: warp instructions at 4 per clock per SM.
+    let issue = Profile {
+        blocks: 1000,
+        warp_instructions: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4 * 108 * 1410, 0],
+        ..Profile::default()
+    };
+    let r = issue.roofline(&A100);
+    assert_eq!(r.bound, "issue");
+    assert!((r.issue_s - 1e-6).abs() < 1e-15);
 }
