@@ -1565,8 +1565,11 @@ impl Block<'_> {
                 rows.push((self.resolve(space, addr).1, 16));
             }
             if let Some(p) = self.prof.as_mut() {
+                let wavefronts = shared_wavefronts(&rows);
+                p.out.ldmatrix_requests += 1;
+                p.out.ldmatrix_wavefronts += wavefronts;
                 p.out.shared_requests += 1;
-                p.out.shared_wavefronts += shared_wavefronts(&rows);
+                p.out.shared_wavefronts += wavefronts;
                 p.out.shared_bytes_requested += 16 * rows.len() as u64;
             }
         }

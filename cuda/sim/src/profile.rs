@@ -146,6 +146,11 @@ pub struct Profile {
     pub shared_wavefronts: u64,
     /// Bytes the shared requests moved.
     pub shared_bytes_requested: u64,
+    /// The `ldmatrix` part of `shared_requests` and `shared_wavefronts` (4 wavefronts for a
+    /// conflict-free `.x4`).
+    pub ldmatrix_requests: u64,
+    /// Wavefronts of the `ldmatrix` requests.
+    pub ldmatrix_wavefronts: u64,
     /// Barriers completed, summed over blocks.
     pub barriers: u64,
     /// The most `cp.async` groups one thread had committed and not yet waited for.
@@ -345,6 +350,8 @@ impl Profile {
         self.shared_requests += o.shared_requests;
         self.shared_wavefronts += o.shared_wavefronts;
         self.shared_bytes_requested += o.shared_bytes_requested;
+        self.ldmatrix_requests += o.ldmatrix_requests;
+        self.ldmatrix_wavefronts += o.ldmatrix_wavefronts;
         self.barriers += o.barriers;
         self.max_async_groups_in_flight = self.max_async_groups_in_flight.max(o.max_async_groups_in_flight);
     }
@@ -379,6 +386,7 @@ impl Profile {
             format!("{} ({:.2})", self.shared_wavefronts, self.wavefronts_per_request()),
         );
         row("shared bytes requested", self.shared_bytes_requested.to_string());
+        row("  of which ldmatrix (wavefronts)", format!("{} ({})", self.ldmatrix_requests, self.ldmatrix_wavefronts));
         row("barriers per block", format!("{:.1}", self.barriers_per_block()));
         row("cp.async groups in flight (max)", self.max_async_groups_in_flight.to_string());
         s
@@ -395,7 +403,8 @@ impl Profile {
              \"global_store_requests\": {}, \"global_bytes_requested\": {}, \"global_sectors\": {}, \
              \"sectors_per_request\": {:.4}, \"unique_bytes_read\": {}, \"unique_bytes_written\": {}, \
              \"shared_requests\": {}, \"shared_wavefronts\": {}, \"wavefronts_per_request\": {:.4}, \
-             \"shared_bytes_requested\": {}, \"barriers_per_block\": {:.4}, \"max_async_groups_in_flight\": {}}}",
+             \"shared_bytes_requested\": {}, \"ldmatrix_requests\": {}, \"ldmatrix_wavefronts\": {}, \
+             \"barriers_per_block\": {:.4}, \"max_async_groups_in_flight\": {}}}",
             self.kernel.replace('"', "'"),
             self.grid,
             self.block,
@@ -417,6 +426,8 @@ impl Profile {
             self.shared_wavefronts,
             self.wavefronts_per_request(),
             self.shared_bytes_requested,
+            self.ldmatrix_requests,
+            self.ldmatrix_wavefronts,
             self.barriers_per_block(),
             self.max_async_groups_in_flight,
         )

@@ -84,7 +84,9 @@ fn ldmatrix_counts_its_rows_access_pattern() {
     let dense = profile(body, LaunchConfig::linear(1, 32), 16);
     assert_eq!(dense.warp_instructions_of(InstClass::Ldmatrix), 1);
     assert_eq!((dense.shared_requests, dense.shared_wavefronts), (2, 4 + 4));
+    assert_eq!((dense.ldmatrix_requests, dense.ldmatrix_wavefronts), (1, 4));
     let strided = profile(body, LaunchConfig::linear(1, 32), 128);
+    assert_eq!((strided.ldmatrix_requests, strided.ldmatrix_wavefronts), (1, 32));
     assert_eq!((strided.shared_requests, strided.shared_wavefronts), (2, 32 + 32));
 }
 
