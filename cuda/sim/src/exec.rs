@@ -549,7 +549,6 @@ impl<'a> Block<'a> {
         }
     }
 
-    #[cold]
     fn check_global_race(&self, t: usize, addr: u64, size: u64, write: bool) -> R<()> {
         let [gx, gy, _] = self.ctx.grid.map(u64::from);
         let [bx, by, bz] = self.ctaid.map(u64::from);

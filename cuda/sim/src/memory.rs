@@ -236,8 +236,10 @@ impl<'a> GlobalView<'a> {
             } else if r.0 == 0 || r.same_thread(me) || !me.with_bytes(0xf).races(r.with_bytes(0xf)) {
                 // Keep a reader of another thread that may still race with a later write.
                 let merged = if r.0 != 0 && r.same_thread(me) { me.with_bytes(me.bytes() | r.bytes()) } else { me };
-                s.r.store(merged.0, Ordering::Relaxed);
-                s.r_line.store(line, Ordering::Relaxed);
+                if merged != r {
+                    s.r.store(merged.0, Ordering::Relaxed);
+                    s.r_line.store(line, Ordering::Relaxed);
+                }
             }
         }
         Ok(())
