@@ -91,3 +91,32 @@ fn the_test_device_is_a_gpu_when_present_else_the_simulator() {
     }
     println!("test device: {}", device.info().name);
 }
+
+#[test]
+fn a_profiling_simulator_reports_the_last_launch() {
+    use squid_cuda::ops::gemm::{self, GemmShape};
+    use squid_cuda::ptxsim::{InstClass, Options};
+    if !nvrtc_available() {
+        return;
+    }
+    // Off by default.
+    let plain = Gpu::simulator().unwrap();
+    let x = plain.upload(&[1.0f32]).unwrap();
+    let mut y = plain.zeros::<f32>(1).unwrap();
+    axpy::cuda::axpy_f32(&plain, 1.0, &x, &mut y).unwrap();
+    assert!(plain.last_profile().is_none());
+    // A 64^3 bf16 gemm is 64 * 64 * 64 / (16 * 8 * 16) = 128 mma.sync m16n8k16, whatever the
+    // kernel's tiling, and one block of 64 x 64.
+    let sim = Gpu::simulator_with(Options { profile: true, ..Options::default() }).unwrap();
+    let shape = GemmShape { m: 64, n: 64, k: 64 };
+    let a = sim.upload(&vec![half::bf16::from_f32(1.0); 64 * 64]).unwrap();
+    let b = sim.upload(&vec![half::bf16::from_f32(0.5); 64 * 64]).unwrap();
+    let mut c = sim.zeros::<f32>(64 * 64).unwrap();
+    gemm::cuda::gemm_bf16(&sim, shape, &a, &b, &mut c).unwrap();
+    let p = sim.last_profile().expect("a profile");
+    assert_eq!(p.kernel, "squid_gemm_bf16_f32");
+    assert_eq!(p.warp_instructions_of(InstClass::Mma), 128);
+    assert_eq!(p.tensor_flops, 2 * 64 * 64 * 64);
+    assert_eq!((p.unique_bytes_read, p.unique_bytes_written), (2 * 2 * 64 * 64, 4 * 64 * 64));
+    assert!(sim.download(&c).unwrap().iter().all(|&v| v == 32.0));
+}

@@ -54,3 +54,200 @@ pub fn check_all(
     }
     outcome
 }
+
+/// What `squid kernels profile` measures: the simulator's [`Profile`] of one launch, and per
+/// GPU model the registers ptxas gives the entry, the occupancy and the roofline **model**.
+///
+/// [`Profile`]: squid_cuda::ptxsim::Profile
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+pub struct KernelProfile {
+    /// The counts of the simulated launch.
+    pub profile: squid_cuda::ptxsim::Profile,
+    /// One per GPU model (A100, H100 SXM).
+    pub targets: Vec<TargetModel>,
+}
+
+/// The model of one launch on one GPU.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+pub struct TargetModel {
+    /// The GPU.
+    pub gpu: squid_cuda::ptxsim::GpuModel,
+    /// Registers per thread from `ptxas -v` at the GPU's arch (None without ptxas: the
+    /// occupancy then ignores registers).
+    pub registers: Option<u32>,
+    /// Resident blocks and warps per SM.
+    pub occupancy: squid_cuda::ptxsim::Occupancy,
+    /// Time lower bounds by resource; the largest is the estimate.
+    pub roofline: squid_cuda::ptxsim::Roofline,
+}
+
+/// The kernels `profile_kernel` knows how to launch, with what their `--shape` means and its
+/// default.
+pub const PROFILED_KERNELS: &[(&str, &str, &[usize])] = &[
+    ("gemm", "M,N,K (bf16 in, f32 out)", &[512, 512, 512]),
+    ("softmax", "ROWS,COLS (f32)", &[512, 4096]),
+    ("logsumexp", "ROWS,COLS (bf16)", &[512, 4096]),
+    ("axpy", "N (f32)", &[1 << 20]),
+];
+
+/// Runs kernel `name` once on the profiling simulator with inputs of `shape` (empty: the
+/// default) and models it on A100 and H100 SXM with ptxas's registers (when `ptxas` is given).
+#[cfg(feature = "cuda")]
+pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Path>) -> Result<KernelProfile, Error> {
+    use half::bf16;
+    use squid_cuda::launch::Gpu;
+    use squid_cuda::ops::{axpy, gemm, logsumexp, softmax};
+    use squid_cuda::ptxsim::{occupancy, Options, A100, H100_SXM};
+
+    let (_, meaning, default) = PROFILED_KERNELS.iter().find(|k| k.0 == name).ok_or_else(|| {
+        Error::Config(format!("no profile setup for kernel `{name}` (known: gemm, softmax, logsumexp, axpy)"))
+    })?;
+    let shape = if shape.is_empty() { default } else { shape };
+    if shape.len() != default.len() || shape.contains(&0) {
+        return Err(Error::Config(format!("--shape for {name} is {meaning}, positive, got {shape:?}")));
+    }
+    let gpu = Gpu::simulator_with(Options { profile: true, ..Options::default() })?;
+    let (source, entry) = match name {
+        "gemm" => {
+            let (m, n, k) = (shape[0], shape[1], shape[2]);
+            let a = gpu.upload(&vec![bf16::from_f32(0.5); m * k])?;
+            let b = gpu.upload(&vec![bf16::from_f32(0.25); k * n])?;
+            let mut c = gpu.zeros::<f32>(m * n)?;
+            gemm::cuda::gemm_bf16(&gpu, gemm::GemmShape { m, n, k }, &a, &b, &mut c)?;
+            (&gemm::KERNEL, "squid_gemm_bf16_f32")
+        }
+        "softmax" => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let x = gpu.upload(&vec![0.25f32; rows * cols])?;
+            let mut y = gpu.zeros::<f32>(rows * cols)?;
+            softmax::cuda::softmax_f32(&gpu, &x, &mut y, cols)?;
+            (&softmax::KERNEL, "squid_softmax_f32")
+        }
+        "logsumexp" => {
+            let (rows, cols) = (shape[0], shape[1]);
+            let x = gpu.upload(&vec![bf16::from_f32(0.5); rows * cols])?;
+            let mut out = gpu.zeros::<f32>(rows)?;
+            logsumexp::cuda::logsumexp_bf16(&gpu, &x, &mut out, cols, 1.0)?;
+            (&logsumexp::KERNEL, "squid_logsumexp_bf16")
+        }
+        _ => {
+            let x = gpu.upload(&vec![1.0f32; shape[0]])?;
+            let mut y = gpu.zeros::<f32>(shape[0])?;
+            axpy::cuda::axpy_f32(&gpu, 0.5, &x, &mut y)?;
+            (&axpy::KERNEL, "squid_axpy_f32")
+        }
+    };
+    let profile = gpu.last_profile().ok_or_else(|| Error::Config("the simulator returned no profile".into()))?;
+    let mut targets = Vec::new();
+    for (model, arch) in [(A100, Arch::SM80), (H100_SXM, Arch::SM90)] {
+        let registers = match ptxas {
+            Some(_) => check_kernel(source, arch, ptxas)?
+                .into_iter()
+                .find(|r| r.entry == entry)
+                .and_then(|r| r.usage.map(|u| u.registers)),
+            None => None,
+        };
+        let occ =
+            occupancy(&model, profile.threads_per_block(), registers.unwrap_or(1), profile.shared_bytes_per_block);
+        let roofline = profile.roofline(&model);
+        targets.push(TargetModel { gpu: model, registers, occupancy: occ, roofline });
+    }
+    Ok(KernelProfile { profile, targets })
+}
+
+#[cfg(feature = "cuda")]
+impl KernelProfile {
+    /// The profile and the model as a table.
+    pub fn table(&self) -> String {
+        let mut s = format!("simulated launch (exact counts of the simulated run):\n{}", self.profile.table());
+        s.push_str("\nMODEL (not a measurement): occupancy and roofline lower bounds per GPU\n");
+        s.push_str(&format!(
+            "  {:<16} {:>5} {:>24} {:>7} {:>11} {:>11} {:>11} {:>11} {:>11}  {}\n",
+            "gpu",
+            "regs",
+            "blocks/SM (limited by)",
+            "occup.",
+            "tensor us",
+            "dram us",
+            "shared us",
+            "issue us",
+            "estimate",
+            "bound"
+        ));
+        for t in &self.targets {
+            let r = &t.roofline;
+            s.push_str(&format!(
+                "  {:<16} {:>5} {:>24} {:>6.1}% {:>11.2} {:>11.2} {:>11.2} {:>11.2} {:>11.2}  {} (model)\n",
+                t.gpu.name,
+                t.registers.map_or("?".to_string(), |r| r.to_string()),
+                format!("{} ({})", t.occupancy.blocks_per_sm, t.occupancy.limiter),
+                100.0 * t.occupancy.fraction,
+                r.tensor_s * 1e6,
+                r.dram_s * 1e6,
+                r.shared_s * 1e6,
+                r.issue_s * 1e6,
+                r.estimate_s * 1e6,
+                r.bound
+            ));
+        }
+        s
+    }
+
+    /// The profile and the model as JSON.
+    pub fn json(&self) -> String {
+        let targets: Vec<serde_json::Value> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let r = &t.roofline;
+                serde_json::json!({
+                    "gpu": t.gpu.name,
+                    "arch": t.gpu.arch,
+                    "registers": t.registers,
+                    "blocks_per_sm": t.occupancy.blocks_per_sm,
+                    "warps_per_sm": t.occupancy.warps_per_sm,
+                    "occupancy": t.occupancy.fraction,
+                    "occupancy_limiter": t.occupancy.limiter,
+                    "model_tensor_s": r.tensor_s,
+                    "model_dram_s": r.dram_s,
+                    "model_shared_s": r.shared_s,
+                    "model_issue_s": r.issue_s,
+                    "model_estimate_s": r.estimate_s,
+                    "model_bound": r.bound,
+                    "sms_used": r.sms_used,
+                })
+            })
+            .collect();
+        let profile: serde_json::Value = serde_json::from_str(&self.profile.json())
+            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }));
+        serde_json::json!({ "profile": profile, "model": targets, "note": "model figures are a roofline model, not measurements" })
+            .to_string()
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_runs_a_kernel_and_models_it() {
+        if !squid_cuda::testing::nvrtc_available() {
+            return;
+        }
+        let kp = profile_kernel("gemm", &[64, 64, 64], None).unwrap();
+        assert_eq!(kp.profile.warp_instructions_of(squid_cuda::ptxsim::InstClass::Mma), 128);
+        assert_eq!(kp.targets.len(), 2);
+        assert!(kp.targets.iter().all(|t| t.registers.is_none() && t.roofline.estimate_s > 0.0));
+        let table = kp.table();
+        assert!(table.contains("MODEL (not a measurement)") && table.contains("H100 SXM5"), "{table}");
+        let json: serde_json::Value = serde_json::from_str(&kp.json()).unwrap();
+        assert_eq!(json["profile"]["warp_instructions_by_class"]["mma"], 128);
+        assert_eq!(json["model"][0]["arch"], "sm_80");
+        // Unknown kernels and wrong shapes are typed errors.
+        assert!(matches!(profile_kernel("nope", &[], None), Err(Error::Config(_))));
+        assert!(matches!(profile_kernel("gemm", &[64, 64], None), Err(Error::Config(_))));
+        assert!(matches!(profile_kernel("axpy", &[0], None), Err(Error::Config(_))));
+    }
+}

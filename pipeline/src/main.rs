@@ -357,6 +357,21 @@ enum KernelsAction {
         #[arg(long)]
         require_ptxas: bool,
     },
+    /// Run one kernel on the simulator with profiling on and print what it did (warp
+    /// instructions by class, memory requests, sectors, bank conflicts, barriers, cp.async
+    /// depth) with occupancy and a roofline MODEL for A100 and H100 SXM, as a table and JSON.
+    /// Needs NVRTC (and ptxas for the occupancy's registers); the counts are of the simulated
+    /// run, the times a model, never a measurement.
+    Profile {
+        /// The kernel: gemm, softmax, logsumexp or axpy.
+        name: String,
+        /// Comma-separated sizes: gemm M,N,K; softmax and logsumexp ROWS,COLS; axpy N.
+        #[arg(long, value_delimiter = ',')]
+        shape: Vec<usize>,
+        /// Print only the JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -378,6 +393,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Kernels { action: None } => list_kernels(),
         Command::Kernels { action: Some(KernelsAction::Check { arch, require_ptxas }) } => {
             check_kernels(&arch, require_ptxas)
+        }
+        Command::Kernels { action: Some(KernelsAction::Profile { name, shape, json }) } => {
+            profile_kernel(&name, &shape, json)
         }
         Command::Devices => {
             match Device::discover() {
@@ -443,6 +461,29 @@ fn list_kernels() -> Result<(), Error> {
         println!("{:<12} {:<16} {:<30} {:<9} {}", k.name, k.crate_name, k.path, k.fast_math, k.entries.join(", "));
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn profile_kernel(name: &str, shape: &[usize], json_only: bool) -> Result<(), Error> {
+    let ptxas = match ptxas::find_ptxas() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("warning: {e}; occupancy without ptxas's register counts");
+            None
+        }
+    };
+    let kp = squid_pipeline::kernels::profile_kernel(name, shape, ptxas.as_deref())?;
+    if !json_only {
+        print!("{}", kp.table());
+        println!("\nJSON:");
+    }
+    println!("{}", kp.json());
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profile_kernel(_name: &str, _shape: &[usize], _json_only: bool) -> Result<(), Error> {
+    Err(Error::Config("`squid kernels profile` needs the simulator: build with --features cuda".into()))
 }
 
 fn check_kernels(arch: &str, require_ptxas: bool) -> Result<(), Error> {

@@ -66,4 +66,16 @@ fn main() {
     let args = [Arg::Ptr(a), Arg::Ptr(b), Arg::Ptr(c), Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32)];
     report(format!("gemm bf16 {m}x{n}x{k}"), sim.launch("squid_gemm_bf16_f32", cfg, &args).expect("runs"));
     assert!(sim.read::<f32>(c).expect("reads").iter().all(|&v| v == 0.125 * k as f32));
+    // What each check and the profile cost on the gemm.
+    for (what, shared, global, profile) in [
+        ("no checks", false, false, false),
+        ("shared checks only", true, false, false),
+        ("global checks only", false, true, false),
+        ("all checks, profile on", true, true, true),
+    ] {
+        sim.options.check_shared = shared;
+        sim.options.check_global = global;
+        sim.options.profile = profile;
+        report(format!("gemm bf16 {m}x{n}x{k} ({what})"), sim.launch("squid_gemm_bf16_f32", cfg, &args).expect("runs"));
+    }
 }

@@ -2,11 +2,13 @@
 //! synchronisation points, barriers and warp collectives, and the sanitizer checks.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::float::*;
 use crate::ir::*;
-use crate::memory::{GlobalFault, GlobalView};
+use crate::memory::{Accessor, GlobalFault, GlobalView};
 use crate::parse::{LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
+use crate::profile::{shared_wavefronts, BlockProfile, LaneAccess, Profile};
 use crate::{Fault, FaultKind};
 
 /// What every block of one launch shares.
@@ -25,12 +27,18 @@ pub struct LaunchCtx<'a> {
     pub params: &'a [u8],
     /// Global memory visible to the launch.
     pub global: &'a GlobalView<'a>,
-    /// Instruction budget per thread.
+    /// Thread-instructions the whole launch may execute.
     pub step_limit: u64,
+    /// Thread-instructions executed so far by every block (flushed in batches).
+    pub steps_used: &'a AtomicU64,
+    /// Set when a block has faulted (or the budget ran out): every block stops.
+    pub abort: &'a AtomicBool,
     /// Check shared-memory races and uninitialised reads.
     pub check_shared: bool,
     /// Push approximate results to the edge of the ISA's error bound.
     pub approx_worst_case: bool,
+    /// Count what each block does for a [`Profile`].
+    pub profile: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -45,6 +53,9 @@ enum TState {
 #[derive(Clone, Copy, Default)]
 struct Shadow {
     init: bool,
+    /// The destination of a `cp.async` that no wait has completed yet; `w_tid`/`w_line` name
+    /// the issuing thread and the copy.
+    pending: bool,
     /// Last writer + 1 (0: none), the block epoch and its warp's epoch at the write, the line.
     w_tid: u32,
     w_epoch: u32,
@@ -78,6 +89,22 @@ struct Frame {
     caller_base: u64,
 }
 
+/// Steps a block runs before it adds them to the launch's count (and looks for an abort).
+const STEP_FLUSH: u64 = 4096;
+
+/// One `cp.async` issued and not yet completed by a wait.
+struct AsyncCopy {
+    /// Shared-memory offset of the destination.
+    dst: u32,
+    /// Bytes (4, 8 or 16), the source bytes read at issue and zeros after `src-size`.
+    len: u8,
+    data: [u8; 16],
+    /// The thread's group: groups are numbered by commit, the open one is the thread's count.
+    group: u32,
+    /// PTX line of the copy.
+    line: u32,
+}
+
 enum Stop {
     Exit,
     Barrier,
@@ -109,9 +136,16 @@ pub struct Block<'a> {
     wepoch: Vec<u32>,
     bars: Vec<BarState>,
     queue: VecDeque<usize>,
+    /// Steps not yet added to the launch's count.
+    unflushed: u64,
+    /// Each thread's copies in flight, and the number of its open `cp.async` group.
+    async_copies: Vec<Vec<AsyncCopy>>,
+    async_group: Vec<u32>,
+    /// The profile's counters (profiling only).
+    prof: Option<Box<BlockProfile>>,
 }
 
-type R<T> = Result<T, Fault>;
+type R<T> = Result<T, Box<Fault>>;
 
 fn f32b(v: u64) -> f32 {
     f32::from_bits(v as u32)
@@ -149,6 +183,10 @@ impl<'a> Block<'a> {
             wepoch: vec![1; n.div_ceil(32)],
             bars: vec![BarState { red: (BarRedOp::Popc, 0, 0), expected: 0, arrived: 0, waiters: Vec::new() }; 16],
             queue: (0..n).collect(),
+            unflushed: 0,
+            async_copies: (0..n).map(|_| Vec::new()).collect(),
+            async_group: vec![0; n],
+            prof: ctx.profile.then(|| Box::new(BlockProfile::new(n, ctx.f.insts.len()))),
         }
     }
 
@@ -158,30 +196,92 @@ impl<'a> Block<'a> {
         [t % bx, (t / bx) % by, t / (bx * by)]
     }
 
-    fn fault(&self, t: usize, kind: FaultKind) -> Fault {
+    fn fault(&self, t: usize, kind: FaultKind) -> Box<Fault> {
         let pc = self.pc[t] as usize;
         let line = self.ctx.f.insts.get(pc).map_or(self.ctx.f.line, |i| i.line) as usize;
-        Fault { kernel: self.ctx.kernel.to_string(), line, block: self.ctaid, thread: self.tid3(t), kind }
+        Box::new(Fault { kernel: self.ctx.kernel.to_string(), line, block: self.ctaid, thread: self.tid3(t), kind })
     }
 
-    /// Runs the block to completion; returns the instructions executed.
-    pub fn run(mut self) -> R<u64> {
+    /// Runs the block to completion; returns the instructions executed and, when profiling,
+    /// the block's profile.
+    pub fn run(mut self) -> R<(u64, Option<Profile>)> {
+        if self.ctx.abort.load(Ordering::Relaxed) {
+            return Err(self.fault(0, FaultKind::Trap));
+        }
         while let Some(t) = self.queue.pop_front() {
             if self.state[t] != TState::Ready {
                 continue;
             }
             match self.run_thread(t)? {
-                Stop::Exit => self.state[t] = TState::Exited,
+                Stop::Exit => {
+                    self.state[t] = TState::Exited;
+                    // The hardware completes a thread's copies in flight when it exits.
+                    self.complete_async(t, u32::MAX);
+                    self.on_exit(t)?;
+                }
                 Stop::Barrier | Stop::Collective => {}
             }
         }
+        self.flush_steps(0)?;
         if let Some(t) = (0..self.n).find(|&t| self.state[t] != TState::Exited) {
             return Err(self.deadlock(t));
         }
-        Ok(self.steps.iter().sum())
+        let steps = self.steps.iter().sum();
+        let prof = self.prof.take().map(|p| {
+            let mut out = p.finish(&self.ctx.f.insts, self.n);
+            out.thread_instructions = steps;
+            out.barriers = u64::from(self.epoch - 1);
+            out
+        });
+        Ok((steps, prof))
     }
 
-    fn deadlock(&self, t: usize) -> Fault {
+    /// Records one lane's `ld`/`st`/`cp.async` access for the profile.
+    #[cold]
+    fn record_access(&mut self, t: usize, space: Space, addr: u64, bytes: u64, write: bool) {
+        let (sp, a) = self.resolve(space, addr);
+        let pc = self.pc[t] as usize;
+        let Some(p) = self.prof.as_mut() else { return };
+        let kind = match sp {
+            Space::Global | Space::Const | Space::Generic => {
+                self.ctx.global.touch(a, bytes, write);
+                u8::from(write)
+            }
+            Space::Shared => {
+                if space == Space::Generic {
+                    p.pc_shared[pc] = true;
+                }
+                2
+            }
+            _ => return,
+        };
+        p.accesses.push(LaneAccess {
+            kind,
+            warp: (t / 32) as u32,
+            pc: pc as u32,
+            occurrence: p.counts[t * p.ninsts + pc],
+            lane: (t % 32) as u32,
+            addr: a,
+            bytes: bytes as u32,
+        });
+    }
+
+    /// Adds the block's unflushed steps to the launch's count: the launch's budget exhausted
+    /// is a fault of thread `t`; another block's fault stops this one (its result is unused).
+    #[cold]
+    fn flush_steps(&mut self, t: usize) -> R<()> {
+        let k = std::mem::take(&mut self.unflushed);
+        let used = self.ctx.steps_used.fetch_add(k, Ordering::Relaxed) + k;
+        if used > self.ctx.step_limit {
+            return Err(self.fault(t, FaultKind::StepBudget { limit: self.ctx.step_limit }));
+        }
+        if self.ctx.abort.load(Ordering::Relaxed) {
+            return Err(self.fault(t, FaultKind::Trap));
+        }
+        Ok(())
+    }
+
+    fn deadlock(&self, t: usize) -> Box<Fault> {
         let exited = self.state.iter().filter(|s| **s == TState::Exited).count();
         let mut parts = Vec::new();
         for (id, b) in self.bars.iter().enumerate() {
@@ -284,7 +384,7 @@ impl<'a> Block<'a> {
         }
     }
 
-    fn global_fault(&self, t: usize, space: Space, e: GlobalFault, write: bool) -> Fault {
+    fn global_fault(&self, t: usize, space: Space, e: GlobalFault, write: bool) -> Box<Fault> {
         let kind = match e {
             GlobalFault::OutOfBounds(detail) => FaultKind::OutOfBounds { space: space.name(), write, detail },
             GlobalFault::ReadOnly(label) => {
@@ -329,6 +429,9 @@ impl<'a> Block<'a> {
         let (e, we) = (self.epoch, self.wepoch[w]);
         for i in off..off + size {
             let s = self.shadow[i];
+            if s.pending {
+                return Err(self.pending_fault(t, i, s, false));
+            }
             if !s.init {
                 return Err(self.fault(t, FaultKind::UninitShared { offset: i as u64 }));
             }
@@ -363,6 +466,9 @@ impl<'a> Block<'a> {
         let (e, we) = (self.epoch, self.wepoch[w]);
         for i in off..off + size {
             let s = self.shadow[i];
+            if s.pending {
+                return Err(self.pending_fault(t, i, s, true));
+            }
             if s.w_tid != 0 && s.w_tid - 1 != t as u32 && s.w_epoch == e {
                 let wt = (s.w_tid - 1) as usize;
                 if wt / 32 != w || s.w_wep == we {
@@ -386,7 +492,19 @@ impl<'a> Block<'a> {
         Ok(())
     }
 
-    fn race(&self, t: usize, hazard: &'static str, other: usize, other_line: u32, offset: usize) -> Fault {
+    fn pending_fault(&self, t: usize, offset: usize, s: Shadow, write: bool) -> Box<Fault> {
+        self.fault(
+            t,
+            FaultKind::AsyncCopyPending {
+                write,
+                offset: offset as u64,
+                issuer: self.tid3((s.w_tid - 1) as usize),
+                copy_line: s.w_line as usize,
+            },
+        )
+    }
+
+    fn race(&self, t: usize, hazard: &'static str, other: usize, other_line: u32, offset: usize) -> Box<Fault> {
         self.fault(
             t,
             FaultKind::SharedRace {
@@ -403,7 +521,11 @@ impl<'a> Block<'a> {
         self.check_align(t, space, a, size)?;
         match space {
             Space::Global | Space::Const | Space::Generic => {
-                self.ctx.global.load(a, size).map_err(|e| self.global_fault(t, space, e, false))
+                let v = self.ctx.global.load(a, size).map_err(|e| self.global_fault(t, space, e, false))?;
+                if self.ctx.global.checks_races() {
+                    self.check_global_race(t, a, size, false)?;
+                }
+                Ok(v)
             }
             Space::Shared => {
                 let off = self.shared_range(t, a, size, false)?;
@@ -427,7 +549,28 @@ impl<'a> Block<'a> {
         }
     }
 
-    fn oob(&self, t: usize, space: &'static str, write: bool, a: u64, size: u64, len: u64) -> Fault {
+    fn check_global_race(&self, t: usize, addr: u64, size: u64, write: bool) -> R<()> {
+        let [gx, gy, _] = self.ctx.grid.map(u64::from);
+        let [bx, by, bz] = self.ctaid.map(u64::from);
+        let who = Accessor::new(bx + gx * (by + gy * bz), t, self.epoch);
+        let line = self.ctx.f.insts[self.pc[t] as usize].line;
+        self.ctx.global.check_race(addr, size, write, who, line).map_err(|r| {
+            let b = r.other.block();
+            let other_block = [(b % gx) as u32, ((b / gx) % gy) as u32, (b / (gx * gy)) as u32];
+            self.fault(
+                t,
+                FaultKind::GlobalRace {
+                    hazard: r.hazard,
+                    detail: r.detail,
+                    other_block,
+                    other_thread: self.tid3(r.other.thread()),
+                    other_line: r.other_line as usize,
+                },
+            )
+        })
+    }
+
+    fn oob(&self, t: usize, space: &'static str, write: bool, a: u64, size: u64, len: u64) -> Box<Fault> {
         self.fault(
             t,
             FaultKind::OutOfBounds { space, write, detail: format!("{size} bytes at offset {a} of {len} bytes") },
@@ -439,7 +582,11 @@ impl<'a> Block<'a> {
         self.check_align(t, space, a, size)?;
         match space {
             Space::Global | Space::Generic => {
-                self.ctx.global.store(a, size, v).map_err(|e| self.global_fault(t, space, e, true))
+                self.ctx.global.store(a, size, v).map_err(|e| self.global_fault(t, space, e, true))?;
+                if self.ctx.global.checks_races() {
+                    self.check_global_race(t, a, size, true)?;
+                }
+                Ok(())
             }
             Space::Shared => {
                 let off = self.shared_range(t, a, size, true)?;
@@ -475,8 +622,12 @@ impl<'a> Block<'a> {
                 return Ok(Stop::Exit);
             };
             self.steps[t] += 1;
-            if self.steps[t] > self.ctx.step_limit {
-                return Err(self.fault(t, FaultKind::StepBudget { limit: self.ctx.step_limit }));
+            self.unflushed += 1;
+            if let Some(p) = self.prof.as_mut() {
+                p.counts[t * p.ninsts + pc] += 1;
+            }
+            if self.unflushed >= STEP_FLUSH {
+                self.flush_steps(t)?;
             }
             if let Some((p, neg)) = inst.guard {
                 if (self.regs[base + p as usize] != 0) == neg {
@@ -491,6 +642,9 @@ impl<'a> Block<'a> {
                     let addr = self.addr(t, &a[1]);
                     let esz = ty.bytes();
                     let vec = u64::from(inst.vec);
+                    if self.prof.is_some() {
+                        self.record_access(t, *space, addr, esz * vec, false);
+                    }
                     if vec > 1 {
                         let (sp, at) = self.resolve(*space, addr);
                         self.check_align(t, sp, at, esz * vec)?;
@@ -509,6 +663,9 @@ impl<'a> Block<'a> {
                     let addr = self.addr(t, &a[0]);
                     let esz = ty.bytes();
                     let vec = u64::from(inst.vec);
+                    if self.prof.is_some() {
+                        self.record_access(t, *space, addr, esz * vec, true);
+                    }
                     if vec > 1 {
                         let (sp, at) = self.resolve(*space, addr);
                         self.check_align(t, sp, at, esz * vec)?;
@@ -594,7 +751,8 @@ impl<'a> Block<'a> {
                     let x = self.rd(t, &a[1]);
                     let r = ffunc(*func, *ty, *m, x);
                     let r = if self.ctx.approx_worst_case && m.rnd.is_none() && *ty == Ty::F32 {
-                        b32f(worst_case(*func, f32b(x), f32b(r)))
+                        let xin = if m.ftz { ftz32(f32b(x)) } else { f32b(x) };
+                        b32f(worst_case(*func, xin, f32b(r), m.ftz))
                     } else {
                         r
                     };
@@ -766,21 +924,23 @@ impl<'a> Block<'a> {
                     }
                     continue;
                 }
-                Op::CpAsync => {
-                    // Copied at issue: a valid completion order for commit/wait groups.
-                    let dst = self.addr(t, &a[0]);
-                    let src = self.addr(t, &a[1]);
-                    let size = self.rd(t, &a[2]);
-                    let src_size = a.get(3).map_or(size, |o| self.rd(t, o)).min(size);
-                    let (gs, ga) = self.resolve(Space::Global, src);
-                    self.check_align(t, gs, ga, size)?;
-                    let dst_s = self.resolve(Space::Shared, dst);
-                    self.check_align(t, Space::Shared, dst_s.1, size)?;
-                    for i in (0..size).step_by(4) {
-                        let v =
-                            if i < src_size { self.load(t, Space::Global, src + i, 4.min(src_size - i))? } else { 0 };
-                        self.store(t, Space::Shared, dst + i, 4, v)?;
+                Op::CpAsync { ignore_src } => self.cp_async(t, *ignore_src, a)?,
+                Op::CpAsyncCommit => {
+                    self.async_group[t] += 1;
+                    if let Some(p) = self.prof.as_mut() {
+                        let mut groups: Vec<u32> = self.async_copies[t].iter().map(|c| c.group).collect();
+                        groups.dedup();
+                        let depth = groups.len() as u32;
+                        p.out.max_async_groups_in_flight = p.out.max_async_groups_in_flight.max(depth);
                     }
+                }
+                Op::CpAsyncWait { n, all } => {
+                    if *all {
+                        self.async_group[t] += 1;
+                    }
+                    // Groups committed before the newest `n` are complete.
+                    let done = self.async_group[t].saturating_sub(u32::from(*n));
+                    self.complete_async(t, done);
                 }
                 Op::WarpSync
                 | Op::Shfl(_)
@@ -805,6 +965,116 @@ impl<'a> Block<'a> {
             }
             self.pc[t] += 1;
         }
+    }
+
+    /// `cp.async`: the source is read now (one legal time for it), the destination is
+    /// written when a `cp.async.wait_group`/`wait_all` covers the copy (or the thread exits);
+    /// until then it is pending and any access to it is a fault.
+    fn cp_async(&mut self, t: usize, ignore_src: bool, a: &[Operand]) -> R<()> {
+        let dst = self.addr(t, &a[0]);
+        let src = self.addr(t, &a[1]);
+        let size = self.rd(t, &a[2]);
+        let src_size = match a.get(3) {
+            Some(p) if ignore_src => {
+                if self.rd(t, p) != 0 {
+                    0
+                } else {
+                    size
+                }
+            }
+            Some(o) => self.rd(t, o) & 0xffff_ffff,
+            None => size,
+        };
+        if src_size > size {
+            return Err(self.fault(
+                t,
+                FaultKind::OutOfBounds {
+                    space: "global",
+                    write: false,
+                    detail: format!("cp.async src-size {src_size} is larger than its cp-size {size}"),
+                },
+            ));
+        }
+        let (gs, ga) = self.resolve(Space::Global, src);
+        self.check_align(t, gs, ga, size)?;
+        let (ds, da) = self.resolve(Space::Shared, dst);
+        if ds != Space::Shared {
+            return Err(self.fault(
+                t,
+                FaultKind::OutOfBounds {
+                    space: ds.name(),
+                    write: true,
+                    detail: "the destination of a cp.async must be shared memory".into(),
+                },
+            ));
+        }
+        self.check_align(t, Space::Shared, da, size)?;
+        let mut data = [0u8; 16];
+        let mut i = 0;
+        while i < src_size {
+            // Whole words where they fit, then the bytes of a partial one.
+            let step = if src_size - i >= 4 { 4 } else { 1 };
+            let v = self.load(t, Space::Global, src + i, step)?;
+            data[i as usize..(i + step) as usize].copy_from_slice(&v.to_le_bytes()[..step as usize]);
+            i += step;
+        }
+        if self.prof.is_some() {
+            if src_size > 0 {
+                self.record_access(t, Space::Global, src, src_size, false);
+            }
+            self.record_access(t, Space::Shared, da, size, true);
+        }
+        let off = self.shared_range(t, da, size, true)?;
+        // The copy writes the destination at some time before the wait: a hazard with every
+        // access of other threads in this epoch, as a store would be.
+        self.check_shared_write(t, off, size as usize)?;
+        if self.ctx.check_shared {
+            for s in &mut self.shadow[off..off + size as usize] {
+                s.pending = true;
+            }
+        }
+        let line = self.ctx.f.insts[self.pc[t] as usize].line;
+        self.async_copies[t].push(AsyncCopy {
+            dst: off as u32,
+            len: size as u8,
+            data,
+            group: self.async_group[t],
+            line,
+        });
+        Ok(())
+    }
+
+    /// Completes thread `t`'s copies of groups before `group`: their bytes land in shared
+    /// memory, written by `t` in the current epoch (so another thread must still wait for a
+    /// barrier before it reads them).
+    fn complete_async(&mut self, t: usize, group: u32) {
+        if self.async_copies[t].is_empty() {
+            return;
+        }
+        // Taken out and put back, so the thread's list keeps its allocation.
+        let mut copies = std::mem::take(&mut self.async_copies[t]);
+        let (e, we) = (self.epoch, self.wepoch[t / 32]);
+        for c in &copies {
+            if c.group >= group {
+                continue;
+            }
+            let (off, len) = (c.dst as usize, usize::from(c.len));
+            self.shared[off..off + len].copy_from_slice(&c.data[..len]);
+            if self.ctx.check_shared {
+                for s in &mut self.shadow[off..off + len] {
+                    *s = Shadow {
+                        init: true,
+                        w_tid: t as u32 + 1,
+                        w_epoch: e,
+                        w_wep: we,
+                        w_line: c.line,
+                        ..Shadow::default()
+                    };
+                }
+            }
+        }
+        copies.retain(|c| c.group >= group);
+        self.async_copies[t] = copies;
     }
 
     /// `call`: a new frame in the thread's local memory, the arguments copied into it, the
@@ -1017,9 +1287,45 @@ impl<'a> Block<'a> {
             ));
         }
         self.state[t] = TState::AtCollective(mask);
-        for &l in &lanes {
+        self.try_complete_collective(t, mask)
+    }
+
+    /// A thread exited: collectives of its warp that waited for it may now complete.
+    fn on_exit(&mut self, t: usize) -> R<()> {
+        let w = t / 32;
+        for l in 0..32 {
+            let tt = w * 32 + l;
+            if tt >= self.n {
+                break;
+            }
+            if let TState::AtCollective(mask) = self.state[tt] {
+                if mask & (1 << (t % 32)) != 0 {
+                    self.try_complete_collective(tt, mask)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the collective thread `t` waits at when every lane of `mask` that has not
+    /// exited is there (the ISA waits only for non-exited members); `mma` and `ldmatrix`
+    /// need the whole warp.
+    fn try_complete_collective(&mut self, t: usize, mask: u32) -> R<()> {
+        let f = self.ctx.f;
+        let inst = &f.insts[self.pc[t] as usize];
+        let w = t / 32;
+        let lane = t % 32;
+        let whole_warp = matches!(inst.op, Op::Mma { .. } | Op::Ldmatrix { .. });
+        let mut lane_buf = [0usize; 32];
+        let mut nlanes = 0;
+        let mut exited = 0u32;
+        for l in (0..32).filter(|l| mask & (1 << l) != 0) {
             match self.state[w * 32 + l] {
-                TState::AtCollective(m) if m == mask => {}
+                TState::AtCollective(m) if m == mask => {
+                    lane_buf[nlanes] = l;
+                    nlanes += 1;
+                }
+                TState::Exited if !whole_warp => exited |= 1 << l,
                 TState::Exited => {
                     return Err(self.fault(
                         t,
@@ -1029,9 +1335,10 @@ impl<'a> Block<'a> {
                 _ => return Ok(()),
             }
         }
-        // Every lane is here: the same collective?
+        let lanes = &lane_buf[..nlanes];
+        // Every non-exited lane is here: the same collective?
         let op0 = &inst.op;
-        for &l in &lanes {
+        for &l in lanes {
             let tt = w * 32 + l;
             let other = &f.insts[self.pc[tt] as usize];
             if std::mem::discriminant(&other.op) != std::mem::discriminant(op0) || other.op != *op0 {
@@ -1046,17 +1353,16 @@ impl<'a> Block<'a> {
         }
         match *op0 {
             Op::Shfl(mode) => {
-                let vals: Vec<u64> = (0..32)
-                    .map(|l| {
-                        if mask & (1 << l) != 0 {
-                            self.rd(w * 32 + l, &f.insts[self.pc[w * 32 + l] as usize].args[1])
-                        } else {
-                            0
-                        }
-                    })
-                    .collect();
-                let mut outs = Vec::with_capacity(lanes.len());
-                for &l in &lanes {
+                let vals: [u64; 32] = std::array::from_fn(|l| {
+                    if (mask & !exited) & (1 << l) != 0 {
+                        self.rd(w * 32 + l, &f.insts[self.pc[w * 32 + l] as usize].args[1])
+                    } else {
+                        0
+                    }
+                });
+                let mut outs = [(0usize, 0u64, false); 32];
+                let mut nout = 0;
+                for &l in lanes {
                     let tt = w * 32 + l;
                     let i = &f.insts[self.pc[tt] as usize];
                     let b = (self.rd(tt, &i.args[2]) & 0x1f) as i32;
@@ -1073,15 +1379,21 @@ impl<'a> Block<'a> {
                         ShflMode::Idx => (min_lane | (b & !seg), (min_lane | (b & !seg)) <= max_lane),
                     };
                     let j = if p { j as usize } else { l };
+                    if exited & (1 << j) != 0 {
+                        return Err(
+                            self.fault(tt, FaultKind::Collective(format!("shfl reads lane {j}, which has exited")))
+                        );
+                    }
                     if mask & (1 << j) == 0 {
                         return Err(self.fault(
                             tt,
                             FaultKind::Collective(format!("shfl reads lane {j}, outside membermask 0x{mask:08x}")),
                         ));
                     }
-                    outs.push((tt, vals[j], p));
+                    outs[nout] = (tt, vals[j], p);
+                    nout += 1;
                 }
-                for (tt, v, p) in outs {
+                for &(tt, v, p) in &outs[..nout] {
                     let i = &f.insts[self.pc[tt] as usize];
                     self.wr(tt, &i.args[0], v);
                     if let Some(pd) = i.pdst {
@@ -1091,27 +1403,28 @@ impl<'a> Block<'a> {
             }
             Op::Vote(mode) => {
                 let mut ballot = 0u64;
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
                     if self.rd(tt, &f.insts[self.pc[tt] as usize].args[1]) != 0 {
                         ballot |= 1 << l;
                     }
                 }
+                let active = u64::from(mask & !exited);
                 let r = match mode {
-                    VoteMode::All => u64::from(ballot == u64::from(mask)),
+                    VoteMode::All => u64::from(ballot == active),
                     VoteMode::Any => u64::from(ballot != 0),
-                    VoteMode::Uni => u64::from(ballot == 0 || ballot == u64::from(mask)),
+                    VoteMode::Uni => u64::from(ballot == 0 || ballot == active),
                     VoteMode::Ballot => ballot,
                 };
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
-                    let d = f.insts[self.pc[tt] as usize].args[0].clone();
-                    self.wr(tt, &d, r);
+                    let d = &f.insts[self.pc[tt] as usize].args[0];
+                    self.wr(tt, d, r);
                 }
             }
             Op::Redux(op, ty) => {
                 let mut acc: Option<u64> = None;
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
                     let v = self.rd(tt, &f.insts[self.pc[tt] as usize].args[1]) & ty.mask();
                     acc = Some(match acc {
@@ -1119,10 +1432,10 @@ impl<'a> Block<'a> {
                         Some(a) => atom_apply(op, ty, a, v, 0),
                     });
                 }
-                for &l in &lanes {
+                for &l in lanes {
                     let tt = w * 32 + l;
-                    let d = f.insts[self.pc[tt] as usize].args[0].clone();
-                    self.wr(tt, &d, acc.unwrap_or(0));
+                    let d = &f.insts[self.pc[tt] as usize].args[0];
+                    self.wr(tt, d, acc.unwrap_or(0));
                 }
             }
             Op::Match(all, ty) => {
@@ -1136,7 +1449,7 @@ impl<'a> Block<'a> {
                     let i = &f.insts[self.pc[tt] as usize];
                     let r = if all {
                         if all_equal {
-                            u64::from(mask)
+                            u64::from(mask & !exited)
                         } else {
                             0
                         }
@@ -1154,7 +1467,7 @@ impl<'a> Block<'a> {
             Op::Ldmatrix { num, trans, space } => self.ldmatrix(w, num, trans, space)?,
             _ => {}
         }
-        for &l in &lanes {
+        for &l in lanes {
             let tt = w * 32 + l;
             self.pc[tt] += 1;
             self.state[tt] = TState::Ready;
@@ -1167,11 +1480,18 @@ impl<'a> Block<'a> {
 
 impl Block<'_> {
     /// Reads operand `idx` (a vector of registers) of lane `l`'s instruction.
-    fn lane_vec(&self, tt: usize, idx: usize) -> Vec<u64> {
+    /// (Up to 4 elements, without allocating: the mma fragments.)
+    fn lane_vec(&self, tt: usize, idx: usize) -> [u64; 4] {
+        let mut out = [0u64; 4];
         match &self.ctx.f.insts[self.pc[tt] as usize].args[idx] {
-            Operand::Vec(v) => v.iter().map(|o| self.rd(tt, o)).collect(),
-            o => vec![self.rd(tt, o)],
+            Operand::Vec(v) => {
+                for (o, x) in out.iter_mut().zip(v) {
+                    *o = self.rd(tt, x);
+                }
+            }
+            o => out[0] = self.rd(tt, o),
         }
+        out
     }
 
     /// `mma.sync` m16n8k{8,16}: D = A (16 x K, row) * B (K x 8, col) + C, f32 accumulation,
@@ -1179,6 +1499,9 @@ impl Block<'_> {
     /// exact and the sum is rounded once to f32.
     fn mma(&mut self, w: usize, k: u8, bf16: bool) {
         let k = usize::from(k);
+        if let Some(p) = self.prof.as_mut() {
+            p.out.tensor_flops += 2 * 16 * 8 * k as u64;
+        }
         let half = |bits: u64| -> f64 {
             if bf16 {
                 f64::from(half::bf16::from_bits(bits as u16).to_f32())
@@ -1186,8 +1509,8 @@ impl Block<'_> {
                 f64::from(half::f16::from_bits(bits as u16).to_f32())
             }
         };
-        let mut a = vec![[0f64; 16]; 16];
-        let mut b = vec![[0f64; 8]; 16];
+        let mut a = [[0f64; 16]; 16];
+        let mut b = [[0f64; 8]; 16];
         let mut c = [[0f64; 8]; 16];
         for l in 0..32 {
             let tt = w * 32 + l;
@@ -1214,8 +1537,8 @@ impl Block<'_> {
         for l in 0..32 {
             let tt = w * 32 + l;
             let (g, tig) = (l / 4, l % 4);
-            let d = self.ctx.f.insts[self.pc[tt] as usize].args[0].clone();
-            let Operand::Vec(ds) = d else { continue };
+            let f: &Function = self.ctx.f;
+            let Operand::Vec(ds) = &f.insts[self.pc[tt] as usize].args[0] else { continue };
             for (i, dreg) in ds.iter().enumerate().take(4) {
                 let row = if i < 2 { g } else { g + 8 };
                 let col = tig * 2 + (i & 1);
@@ -1232,6 +1555,23 @@ impl Block<'_> {
     /// each matrix, elements (l / 4, 2 (l % 4) + {0, 1}), or their transpose with `.trans`.
     fn ldmatrix(&mut self, w: usize, num: u8, trans: bool, space: Space) -> R<()> {
         let num = usize::from(num);
+        if self.prof.is_some() {
+            // The rows the lanes address, as the shared-memory unit sees them.
+            let mut rows = Vec::with_capacity(8 * num);
+            for r in 0..8 * num {
+                let tt = w * 32 + r;
+                let addr = self.addr(tt, &self.ctx.f.insts[self.pc[tt] as usize].args[1]);
+                rows.push((self.resolve(space, addr).1, 16));
+            }
+            if let Some(p) = self.prof.as_mut() {
+                let wavefronts = shared_wavefronts(&rows);
+                p.out.ldmatrix_requests += 1;
+                p.out.ldmatrix_wavefronts += wavefronts;
+                p.out.shared_requests += 1;
+                p.out.shared_wavefronts += wavefronts;
+                p.out.shared_bytes_requested += 16 * rows.len() as u64;
+            }
+        }
         let mut m = vec![[[0u16; 8]; 8]; num];
         for (mi, mat) in m.iter_mut().enumerate() {
             for (r, row) in mat.iter_mut().enumerate() {
@@ -1239,17 +1579,21 @@ impl Block<'_> {
                 let addr = self.addr(tt, &self.ctx.f.insts[self.pc[tt] as usize].args[1]);
                 let (sp, a) = self.resolve(space, addr);
                 self.check_align(tt, sp, a, 16)?;
-                for (cix, e) in row.iter_mut().enumerate() {
-                    *e = self.load(tt, space, addr + 2 * cix as u64, 2)? as u16;
+                // The row as two 8-byte halves (16-byte aligned, checked above).
+                for half in 0..2 {
+                    let v = self.load(tt, space, addr + 8 * half as u64, 8)?;
+                    for j in 0..4 {
+                        row[4 * half + j] = (v >> (16 * j)) as u16;
+                    }
                 }
             }
         }
         for l in 0..32 {
             let tt = w * 32 + l;
-            let d = self.ctx.f.insts[self.pc[tt] as usize].args[0].clone();
-            let regs: Vec<Operand> = match d {
+            let f: &Function = self.ctx.f;
+            let regs: &[Operand] = match &f.insts[self.pc[tt] as usize].args[0] {
                 Operand::Vec(v) => v,
-                o => vec![o],
+                o => std::slice::from_ref(o),
             };
             for (mi, reg) in regs.iter().enumerate().take(num) {
                 let (r, c0) = (l / 4, 2 * (l % 4));
@@ -1488,32 +1832,114 @@ fn ffunc(func: FFunc, ty: Ty, m: FMods, x: u64) -> u64 {
     }
 }
 
-/// Moves an approximate f32 result to (just inside) the edge of the error bound the PTX ISA
-/// states for the instruction, up or down depending on the input's bits, so a kernel test run
-/// this way shows its tolerance covers any conforming GPU.
-fn worst_case(func: FFunc, x: f32, r: f32) -> f32 {
-    if !r.is_finite() || r == 0.0 {
-        return r;
+/// The error bound the PTX ISA states for an approximate f32 function at input `x`
+/// (sections "Floating Point Instructions: rcp, sqrt, rsqrt, sin, cos, lg2, ex2, tanh").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ApproxBound {
+    /// At most this many ulp from the correctly rounded result.
+    Ulp(u32),
+    /// `|result - exact| <= bound * |exact|`.
+    Relative(f64),
+    /// `|result - exact| <= bound`.
+    Absolute(f64),
+    /// The ISA states the result exactly (a special value), or no bound for this input.
+    Exact,
+}
+
+/// The bound [`worst_case`] pushes `func` to at input `x` (after any `.ftz` flush):
+/// ex2 2 ulp and rcp 1 ulp over the full range; sqrt 2^-23 and rsqrt 2^-22.9 relative over the
+/// positive finite range; lg2 2^-22 absolute on (0.5, 2) and 2^-22 relative elsewhere (positive
+/// finite); sin and cos 2^-20.5 absolute on [-2pi, 2pi] and 2^-14.7 on [-100pi, 100pi] (the ISA
+/// gives no bound outside: the 2^-14.7 is kept); tanh 2^-11 relative, subnormal inputs passed
+/// through. Zeros, infinities and NaN inputs follow the ISA's tables exactly.
+pub fn approx_bound(func: FFunc, x: f32) -> ApproxBound {
+    if x == 0.0 || !x.is_finite() {
+        return ApproxBound::Exact;
     }
+    let pi = std::f32::consts::PI;
+    match func {
+        FFunc::Ex2 => ApproxBound::Ulp(2),
+        FFunc::Rcp => ApproxBound::Ulp(1),
+        FFunc::Sqrt if x > 0.0 => ApproxBound::Relative(2f64.powi(-23)),
+        FFunc::Rsqrt if x > 0.0 => ApproxBound::Relative(2f64.powf(-22.9)),
+        FFunc::Lg2 if x > 0.5 && x < 2.0 => ApproxBound::Absolute(2f64.powi(-22)),
+        FFunc::Lg2 if x > 0.0 => ApproxBound::Relative(2f64.powi(-22)),
+        FFunc::Sin | FFunc::Cos if x.abs() <= 2.0 * pi => ApproxBound::Absolute(2f64.powf(-20.5)),
+        FFunc::Sin | FFunc::Cos => ApproxBound::Absolute(2f64.powf(-14.7)),
+        FFunc::Tanh if x.is_normal() => ApproxBound::Relative(2f64.powi(-11)),
+        _ => ApproxBound::Exact,
+    }
+}
+
+/// The next f32 away from `r` in direction `up` (through zero and the subnormals).
+fn step32(r: f32, up: bool) -> f32 {
+    if r == 0.0 {
+        let tiny = f32::from_bits(1);
+        return if up { tiny } else { -tiny };
+    }
+    let away = (r > 0.0) == up;
+    let b = r.to_bits();
+    f32::from_bits(if away { b + 1 } else { b - 1 })
+}
+
+/// Moves an approximate f32 result to exactly the edge of the error bound the PTX ISA states
+/// for the instruction at this input (the farthest f32 from the exact value that is still
+/// inside it), up or down depending on the input's bits, so a kernel test run this way shows
+/// its tolerance covers any conforming GPU. `r` is the correctly rounded result.
+fn worst_case(func: FFunc, x: f32, r: f32, ftz: bool) -> f32 {
     let up = (x.to_bits().wrapping_mul(0x9e37_79b9) >> 31) == 1;
-    let rd = f64::from(r);
-    let delta = match func {
-        FFunc::Ex2 => rd.abs() * 2f64.powi(-22),
-        FFunc::Lg2 => 2f64.powf(-22.6),
-        FFunc::Rcp | FFunc::Sqrt => rd.abs() * 2f64.powi(-23),
-        FFunc::Rsqrt => rd.abs() * 2f64.powf(-22.9),
-        FFunc::Sin | FFunc::Cos => {
-            if x.abs() <= std::f32::consts::PI {
-                2f64.powf(-20.9)
-            } else {
-                0.0
-            }
+    let exact = || {
+        let d = f64::from(x);
+        match func {
+            FFunc::Ex2 => d.exp2(),
+            FFunc::Lg2 => d.log2(),
+            FFunc::Rcp => 1.0 / d,
+            FFunc::Rsqrt => 1.0 / d.sqrt(),
+            FFunc::Sqrt => d.sqrt(),
+            FFunc::Sin => d.sin(),
+            FFunc::Cos => d.cos(),
+            FFunc::Tanh => d.tanh(),
         }
-        FFunc::Tanh => rd.abs() * 2f64.powi(-11),
     };
-    // 0.9 of the bound: the result must still round inside it.
-    let v = if up { rd + 0.9 * delta } else { rd - 0.9 * delta };
-    v as f32
+    let pushed = match approx_bound(func, x) {
+        ApproxBound::Exact => return r,
+        ApproxBound::Ulp(n) => {
+            if !r.is_finite() {
+                return r;
+            }
+            let mut v = r;
+            for _ in 0..n {
+                let next = step32(v, up);
+                if !next.is_finite() {
+                    break;
+                }
+                v = next;
+            }
+            v
+        }
+        ApproxBound::Relative(b) | ApproxBound::Absolute(b) => {
+            let e = exact();
+            if !e.is_finite() {
+                return r;
+            }
+            let tol = if let ApproxBound::Relative(_) = approx_bound(func, x) { b * e.abs() } else { b };
+            let inside = |v: f32| (f64::from(v) - e).abs() <= tol;
+            // The f32 nearest the edge, then stepped back inside.
+            let mut v = (if up { e + tol } else { e - tol }) as f32;
+            while !inside(v) && v.is_finite() {
+                v = step32(v, !up);
+            }
+            if !v.is_finite() {
+                return r;
+            }
+            v
+        }
+    };
+    if ftz {
+        ftz32(pushed)
+    } else {
+        pushed
+    }
 }
 
 fn compare(cmp: Cmp, ty: Ty, ftz: bool, x: u64, y: u64) -> bool {

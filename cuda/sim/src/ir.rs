@@ -534,8 +534,21 @@ pub enum Op {
         /// state space of the address
         space: Space,
     },
-    /// `cp.async.{ca,cg}.shared.global [dst], [src], cp-size{, src-size}`: copied at issue.
-    CpAsync,
+    /// `cp.async.{ca,cg}.shared.global [dst], [src], cp-size{, src-size | ignore-src}`: read
+    /// at issue, pending in the thread's current group until a wait covers it.
+    CpAsync {
+        /// The fourth operand is the `ignore-src` predicate (else `src-size`).
+        ignore_src: bool,
+    },
+    /// `cp.async.commit_group`
+    CpAsyncCommit,
+    /// `cp.async.wait_group N`, or `wait_all` (a commit, then a wait for every group).
+    CpAsyncWait {
+        /// Groups that may stay pending.
+        n: u8,
+        /// `wait_all`
+        all: bool,
+    },
     /// `redux.sync.op.type d, a, membermask`
     Redux(AtomOp, Ty),
     /// `match.{any,all}.sync.type d[|p], a, membermask` (all when true)

@@ -6,12 +6,16 @@ pub mod ir;
 mod lex;
 mod memory;
 mod parse;
+pub mod profile;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use rayon::prelude::*;
 
 pub use ir::Module;
+pub use profile::{occupancy, GpuModel, InstClass, Occupancy, Profile, Roofline, A100, H100_SXM};
 
 /// What the simulator can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +121,34 @@ pub enum FaultKind {
         /// The other access's PTX line.
         other_line: usize,
     },
+    /// An access to the shared-memory destination of a `cp.async` before the
+    /// `cp.async.wait_group`/`wait_all` of the issuing thread that covers the copy.
+    #[error("{} of shared offset {offset}, the destination of a cp.async (PTX line {copy_line}) by thread ({},{},{}) that no cp.async.wait_group/wait_all has completed", if *write { "write" } else { "read" }, issuer[0], issuer[1], issuer[2])]
+    AsyncCopyPending {
+        /// A write (else a read).
+        write: bool,
+        /// Byte offset in shared memory.
+        offset: u64,
+        /// `%tid` of the thread that issued the copy.
+        issuer: [u32; 3],
+        /// PTX line of the `cp.async`.
+        copy_line: usize,
+    },
+    /// Two threads of one launch touched the same global bytes, at least one writing, with no
+    /// atomic and nothing ordering them (another block, or the same block without a barrier).
+    #[error("global-memory race ({hazard}) at {detail} with block ({},{},{}) thread ({},{},{}) at PTX line {other_line}", other_block[0], other_block[1], other_block[2], other_thread[0], other_thread[1], other_thread[2])]
+    GlobalRace {
+        /// `read-after-write`, `write-after-read` or `write-after-write`.
+        hazard: &'static str,
+        /// The buffer and the byte offset in it.
+        detail: String,
+        /// The other access's `%ctaid`.
+        other_block: [u32; 3],
+        /// The other access's `%tid`.
+        other_thread: [u32; 3],
+        /// The other access's PTX line.
+        other_line: usize,
+    },
     /// A read of shared memory that no thread of the block has written.
     #[error("read of uninitialised shared memory at offset {offset}")]
     UninitShared {
@@ -130,8 +162,9 @@ pub enum FaultKind {
     /// is used wrongly.
     #[error("warp collective error: {0}")]
     Collective(String),
-    /// A thread ran more instructions than the launch allows (an endless loop?).
-    #[error("step budget of {limit} instructions per thread exhausted")]
+    /// The launch ran more thread-instructions than its budget (an endless loop?); the whole
+    /// launch stops at once.
+    #[error("the launch's step budget of {limit} thread-instructions is exhausted (an endless loop?)")]
     StepBudget {
         /// The budget.
         limit: u64,
@@ -216,10 +249,14 @@ impl LaunchReport {
 /// Options of a simulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Options {
-    /// Instructions one thread may execute per launch before [`FaultKind::StepBudget`].
-    pub step_limit_per_thread: u64,
+    /// Thread-instructions one launch may execute (all its threads together) before
+    /// [`FaultKind::StepBudget`] stops the whole launch.
+    pub step_limit: u64,
     /// Track shared-memory races and uninitialised reads (costs memory and time).
     pub check_shared: bool,
+    /// Track global-memory races between the threads of a launch (plain accesses; atomics
+    /// are not tracked).
+    pub check_global: bool,
     /// Run blocks on the rayon pool (else one after another).
     pub parallel_blocks: bool,
     /// Return the `.approx` functions' results (`ex2 lg2 rcp rsqrt sqrt sin cos tanh`, f32)
@@ -227,13 +264,30 @@ pub struct Options {
     /// direction, instead of the nearly exact value: a kernel test that passes this way has a
     /// tolerance wide enough for any conforming GPU.
     pub approx_worst_case: bool,
+    /// Count a [`Profile`] of every launch ([`Simulator::last_profile`]); off by default
+    /// (when off it costs one branch per instruction).
+    pub profile: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { step_limit_per_thread: 10_000_000, check_shared: true, parallel_blocks: true, approx_worst_case: false }
+        Self {
+            step_limit: 1 << 32,
+            check_shared: true,
+            check_global: true,
+            parallel_blocks: true,
+            approx_worst_case: false,
+            profile: false,
+        }
     }
 }
+
+/// Local memory a thread may have (CUDA's limit, 512 KiB).
+pub const MAX_LOCAL_BYTES: u64 = 512 * 1024;
+
+/// Registers and local memory one simulated block may need (1 GiB): over it a launch is a
+/// typed error instead of an allocation that could abort the process.
+pub const MAX_BLOCK_STATE_BYTES: u64 = 1 << 30;
 
 static NEXT_SIM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
@@ -245,6 +299,8 @@ pub struct Simulator {
     id: usize,
     /// The options in force.
     pub options: Options,
+    /// The profile of the last launch made with [`Options::profile`] on.
+    last_profile: Mutex<Option<Profile>>,
 }
 
 /// One module and the memory of its `.global`/`.const` variables.
@@ -262,6 +318,7 @@ impl Simulator {
             next_base: memory::GLOBAL_BASE,
             id: NEXT_SIM.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             options: Options::default(),
+            last_profile: Mutex::new(None),
         }
     }
 
@@ -310,6 +367,12 @@ impl Simulator {
         let mut v: Vec<&str> = self.modules().flat_map(|m| m.entries.keys().map(String::as_str)).collect();
         v.sort_unstable();
         v
+    }
+
+    /// The profile of the last launch run with [`Options::profile`] on (also of one that
+    /// faulted: the blocks that finished).
+    pub fn last_profile(&self) -> Option<Profile> {
+        self.last_profile.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Copies `data` into a new device buffer.
@@ -369,6 +432,36 @@ impl Simulator {
                 config.grid, config.block
             )));
         }
+        if config.block[2] > 64 || config.grid[0] > i32::MAX as u32 || config.grid[1] > 65535 || config.grid[2] > 65535
+        {
+            return Err(bad(format!(
+                "grid {:?} x block {:?}: CUDA allows grids up to (2^31-1, 65535, 65535) and a block z of 64",
+                config.grid, config.block
+            )));
+        }
+        let blocks_total: u64 = config.grid.iter().map(|&d| u64::from(d)).product();
+        let threads_total = blocks_total * threads;
+        if threads_total > self.options.step_limit {
+            return Err(bad(format!(
+                "{threads_total} threads ({blocks_total} blocks of {threads}) exceed the step budget of {} \
+                 thread-instructions before each ran one (Options::step_limit)",
+                self.options.step_limit
+            )));
+        }
+        if f.local_bytes > MAX_LOCAL_BYTES {
+            return Err(bad(format!(
+                "{} bytes of local memory per thread exceed the CUDA limit of {MAX_LOCAL_BYTES}",
+                f.local_bytes
+            )));
+        }
+        let block_bytes = threads * (u64::from(f.num_regs) * 8 + f.local_bytes);
+        if block_bytes > MAX_BLOCK_STATE_BYTES {
+            return Err(bad(format!(
+                "a block's registers and local memory ({threads} threads x ({} registers, {} local bytes)) \
+                 need {block_bytes} bytes, over the simulator's limit of {MAX_BLOCK_STATE_BYTES}",
+                f.num_regs, f.local_bytes
+            )));
+        }
         if let Some(m) = f.max_threads {
             if threads > u64::from(m) {
                 return Err(bad(format!("block of {threads} threads exceeds the kernel's .maxntid/.reqntid {m}")));
@@ -422,7 +515,12 @@ impl Simulator {
             }
             params[p.offset as usize..(p.offset + size) as usize].copy_from_slice(&bytes[..size as usize]);
         }
-        let global = memory::GlobalView::new(visible);
+        let global = memory::GlobalView::new(visible, self.options.check_global, self.options.profile);
+        let profile = Mutex::new(Profile::default());
+        let steps_used = AtomicU64::new(0);
+        let abort = AtomicBool::new(false);
+        // The first fault of any block; it stops every other block.
+        let first_fault: Mutex<Option<Box<Fault>>> = Mutex::new(None);
         let ctx = exec::LaunchCtx {
             kernel: entry,
             f,
@@ -431,26 +529,56 @@ impl Simulator {
             dynamic_shared: u64::from(config.dynamic_shared_bytes),
             params: &params,
             global: &global,
-            step_limit: self.options.step_limit_per_thread,
+            step_limit: self.options.step_limit,
+            steps_used: &steps_used,
+            abort: &abort,
             check_shared: self.options.check_shared,
             approx_worst_case: self.options.approx_worst_case,
+            profile: self.options.profile,
         };
-        let [gx, gy, gz] = config.grid;
-        let blocks: Vec<[u32; 3]> =
-            (0..gz).flat_map(|z| (0..gy).flat_map(move |y| (0..gx).map(move |x| [x, y, z]))).collect();
+        let [gx, gy, _] = config.grid.map(u64::from);
         let start = Instant::now();
-        let run = |b: &[u32; 3]| exec::Block::new(&ctx, *b).run();
-        let results: Vec<Result<u64, Fault>> = if self.options.parallel_blocks {
-            blocks.par_iter().map(run).collect()
+        let run = |i: u64| -> u64 {
+            if abort.load(Ordering::Relaxed) {
+                return 0;
+            }
+            let b = [(i % gx) as u32, ((i / gx) % gy) as u32, (i / (gx * gy)) as u32];
+            match exec::Block::new(&ctx, b).run() {
+                Ok((n, prof)) => {
+                    if let Some(p) = prof {
+                        profile.lock().unwrap_or_else(|p| p.into_inner()).merge(&p);
+                    }
+                    n
+                }
+                Err(f) => {
+                    let mut first = first_fault.lock().unwrap_or_else(|p| p.into_inner());
+                    if first.is_none() && !abort.load(Ordering::Relaxed) {
+                        *first = Some(f);
+                    }
+                    abort.store(true, Ordering::Relaxed);
+                    0
+                }
+            }
+        };
+        let total: u64 = if self.options.parallel_blocks {
+            (0..blocks_total).into_par_iter().map(run).sum()
         } else {
-            blocks.iter().map(run).collect()
+            (0..blocks_total).map(run).sum()
         };
         let seconds = start.elapsed().as_secs_f64();
-        let mut total = 0;
-        for r in results {
-            total += r.map_err(|f| Error::Fault(Box::new(f)))?;
+        if self.options.profile {
+            let mut p = profile.into_inner().unwrap_or_else(|p| p.into_inner());
+            p.kernel = entry.to_string();
+            p.grid = config.grid;
+            p.block = config.block;
+            p.shared_bytes_per_block = f.dynamic_shared_offset + u64::from(config.dynamic_shared_bytes);
+            (p.unique_bytes_read, p.unique_bytes_written) = global.unique_bytes();
+            *self.last_profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(p);
         }
-        Ok(LaunchReport { thread_instructions: total, blocks: blocks.len() as u64, seconds })
+        if let Some(f) = first_fault.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(Error::Fault(f));
+        }
+        Ok(LaunchReport { thread_instructions: total, blocks: blocks_total, seconds })
     }
 }
 

@@ -2,8 +2,8 @@
 //! (byte-wise atomics, so blocks may run on different host threads without undefined
 //! behaviour even when a kernel races).
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// Where the first buffer is placed; buffers are 256-byte aligned with a 64 KiB gap between.
 pub const GLOBAL_BASE: u64 = 0x0000_1000_0000_0000;
@@ -50,6 +50,92 @@ pub struct GlobalView<'a> {
     /// Sorted by base.
     pub regions: Vec<&'a Region>,
     locks: Vec<Mutex<()>>,
+    /// Per region (same order), the race-check shadow of its bytes; empty when off.
+    shadow: Vec<RegionShadow>,
+    /// Per region, bitsets of the bytes read and written (profiling); empty when off.
+    touched: Vec<[Box<[AtomicU64]>; 2]>,
+}
+
+/// Who made a global access: the block's linear index, the thread's linear index in the block,
+/// the bytes of a 4-byte word it touched and the block's barrier epoch, packed into one word
+/// (0: nobody).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accessor(u64);
+
+const EPOCH_BITS: u32 = 18;
+const EPOCH_MASK: u64 = (1 << EPOCH_BITS) - 1;
+
+impl Accessor {
+    /// Packs block (< 2^32 - 1), thread (< 1024) and epoch (kept modulo 2^18).
+    pub fn new(block: u64, thread: usize, epoch: u32) -> Self {
+        Self(((block + 1) << 32) | ((thread as u64) << 22) | (u64::from(epoch) & EPOCH_MASK))
+    }
+    /// The block's linear index.
+    pub fn block(self) -> u64 {
+        (self.0 >> 32) - 1
+    }
+    /// The thread's linear index in its block.
+    pub fn thread(self) -> usize {
+        ((self.0 >> 22) & 0x3ff) as usize
+    }
+    fn bytes(self) -> u64 {
+        (self.0 >> EPOCH_BITS) & 0xf
+    }
+    fn with_bytes(self, m: u64) -> Self {
+        Self((self.0 & !(0xf << EPOCH_BITS)) | (m << EPOCH_BITS))
+    }
+    fn same_thread(self, o: Accessor) -> bool {
+        self.0 >> 22 == o.0 >> 22
+    }
+    /// Touches some of `o`'s bytes and is unordered with it (another thread of another block,
+    /// or of the same block in the same barrier epoch).
+    fn races(self, o: Accessor) -> bool {
+        o.0 != 0
+            && self.bytes() & o.bytes() != 0
+            && !self.same_thread(o)
+            && (self.0 >> 32 != o.0 >> 32 || self.0 & EPOCH_MASK == o.0 & EPOCH_MASK)
+    }
+}
+
+/// A global-memory race found by [`GlobalView::check_race`].
+pub struct GlobalRace {
+    /// `read-after-write`, `write-after-read` or `write-after-write`.
+    pub hazard: &'static str,
+    /// The buffer and offset.
+    pub detail: String,
+    /// The other access.
+    pub other: Accessor,
+    /// Its PTX line.
+    pub other_line: u32,
+}
+
+/// 4-byte words per shadow page.
+const SHADOW_PAGE: usize = 1024;
+
+/// One 4-byte word's last writer and a reader that may still race (each with the bytes of the
+/// word it touched), and their PTX lines.
+#[derive(Default)]
+struct WordShadow {
+    w: AtomicU64,
+    r: AtomicU64,
+    w_line: AtomicU32,
+    r_line: AtomicU32,
+}
+
+/// Shadow pages of one region, allocated when first touched.
+struct RegionShadow {
+    pages: Box<[OnceLock<Box<[WordShadow]>>]>,
+}
+
+impl RegionShadow {
+    fn new(len: u64) -> Self {
+        Self { pages: (0..(len as usize).div_ceil(4 * SHADOW_PAGE)).map(|_| OnceLock::new()).collect() }
+    }
+    fn word(&self, w: usize) -> &WordShadow {
+        let page =
+            self.pages[w / SHADOW_PAGE].get_or_init(|| (0..SHADOW_PAGE).map(|_| WordShadow::default()).collect());
+        &page[w % SHADOW_PAGE]
+    }
 }
 
 /// Why a global access failed.
@@ -62,16 +148,106 @@ pub enum GlobalFault {
 
 impl<'a> GlobalView<'a> {
     /// A view over `regions`.
-    pub fn new(mut regions: Vec<&'a Region>) -> Self {
+    pub fn new(mut regions: Vec<&'a Region>, check_races: bool, profile: bool) -> Self {
         regions.sort_by_key(|r| r.base);
-        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect() }
+        let shadow =
+            if check_races { regions.iter().map(|r| RegionShadow::new(r.len())).collect() } else { Vec::new() };
+        let bits = |len: u64| (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect::<Box<[AtomicU64]>>();
+        let touched =
+            if profile { regions.iter().map(|r| [bits(r.len()), bits(r.len())]).collect() } else { Vec::new() };
+        Self { regions, locks: (0..64).map(|_| Mutex::new(())).collect(), shadow, touched }
+    }
+
+    /// Marks `size` bytes at `addr` read (or written) for the profile's unique-byte counts.
+    pub fn touch(&self, addr: u64, size: u64, write: bool) {
+        let Some((ri, off)) = self.find_index(addr, size) else { return };
+        let Some(sets) = self.touched.get(ri) else { return };
+        let set = &sets[usize::from(write)];
+        for b in off..off + size as usize {
+            set[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Distinct bytes read and written so far (profiling).
+    pub fn unique_bytes(&self) -> (u64, u64) {
+        let count = |i: usize| -> u64 {
+            self.touched
+                .iter()
+                .map(|s| s[i].iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum::<u64>())
+                .sum()
+        };
+        (count(0), count(1))
+    }
+
+    /// Whether plain accesses are race-checked.
+    pub fn checks_races(&self) -> bool {
+        !self.shadow.is_empty()
+    }
+
+    fn find_index(&self, addr: u64, size: u64) -> Option<(usize, usize)> {
+        self.regions
+            .iter()
+            .position(|r| {
+                addr >= r.base && addr.wrapping_add(size) <= r.base + r.len() && addr.wrapping_add(size) >= addr
+            })
+            .map(|i| (i, (addr - self.regions[i].base) as usize))
+    }
+
+    /// Records a plain (non-atomic) access of `size` bytes at `addr` by `who` and reports a
+    /// race with an earlier access it is unordered with (another block, or the same block
+    /// without a barrier between), at least one of them a write. Each 4-byte word remembers
+    /// its last writer and one reader that may still race, with the bytes they touched.
+    /// Read-only regions are not tracked.
+    pub fn check_race(&self, addr: u64, size: u64, write: bool, who: Accessor, line: u32) -> Result<(), GlobalRace> {
+        let Some((ri, off)) = self.find_index(addr, size) else { return Ok(()) };
+        let region = self.regions[ri];
+        if region.read_only {
+            return Ok(());
+        }
+        let shadow = &self.shadow[ri];
+        let end = off + size as usize;
+        for word in off / 4..end.div_ceil(4) {
+            let lo = off.max(4 * word) - 4 * word;
+            let hi = end.min(4 * word + 4) - 4 * word;
+            let me = who.with_bytes(((1u64 << hi) - 1) & !((1u64 << lo) - 1));
+            let s = shadow.word(word);
+            let race = |hazard, other: u64, other_line: &AtomicU32| GlobalRace {
+                hazard,
+                detail: format!("offset {} of {}", 4 * word + lo, region.label),
+                other: Accessor(other),
+                other_line: other_line.load(Ordering::Relaxed),
+            };
+            let w = Accessor(s.w.load(Ordering::Relaxed));
+            if me.races(w) {
+                return Err(race(if write { "write-after-write" } else { "read-after-write" }, w.0, &s.w_line));
+            }
+            let r = Accessor(s.r.load(Ordering::Relaxed));
+            if write {
+                if me.races(r) {
+                    return Err(race("write-after-read", r.0, &s.r_line));
+                }
+                let merged = if w.0 != 0 && w.same_thread(me) && w.0 & EPOCH_MASK == me.0 & EPOCH_MASK {
+                    me.with_bytes(me.bytes() | w.bytes())
+                } else {
+                    me
+                };
+                s.w.store(merged.0, Ordering::Relaxed);
+                s.w_line.store(line, Ordering::Relaxed);
+            } else if r.0 == 0 || r.same_thread(me) || !me.with_bytes(0xf).races(r.with_bytes(0xf)) {
+                // Keep a reader of another thread that may still race with a later write.
+                let merged = if r.0 != 0 && r.same_thread(me) { me.with_bytes(me.bytes() | r.bytes()) } else { me };
+                if merged != r {
+                    s.r.store(merged.0, Ordering::Relaxed);
+                    s.r_line.store(line, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn find(&self, addr: u64, size: u64) -> Result<(&'a Region, usize), GlobalFault> {
-        for r in &self.regions {
-            if addr >= r.base && addr.wrapping_add(size) <= r.base + r.len() && addr.wrapping_add(size) >= addr {
-                return Ok((r, (addr - r.base) as usize));
-            }
+        if let Some((i, off)) = self.find_index(addr, size) {
+            return Ok((self.regions[i], off));
         }
         // Describe the nearest region.
         let near = self.regions.iter().min_by_key(|r| {

@@ -187,7 +187,11 @@ fn parse_decl(c: &mut Cursor) -> Result<Decl, Error> {
                 let s = s.clone();
                 c.pos += 1;
                 if s == ".align" {
-                    align = Some(c.int()? as u64);
+                    let a = c.int()? as u64;
+                    if !a.is_power_of_two() || a > 1 << 16 {
+                        return Err(perr(line, format!(".align {a} is not a power of two up to 65536")));
+                    }
+                    align = Some(a);
                 } else if let Some(t) = Ty::parse(&s[1..]) {
                     ty = Some(t);
                 } else if s.starts_with(".v") {
@@ -211,9 +215,11 @@ fn parse_decl(c: &mut Cursor) -> Result<Decl, Error> {
             c.expect_punct('>')?;
         }
         while c.eat_punct('[') {
+            let line = c.line();
             let n = if c.is_punct(']') { 0 } else { c.int()? as u64 };
             c.expect_punct(']')?;
-            array = Some(array.unwrap_or(1) * n.max(if n == 0 { 0 } else { 1 }));
+            let len = array.unwrap_or(1u64).checked_mul(n).filter(|&l| l <= MAX_VARIABLE_BYTES);
+            array = Some(len.ok_or_else(|| too_big(&name, line))?);
         }
         if c.eat_punct('=') {
             let mut vals = Vec::new();
@@ -249,7 +255,8 @@ fn parse_decl(c: &mut Cursor) -> Result<Decl, Error> {
 fn var_from_decl(d: &Decl, idx: usize, line: u32) -> Result<Var, Error> {
     let (name, _, array) = &d.names[idx];
     let elem = d.ty.bytes();
-    let size = elem * array.unwrap_or(1);
+    let size = elem.checked_mul(array.unwrap_or(1)).filter(|&s| s <= MAX_VARIABLE_BYTES);
+    let size = size.ok_or_else(|| too_big(name, line))?;
     let init = match &d.init {
         Some(vals) => {
             let mut bytes = Vec::with_capacity(size as usize);
@@ -268,6 +275,15 @@ fn var_from_decl(d: &Decl, idx: usize, line: u32) -> Result<Var, Error> {
     Ok(Var { name: name.clone(), size, align: d.align.unwrap_or(elem).max(1), init })
 }
 
+/// The largest variable (array, parameter) the simulator accepts: 1 GiB, far above any
+/// GPU's shared or per-thread local memory, so a huge declaration is a typed error rather
+/// than an allocation that aborts the process.
+pub const MAX_VARIABLE_BYTES: u64 = 1 << 30;
+
+fn too_big(name: &str, line: u32) -> Error {
+    perr(line, format!("{name} is larger than the simulator's limit of {MAX_VARIABLE_BYTES} bytes per variable"))
+}
+
 fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a.max(1)) * a.max(1)
 }
@@ -283,6 +299,7 @@ struct ModuleSyms {
     /// Module global/const variable addresses.
     globals: HashMap<String, u64>,
     next_global: u64,
+    global_base: u64,
     /// Device functions declared or defined so far.
     funcs: std::collections::HashSet<String>,
 }
@@ -291,7 +308,7 @@ struct ModuleSyms {
 pub fn parse_module(text: &str, global_base: u64) -> Result<Module, Error> {
     let mut c = Cursor { toks: lex(text)?, pos: 0 };
     let mut module = Module::default();
-    let mut syms = ModuleSyms { next_global: global_base, ..Default::default() };
+    let mut syms = ModuleSyms { next_global: global_base, global_base, ..Default::default() };
     while let Some(tok) = c.peek().cloned() {
         let line = c.line();
         match tok {
@@ -511,6 +528,14 @@ fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Resu
                     } else {
                         let addr = align_up(syms.next_global, v.align.max(256));
                         syms.next_global = addr + v.size.max(1);
+                        if syms.next_global - syms.global_base > MAX_VARIABLE_BYTES {
+                            return Err(perr(
+                                line,
+                                format!(
+                                    "the module's .global/.const variables exceed the simulator's limit of {MAX_VARIABLE_BYTES} bytes"
+                                ),
+                            ));
+                        }
                         syms.globals.insert(v.name.clone(), addr);
                         module.globals.push((space, v, addr));
                     }
@@ -525,9 +550,9 @@ fn top_level(c: &mut Cursor, module: &mut Module, syms: &mut ModuleSyms) -> Resu
 /// Per-function decoding state.
 struct FnCtx<'a> {
     syms: &'a ModuleSyms,
-    scopes: Vec<HashMap<String, u32>>,
-    reg_bits: Vec<u32>,
-    reg_names: Vec<String>,
+    /// Registers: declared lazily (a `%r<N>` range gets an index per name on first use), so
+    /// a range of any size costs nothing until its names are used.
+    regs: std::cell::RefCell<Regs>,
     /// Function-local symbols: name -> address in its space.
     locals: HashMap<String, u64>,
     labels: HashMap<String, usize>,
@@ -544,15 +569,71 @@ struct FnCtx<'a> {
     call_names: Vec<String>,
 }
 
+/// One `{ }` scope's registers: names declared one by one, and `%name<N>` ranges.
+#[derive(Default)]
+struct RegScope {
+    names: HashMap<String, u32>,
+    /// (prefix, count, bits) of each `.reg .ty prefix<count>;`
+    ranges: Vec<(String, u64, u32)>,
+}
+
+/// The registers of a function being decoded.
+#[derive(Default)]
+struct Regs {
+    scopes: Vec<RegScope>,
+    bits: Vec<u32>,
+    names: Vec<String>,
+}
+
+impl Regs {
+    fn declare(&mut self, name: String, bits: u32) -> u32 {
+        let idx = self.bits.len() as u32;
+        self.bits.push(bits);
+        self.names.push(name.clone());
+        self.scopes.last_mut().expect("a scope").names.insert(name, idx);
+        idx
+    }
+
+    /// The register `name` resolves to in the innermost scope that declares it; a name of a
+    /// range gets its register on first use (in the range's scope).
+    fn lookup(&mut self, name: &str) -> Option<u32> {
+        for si in (0..self.scopes.len()).rev() {
+            if let Some(&r) = self.scopes[si].names.get(name) {
+                return Some(r);
+            }
+            let in_range = self.scopes[si].ranges.iter().find_map(|(prefix, count, bits)| {
+                let digits = name.strip_prefix(prefix.as_str())?;
+                let canonical = !digits.is_empty()
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && (digits == "0" || !digits.starts_with('0'));
+                let i: u64 = if canonical { digits.parse().ok()? } else { return None };
+                (i < *count).then_some(*bits)
+            });
+            if let Some(bits) = in_range {
+                let idx = self.bits.len() as u32;
+                self.bits.push(bits);
+                self.names.push(name.to_string());
+                self.scopes[si].names.insert(name.to_string(), idx);
+                return Some(idx);
+            }
+        }
+        None
+    }
+}
+
 impl FnCtx<'_> {
     fn declare_reg(&mut self, name: String, bits: u32) {
-        let idx = self.reg_bits.len() as u32;
-        self.reg_bits.push(bits);
-        self.reg_names.push(name.clone());
-        self.scopes.last_mut().expect("a scope").insert(name, idx);
+        self.regs.get_mut().declare(name, bits);
+    }
+    fn declare_reg_range(&mut self, prefix: String, count: u64, bits: u32) {
+        self.regs.get_mut().scopes.last_mut().expect("a scope").ranges.push((prefix, count, bits));
     }
     fn reg(&self, name: &str) -> Option<u32> {
-        self.scopes.iter().rev().find_map(|s| s.get(name).copied())
+        self.regs.borrow_mut().lookup(name)
+    }
+    /// Whether `name` is a predicate register.
+    fn is_pred(&self, name: &str) -> bool {
+        self.reg(name).is_some_and(|r| self.regs.borrow().bits[r as usize] == 1)
     }
     /// Allocates a variable in the call frame.
     fn frame_var(&mut self, name: String, size: u64, align: u64) -> u64 {
@@ -613,7 +694,8 @@ fn parse_params(c: &mut Cursor) -> Result<Vec<(Param, u64)>, Error> {
             count = c.int()? as u64;
             c.expect_punct(']')?;
         }
-        let size = ty.bytes() * count;
+        let size = ty.bytes().checked_mul(count).filter(|&s| s <= MAX_VARIABLE_BYTES);
+        let size = size.ok_or_else(|| too_big(&pname, pl))?;
         params.push((Param { name: pname, ty, size, offset: 0 }, align.unwrap_or(ty.bytes()).max(1)));
     }
     Ok(params)
@@ -628,9 +710,7 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(Str
     let param_list = if c.eat_punct('(') { parse_params(c)? } else { Vec::new() };
     let mut f = FnCtx {
         syms,
-        scopes: vec![HashMap::new()],
-        reg_bits: Vec::new(),
-        reg_names: Vec::new(),
+        regs: std::cell::RefCell::new(Regs { scopes: vec![RegScope::default()], ..Regs::default() }),
         locals: HashMap::new(),
         labels: HashMap::new(),
         fixups: Vec::new(),
@@ -696,12 +776,12 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(Str
             Tok::Punct('{') => {
                 c.pos += 1;
                 depth += 1;
-                f.scopes.push(HashMap::new());
+                f.regs.get_mut().scopes.push(RegScope::default());
             }
             Tok::Punct('}') => {
                 c.pos += 1;
                 depth -= 1;
-                f.scopes.pop();
+                f.regs.get_mut().scopes.pop();
             }
             Tok::Punct('@') => parse_inst(c, &mut f)?,
             Tok::Ident(s) if s.starts_with('.') => {
@@ -715,11 +795,7 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(Str
                         };
                         for (n, range, _) in &d.names {
                             match range {
-                                Some(k) => {
-                                    for i in 0..*k {
-                                        f.declare_reg(format!("{n}{i}"), bits);
-                                    }
-                                }
+                                Some(k) => f.declare_reg_range(n.clone(), *k, bits),
                                 None => f.declare_reg(n.clone(), bits),
                             }
                         }
@@ -781,6 +857,7 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(Str
             }
         }
     }
+    let regs = f.regs.into_inner();
     Ok((
         name.clone(),
         Some(Function {
@@ -788,9 +865,9 @@ fn parse_function(c: &mut Cursor, syms: &ModuleSyms, entry: bool) -> Result<(Str
             line,
             params,
             param_bytes,
-            num_regs: f.reg_bits.len() as u32,
-            reg_bits: f.reg_bits,
-            reg_names: f.reg_names,
+            num_regs: regs.bits.len() as u32,
+            reg_bits: regs.bits,
+            reg_names: regs.names,
             static_shared: shared_bytes,
             dynamic_shared_offset,
             local_bytes: f.frame_bytes,
@@ -1615,8 +1692,16 @@ fn decode(f: &FnCtx<'_>, opcode: &str, raws: &[Raw], line: u32) -> Result<Decode
             )
         }
         "cp" if mods.first() == Some(&"async") => {
-            if has("commit_group") || has("wait_group") || has("wait_all") {
-                (Op::Nop, vec![], 1)
+            if has("commit_group") {
+                (Op::CpAsyncCommit, vec![], 1)
+            } else if has("wait_group") {
+                need(1)?;
+                let Raw::Num(Num::Int(n @ 0..=255)) = raws[0] else {
+                    return Err(perr(line, format!("{opcode}: N must be an immediate in 0..=255")));
+                };
+                (Op::CpAsyncWait { n: n as u8, all: false }, vec![], 1)
+            } else if has("wait_all") {
+                (Op::CpAsyncWait { n: 0, all: true }, vec![], 1)
             } else if has("bulk") || has("mbarrier") || !has("shared") || !has("global") {
                 return Err(un());
             } else {
@@ -1626,10 +1711,17 @@ fn decode(f: &FnCtx<'_>, opcode: &str, raws: &[Raw], line: u32) -> Result<Decode
                 }
                 let mut args =
                     vec![f.src(&raws[0], u32t, line)?, f.src(&raws[1], u32t, line)?, f.src(&raws[2], u32t, line)?];
+                // The fourth operand is either `src-size` (an integer) or `ignore-src` (a
+                // predicate: zeros are copied when it is true); a cache policy may follow.
+                let ignore_src = match raws.get(3) {
+                    Some(Raw::Not(_)) => true,
+                    Some(Raw::Name(n)) => f.is_pred(n),
+                    _ => false,
+                };
                 if let Some(r) = raws.get(3) {
-                    args.push(f.src(r, u32t, line)?);
+                    args.push(if ignore_src { src_pred(r)? } else { f.src(r, u32t, line)? });
                 }
-                (Op::CpAsync, args, 1)
+                (Op::CpAsync { ignore_src }, args, 1)
             }
         }
         "redux" => {

@@ -247,11 +247,11 @@ fn check_approx(worst_case: bool) {
     // (relative bound, absolute bound) from the PTX ISA's statements for each instruction.
     let bounds = [
         (2f64.powi(-22), 0.0),
-        (0.0, 2f64.powf(-22.6)),
+        (2f64.powi(-22), 2f64.powi(-22)),
         (2f64.powi(-23), 0.0),
         (2f64.powf(-22.9), 0.0),
-        (0.0, 2f64.powf(-20.9)),
-        (0.0, 2f64.powf(-20.9)),
+        (0.0, 2f64.powf(-20.5)),
+        (0.0, 2f64.powf(-20.5)),
         (2f64.powi(-22), 0.0),
         (2f64.powi(-23), 0.0),
         (2f64.powi(-11), 0.0),
@@ -275,6 +275,170 @@ fn check_approx(worst_case: bool) {
             let tol = rel * e.abs() + abs + f64::from(f32::EPSILON) * e.abs() * 0.5;
             assert!((got - e).abs() <= tol, "`{}` x={a}: {got} vs {e}", ops[k]);
         }
+    }
+}
+
+/// The next f32 from `v` towards +inf (`up`) or -inf.
+fn step(v: f32, up: bool) -> f32 {
+    if v == 0.0 {
+        return if up { f32::from_bits(1) } else { -f32::from_bits(1) };
+    }
+    let b = v.to_bits();
+    f32::from_bits(if (v > 0.0) == up { b + 1 } else { b - 1 })
+}
+
+fn flush(v: f32) -> f32 {
+    if v.is_subnormal() {
+        0.0f32.copysign(v)
+    } else {
+        v
+    }
+}
+
+/// What the PTX ISA's tables give for zeros, infinities and NaN (None: not a special input).
+fn special(func: &str, x: f32) -> Option<f32> {
+    let inf = f32::INFINITY;
+    if x.is_nan() {
+        return Some(f32::NAN);
+    }
+    if x != 0.0 && x.is_finite() && !(x < 0.0 && matches!(func, "lg2" | "rsqrt" | "sqrt")) {
+        return None;
+    }
+    let neg = x.is_sign_negative();
+    Some(match (func, x == 0.0, neg) {
+        ("ex2", true, _) => 1.0,
+        ("ex2", false, true) => 0.0,
+        ("ex2", false, false) => inf,
+        ("lg2", true, _) => -inf,
+        ("lg2", false, false) => inf,
+        ("rcp", true, _) => inf.copysign(x),
+        ("rcp", false, _) => 0.0f32.copysign(x),
+        ("rsqrt", true, _) => inf.copysign(x),
+        ("rsqrt", false, false) => 0.0,
+        ("sqrt", true, _) => x,
+        ("sqrt", false, false) => inf,
+        ("sin" | "tanh", true, _) => x,
+        ("cos", true, _) => 1.0,
+        ("tanh", false, _) => 1.0f32.copysign(x),
+        // Negative (finite or not) inputs of lg2, rsqrt and sqrt; sin/cos of infinities.
+        _ => f32::NAN,
+    })
+}
+
+#[test]
+fn worst_case_approximations_sit_exactly_on_the_isa_bounds() {
+    // Bounds from the PTX ISA ("Floating Point Instructions": rcp, sqrt, rsqrt, sin, cos, lg2,
+    // ex2, tanh), written out here independently of the simulator's table.
+    let threads = 512;
+    let raw = common::rand_u32(threads, 77);
+    for (func, ftz) in [
+        ("ex2", false),
+        ("ex2", true),
+        ("rcp", false),
+        ("rcp", true),
+        ("sqrt", false),
+        ("sqrt", true),
+        ("rsqrt", false),
+        ("rsqrt", true),
+        ("lg2", false),
+        ("lg2", true),
+        ("sin", false),
+        ("cos", true),
+        ("tanh", false),
+    ] {
+        let mut xs: Vec<f32> = raw
+            .iter()
+            .enumerate()
+            .map(|(i, &u)| match i % 4 {
+                // Any bits (NaNs, infinities, subnormals, every exponent).
+                0 => f32::from_bits(u),
+                // The range where most kernels live.
+                1 => (u as f32 / 4.29e9 - 0.5) * 16.0,
+                // Near 1 (lg2's absolute-error interval) and within [-2pi, 2pi].
+                2 => 0.4 + u as f32 / 4.29e9 * 1.8,
+                // Up to 100 pi and subnormals.
+                _ => {
+                    if u % 2 == 0 {
+                        (u as f32 / 4.29e9 - 0.5) * 600.0
+                    } else {
+                        f32::from_bits(u >> 9) * if u % 3 == 0 { -1.0 } else { 1.0 }
+                    }
+                }
+            })
+            .collect();
+        let specials = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.0, -1.0, f32::from_bits(1), 2.0, 0.5];
+        xs[..specials.len()].copy_from_slice(&specials);
+        let sfx = if ftz { ".ftz" } else { "" };
+        let op = format!("{func}.approx{sfx}.f32 %f3, %f1;");
+        let input: Vec<f32> = xs.iter().flat_map(|&x| [x, 0.0]).collect();
+        let got = float_results_with(&[op.as_str()], &input, threads, true);
+        let mut at_edge = 0;
+        for (t, &x0) in xs.iter().enumerate() {
+            let x = if ftz { flush(x0) } else { x0 };
+            let g = got[t];
+            if let Some(want) = special(func, x) {
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{op} x={x0:e}: {g:e}, the ISA says {want:e}"
+                );
+                continue;
+            }
+            let d = f64::from(x);
+            let e = match func {
+                "ex2" => d.exp2(),
+                "rcp" => 1.0 / d,
+                "sqrt" => d.sqrt(),
+                "rsqrt" => 1.0 / d.sqrt(),
+                "lg2" => d.log2(),
+                "sin" => d.sin(),
+                "cos" => d.cos(),
+                _ => d.tanh(),
+            };
+            let cr = e as f32;
+            let ulps = match func {
+                "ex2" => Some(2),
+                "rcp" => Some(1),
+                _ => None,
+            };
+            if let Some(n) = ulps {
+                if !cr.is_finite() {
+                    assert_eq!(g.to_bits(), cr.to_bits(), "{op} x={x0:e}");
+                    continue;
+                }
+                let (mut lo, mut hi) = (cr, cr);
+                for _ in 0..n {
+                    lo = step(lo, false);
+                    hi = step(hi, true);
+                }
+                let ok = |v: f32| if ftz { flush(v) } else { v };
+                assert!(g == ok(lo) || g == ok(hi), "{op} x={x0:e}: {g:e} is not {n} ulp from {cr:e}");
+                at_edge += 1;
+                continue;
+            }
+            if func == "tanh" && x.is_subnormal() {
+                assert_eq!(g, x, "tanh passes subnormals through");
+                continue;
+            }
+            let tol = match func {
+                "sqrt" => 2f64.powi(-23) * e.abs(),
+                "rsqrt" => 2f64.powf(-22.9) * e.abs(),
+                "lg2" if x > 0.5 && x < 2.0 => 2f64.powi(-22),
+                "lg2" => 2f64.powi(-22) * e.abs(),
+                "sin" | "cos" if x.abs() <= 2.0 * std::f32::consts::PI => 2f64.powf(-20.5),
+                "sin" | "cos" => 2f64.powf(-14.7),
+                _ => 2f64.powi(-11) * e.abs(),
+            };
+            let err = (f64::from(g) - e).abs();
+            assert!(err <= tol, "{op} x={x0:e}: {g:e} is {err:e} from {e:e}, over the bound {tol:e}");
+            // The next f32 outward is over the bound: the result is on the edge.
+            let outward = step(g, f64::from(g) > e);
+            if !(ftz && g == 0.0) && outward.is_finite() {
+                let out_err = (f64::from(outward) - e).abs();
+                assert!(out_err > tol, "{op} x={x0:e}: {g:e} stops short of the bound ({err:e} < {tol:e})");
+                at_edge += 1;
+            }
+        }
+        assert!(at_edge > threads / 4, "{op}: only {at_edge} results checked at the edge");
     }
 }
 

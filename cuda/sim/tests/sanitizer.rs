@@ -157,7 +157,7 @@ fn shuffle_with_an_exited_lane_is_an_error() {
 fn step_budget_stops_an_endless_loop() {
     let ptx = kernel(DECLS, "$L_forever:\n    bra.uni $L_forever;\n");
     let mut sim = Simulator::new(&ptx).unwrap();
-    sim.options.step_limit_per_thread = 10_000;
+    sim.options.step_limit = 10_000;
     let (i, o) = (sim.alloc(&[0u32]), sim.alloc_zeroed::<u32>(1));
     match sim.launch("k", LaunchConfig::linear(2, 4), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(1)]) {
         Err(Error::Fault(f)) => assert_eq!(f.kind, FaultKind::StepBudget { limit: 10_000 }),
@@ -206,4 +206,107 @@ fn unmodelled_modifiers_are_refused() {
         let ptx = kernel(".reg .b32 %r<8>; .reg .b16 %rs<2>; .reg .f32 %f<2>;", &format!("    {inst}\n"));
         assert!(matches!(Simulator::new(&ptx), Err(Error::Unsupported { .. })), "{inst}");
     }
+}
+
+#[test]
+fn full_mask_collectives_wait_only_for_lanes_that_have_not_exited() {
+    // Lanes 16..32 return early; lanes 0..16 then use the full mask (legal in the ISA).
+    let body = "    setp.ge.u32 %p1, %r_tid, 16;\n    @%p1 bra $L_end;\n    \
+                shfl.sync.bfly.b32 %r1, %r_tid, 1, 31, -1;\n    \
+                setp.lt.u32 %p2, %r_tid, 3;\n    vote.sync.ballot.b32 %r2, %p2, -1;\n    \
+                redux.sync.add.u32 %r3, %r_tid, -1;\n    setp.lt.u32 %p3, %r_tid, 16;\n    vote.sync.all.pred %p3, %p3, -1;\n    selp.u32 %r4, 1, 0, %p3;\n    \
+                mul.wide.u32 %rd1, %r_tid, 16;\n    add.s64 %rd2, %rd_out, %rd1;\n    \
+                st.global.v4.u32 [%rd2], {%r1, %r2, %r3, %r4};\n$L_end:\n";
+    let ptx = kernel(DECLS, body);
+    let mut sim = Simulator::new(&ptx).unwrap();
+    let (i, o) = (sim.alloc(&[0u32]), sim.alloc_zeroed::<u32>(4 * 32));
+    sim.launch("k", LaunchConfig::linear(1, 32), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = sim.read::<u32>(o).unwrap();
+    for t in 0..16u32 {
+        // shfl from lane t^1; ballot of lanes 0..3; the sum of 0..16; "tid < 16" holds on every live lane.
+        assert_eq!(&out[4 * t as usize..4 * t as usize + 4], &[t ^ 1, 0b111, 120, 1], "lane {t}");
+    }
+    assert!(out[64..].iter().all(|&v| v == 0));
+    // The exited lanes may exit after the others arrive (they run later here): lanes 0..16
+    // wait at the shfl, lanes 16..32 exit, the shfl completes then.
+    let late = kernel(
+        DECLS,
+        "    setp.lt.u32 %p1, %r_tid, 16;\n    @%p1 bra $L_go;\n    ret;\n$L_go:\n    shfl.sync.down.b32 %r1, %r_tid, 1, 15, -1;\n    \
+         mul.wide.u32 %rd1, %r_tid, 4;\n    add.s64 %rd2, %rd_out, %rd1;\n    st.global.u32 [%rd2], %r1;\n",
+    );
+    let mut sim = Simulator::new(&late).unwrap();
+    let (i, o) = (sim.alloc(&[0u32]), sim.alloc_zeroed::<u32>(32));
+    sim.launch("k", LaunchConfig::linear(1, 32), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = sim.read::<u32>(o).unwrap();
+    assert_eq!(&out[..16], &(0..16u32).map(|t| if t < 15 { t + 1 } else { t }).collect::<Vec<_>>()[..]);
+    // Reading a value from an exited lane stays an error.
+    let bad = kernel(DECLS, "    setp.ge.u32 %p1, %r_tid, 16;\n    @%p1 bra $L_end;\n    shfl.sync.idx.b32 %r1, %r_tid, 20, 31, -1; // planted\n$L_end:\n");
+    let f = fault(&bad, LaunchConfig::linear(1, 32), 4);
+    assert_eq!(f.line, line_of(&bad, "planted"));
+    assert!(matches!(&f.kind, FaultKind::Collective(m) if m.contains("lane 20, which has exited")), "{f}");
+}
+
+#[test]
+fn global_races_between_blocks_and_within_a_block_are_caught() {
+    // Every block writes out[0]: a write-after-write race between blocks.
+    let ptx = kernel(DECLS, "    setp.ne.u32 %p1, %r_tid, %r_ctaid;\n    @%p1 bra $L_end;\n    st.global.u32 [%rd_out], %r_ctaid; // planted\n$L_end:\n");
+    let f = fault(&ptx, LaunchConfig::linear(4, 1), 4);
+    assert_eq!(f.line, line_of(&ptx, "planted"));
+    match &f.kind {
+        FaultKind::GlobalRace { hazard: "write-after-write", detail, other_line, .. } => {
+            assert!(detail.contains("offset 0 of buffer #1"), "{detail}");
+            assert_eq!(*other_line, line_of(&ptx, "planted"));
+        }
+        k => panic!("{k:?}"),
+    }
+    // Thread 0 writes, thread 1 reads, no barrier: read-after-write; a barrier between fixes it.
+    let body = |sync: &str| {
+        format!(
+            "    setp.ne.u32 %p1, %r_tid, 0;\n    @%p1 bra $L_skip;\n    st.global.u32 [%rd_out], 7; // the write\n$L_skip:\n{sync}    \
+             setp.ne.u32 %p2, %r_tid, 1;\n    @%p2 bra $L_end;\n    ld.global.u32 %r1, [%rd_out]; // planted\n    st.global.u32 [%rd_out+4], %r1;\n$L_end:\n"
+        )
+    };
+    let ptx = kernel(DECLS, &body(""));
+    let f = fault(&ptx, LaunchConfig::linear(1, 2), 4);
+    assert_eq!((f.line, f.thread), (line_of(&ptx, "planted"), [1, 0, 0]));
+    assert!(
+        matches!(&f.kind, FaultKind::GlobalRace { hazard: "read-after-write", other_block: [0, 0, 0], other_thread: [0, 0, 0], other_line, .. } if *other_line == line_of(&ptx, "the write")),
+        "{f}"
+    );
+    let ptx = kernel(DECLS, &body("    bar.sync 0;\n"));
+    let mut sim = Simulator::new(&ptx).unwrap();
+    let (i, o) = (sim.alloc(&[0u32]), sim.alloc_zeroed::<u32>(2));
+    sim.launch("k", LaunchConfig::linear(1, 2), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sim.read::<u32>(o).unwrap(), vec![7, 7]);
+    // Thread 0 reads, thread 1 then writes: write-after-read.
+    let ptx = kernel(
+        DECLS,
+        "    setp.ne.u32 %p1, %r_tid, 0;\n    @%p1 bra $L_w;\n    ld.global.u32 %r1, [%rd_in]; // the read\n    bra.uni $L_end;\n\
+         $L_w:\n    st.global.u32 [%rd_in], 1; // planted\n$L_end:\n",
+    );
+    let f = fault(&ptx, LaunchConfig::linear(1, 2), 4);
+    assert!(
+        matches!(&f.kind, FaultKind::GlobalRace { hazard: "write-after-read", other_line, detail, .. } if *other_line == line_of(&ptx, "the read") && detail.contains("buffer #0")),
+        "{f}"
+    );
+    // Atomics, neighbouring bytes and reads shared by many threads are not races.
+    let ptx = kernel(
+        DECLS,
+        "    atom.global.add.u32 %r1, [%rd_out], 1;\n    ld.global.u32 %r2, [%rd_in];\n    \
+         cvt.u64.u32 %rd1, %r_tid;\n    add.s64 %rd2, %rd_out, %rd1;\n    st.global.u8 [%rd2+4], %r_tid;\n",
+    );
+    let mut sim = Simulator::new(&ptx).unwrap();
+    let (i, o) = (sim.alloc(&[5u32]), sim.alloc_zeroed::<u8>(4 + 64));
+    sim.launch("k", LaunchConfig::linear(2, 32), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(sim.read::<u8>(o).unwrap()[..5], [64, 0, 0, 0, 0]);
+    // With the check off the racy kernel runs.
+    let ptx = kernel(DECLS, "    st.global.u32 [%rd_out], %r_ctaid;\n");
+    let mut sim = Simulator::new(&ptx).unwrap();
+    sim.options.check_global = false;
+    let (i, o) = (sim.alloc(&[0u32]), sim.alloc_zeroed::<u32>(1));
+    sim.launch("k", LaunchConfig::linear(3, 1), &[Arg::Ptr(o), Arg::Ptr(i), Arg::U32(0)]).unwrap();
 }

@@ -115,7 +115,7 @@ impl SimStream {
     pub fn with_options(options: SimOptions) -> Self {
         let mut sim = Simulator::empty();
         sim.options = options;
-        let state = SimState { sim, loaded: HashMap::new(), thread_instructions: 0, seconds: 0.0 };
+        let state = SimState { sim, loaded: HashMap::new(), thread_instructions: 0, seconds: 0.0, last_profile: None };
         Self { device: Arc::new(SimDevice { state: Mutex::new(state) }) }
     }
 
@@ -170,6 +170,8 @@ struct SimState {
     thread_instructions: u64,
     /// Wall seconds spent in launches so far.
     seconds: f64,
+    /// The profile of the last launch, when the simulator's options ask for one.
+    last_profile: Option<squid_ptxsim::Profile>,
 }
 
 impl SimDevice {
@@ -400,6 +402,17 @@ impl Gpu {
                 let state = dev.lock();
                 Some((state.thread_instructions, state.seconds))
             }
+        }
+    }
+
+    /// For the simulator made with [`squid_ptxsim::Options::profile`] on
+    /// ([`Gpu::simulator_with`]): the [`squid_ptxsim::Profile`] of the last kernel launch
+    /// (warp instructions, memory requests, bank conflicts; counts of the simulated run, from
+    /// which a roofline *model* follows). `None` on a GPU or without the option.
+    pub fn last_profile(&self) -> Option<squid_ptxsim::Profile> {
+        match &self.backend {
+            Backend::Cuda { .. } => None,
+            Backend::Sim(dev) => dev.lock().last_profile.clone(),
         }
     }
 
@@ -1094,7 +1107,11 @@ impl<A: KernelArgs> TypedKernel<A> {
                     dynamic_shared_bytes: dims.shared_bytes,
                 };
                 let mut state = dev.lock();
-                let report = state.sim.launch(self.entry, cfg, &sim_args)?;
+                let report = state.sim.launch(self.entry, cfg, &sim_args);
+                if state.sim.options.profile {
+                    state.last_profile = state.sim.last_profile();
+                }
+                let report = report?;
                 state.thread_instructions += report.thread_instructions;
                 state.seconds += report.seconds;
                 Ok(())
