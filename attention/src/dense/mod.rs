@@ -17,6 +17,11 @@ use crate::layout::{check_finite, expect_len, rows_of, seq_lens, validate_cu_seq
 use crate::{Error, Heads};
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
+pub mod flash;
 pub mod naive;
 #[cfg(test)]
 pub(crate) mod tests;
