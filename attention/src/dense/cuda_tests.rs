@@ -18,7 +18,7 @@ use squid_cuda::dtype::unit_roundoff;
 use squid_cuda::launch::{DeviceCopy, Gpu};
 use squid_cuda::Element;
 
-use super::cuda::{self as dev, mask_matches_kernel};
+use super::cuda::{self as dev, mask_matches_kernel, BackwardInputs, DqMode};
 use super::flash::KernelMask;
 use super::tests::{back, offsets, rel_err, to, values};
 use super::{naive, DenseConfig};
@@ -38,7 +38,6 @@ pub(crate) struct Case {
     pub q: Vec<f64>,
     pub k: Vec<f64>,
     pub v: Vec<f64>,
-    #[allow(dead_code)] // read by the backward tests
     pub d_o: Vec<f64>,
     pub cu_q: Vec<u32>,
     pub cu_k: Vec<u32>,
@@ -93,6 +92,44 @@ fn check_forward<T: Element + DeviceCopy>(cfg: &DenseConfig, lens_q: &[usize], l
     let (o, lse) = (gpu.download(&out.o).unwrap(), gpu.download(&out.lse).unwrap());
     let what = format!("{:?} {cfg:?} q {lens_q:?} k {lens_k:?}", T::DTYPE);
     assert_forward(&what, &o, &lse, &o_ref, &lse_ref);
+}
+
+/// Asserts gradients against the reference: within `BWD_U` storage units of (1 + max |ref|).
+pub(crate) fn assert_grads<T: Element>(what: &str, got: [&[T]; 3], want: [&[f64]; 3]) -> [f64; 3] {
+    let u = unit_roundoff(T::DTYPE) as f64;
+    let mut errs = [0.0; 3];
+    for (n, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        errs[n] = rel_err(&back(got[n]), want[n]);
+        assert!(errs[n] <= BWD_U * u, "{what}: {name} error {:e} > {BWD_U}u", errs[n]);
+    }
+    errs
+}
+
+/// Backward tolerance in storage units: P and dS are rounded to the storage type before their
+/// products (as FlashAttention does), each moving a gradient by about u times its scale, and the
+/// store rounds once more.
+pub(crate) const BWD_U: f64 = 2.0;
+
+/// The device backward (after the device forward) against the reference, in the given dQ mode.
+fn check_backward<T: Element + DeviceCopy>(
+    cfg: &DenseConfig,
+    lens_q: &[usize],
+    lens_k: &[usize],
+    seed: u64,
+    mode: DqMode,
+) {
+    let Some(gpu) = device() else { return };
+    let c = case::<T>(&cfg.heads, lens_q, lens_k, seed);
+    let (dq, dk, dv) = naive::backward(cfg, &c.q, &c.k, &c.v, &c.d_o, &c.cu_q, &c.cu_k).unwrap();
+    let up = |x: &[f64]| gpu.upload(&to::<T>(x)).unwrap();
+    let (q, k, v, d_o) = (up(&c.q), up(&c.k), up(&c.v), up(&c.d_o));
+    let out = dev::forward(gpu, cfg, &q, &k, &v, &c.cu_q, &c.cu_k).unwrap();
+    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, d_o: &d_o };
+    let g = dev::backward(gpu, cfg, x, &c.cu_q, &c.cu_k, mode).unwrap();
+    let got = [gpu.download(&g.dq).unwrap(), gpu.download(&g.dk).unwrap(), gpu.download(&g.dv).unwrap()];
+    let what = format!("{:?} {mode:?} {cfg:?} q {lens_q:?} k {lens_k:?}", T::DTYPE);
+    let e = assert_grads(&what, [&got[0], &got[1], &got[2]], [&dq, &dk, &dv]);
+    println!("{what}: errors {e:?}");
 }
 
 fn cfg(hq: usize, hkv: usize, dk: usize, dv: usize, causal: bool, window: Option<usize>) -> DenseConfig {
@@ -184,6 +221,51 @@ fn device_errors_are_typed() {
     );
 }
 
+#[test]
+fn backward_every_head_dim_both_modes() {
+    for (dk, dv, _) in super::flash::BACKWARD_HEAD_DIMS {
+        let c = cfg(2, 1, dk, dv, true, None);
+        check_backward::<bf16>(&c, &[1, 70], &[17, 90], dk as u64, DqMode::Atomic);
+        check_backward::<f16>(&c, &[1, 70], &[17, 90], dk as u64 + 1, DqMode::Deterministic);
+    }
+}
+
+#[test]
+fn backward_gqa_windows_and_tiny_sequences() {
+    for mode in [DqMode::Atomic, DqMode::Deterministic] {
+        check_backward::<bf16>(&cfg(3, 1, 64, 64, true, Some(5)), &[100], &[100], 1, mode);
+        check_backward::<f16>(&cfg(8, 1, 64, 64, false, Some(40)), &[20, 33], &[40, 33], 2, mode);
+        check_backward::<bf16>(
+            &cfg(2, 2, 64, 64, false, None),
+            &[1, 2, 3, 1, 5, 1, 7],
+            &[2, 1, 3, 4, 5, 1, 9],
+            3,
+            mode,
+        );
+        check_backward::<bf16>(&cfg(4, 2, 128, 128, true, None), &[3, 80, 2], &[0, 70, 2], 4, mode);
+    }
+}
+
+#[test]
+fn deterministic_backward_is_reproducible_and_head_dim_256_is_refused() {
+    let Some(gpu) = device() else { return };
+    let c = cfg(4, 2, 64, 64, true, None);
+    let x = case::<bf16>(&c.heads, &[70], &[70], 9);
+    let up = |v: &[f64]| gpu.upload(&to::<bf16>(v)).unwrap();
+    let (q, k, v, d_o) = (up(&x.q), up(&x.k), up(&x.v), up(&x.d_o));
+    let out = dev::forward(gpu, &c, &q, &k, &v, &x.cu_q, &x.cu_k).unwrap();
+    let inputs = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, d_o: &d_o };
+    let a = dev::backward(gpu, &c, inputs, &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
+    let b = dev::backward(gpu, &c, inputs, &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
+    assert_eq!(gpu.download(&a.dq).unwrap(), gpu.download(&b.dq).unwrap());
+    assert_eq!(gpu.download(&a.dk).unwrap(), gpu.download(&b.dk).unwrap());
+    let wide = cfg(1, 1, 256, 256, true, None);
+    let w = gpu.upload(&vec![bf16::ONE; 4 * 256]).unwrap();
+    let lse = gpu.upload(&[0.0f32; 4]).unwrap();
+    let inputs = BackwardInputs { q: &w, k: &w, v: &w, o: &w, lse: &lse, d_o: &w };
+    assert!(matches!(dev::backward(gpu, &wide, inputs, &[0, 4], &[0, 4], DqMode::Atomic), Err(Error::Unsupported(_))));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(6))]
 
@@ -207,5 +289,23 @@ proptest! {
         } else {
             check_forward::<bf16>(&c, &lens_q, &lens_k, seed);
         }
+    }
+
+    /// Generated shapes for the backward, both dQ modes.
+    #[test]
+    fn backward_generated_shapes(
+        lens in proptest::collection::vec((1usize..80, 0usize..30), 1..3),
+        group in prop::sample::select(vec![1usize, 2, 3]),
+        mask in 0usize..4,
+        dims in prop::sample::select(super::flash::BACKWARD_HEAD_DIMS.to_vec()),
+        atomic in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let lens_q: Vec<usize> = lens.iter().map(|l| l.0).collect();
+        let lens_k: Vec<usize> = lens.iter().map(|l| l.0 + l.1).collect();
+        let (causal, window) = [(true, None), (false, None), (true, Some(1 + seed as usize % 50)), (false, Some(17))][mask];
+        let c = cfg(group, 1, dims.0, dims.1, causal, window);
+        let mode = if atomic { DqMode::Atomic } else { DqMode::Deterministic };
+        check_backward::<bf16>(&c, &lens_q, &lens_k, seed, mode);
     }
 }

@@ -28,12 +28,36 @@ pub static KERNEL: KernelSource = squid_cuda::kernel_source!(
         "squid_flash_fwd_dk192_dv128_f16",
         "squid_flash_fwd_dk256_dv256_bf16",
         "squid_flash_fwd_dk256_dv256_f16",
+        "squid_flash_bwd_pre_bf16",
+        "squid_flash_bwd_pre_f16",
+        "squid_flash_bwd_dq_convert_bf16",
+        "squid_flash_bwd_dq_convert_f16",
+        "squid_flash_bwd_dkdv_dk64_dv64_bf16",
+        "squid_flash_bwd_dkdv_dk64_dv64_f16",
+        "squid_flash_bwd_dkdv_dk96_dv96_bf16",
+        "squid_flash_bwd_dkdv_dk96_dv96_f16",
+        "squid_flash_bwd_dkdv_dk128_dv128_bf16",
+        "squid_flash_bwd_dkdv_dk128_dv128_f16",
+        "squid_flash_bwd_dkdv_dk192_dv128_bf16",
+        "squid_flash_bwd_dkdv_dk192_dv128_f16",
+        "squid_flash_bwd_dq_dk64_dv64_bf16",
+        "squid_flash_bwd_dq_dk64_dv64_f16",
+        "squid_flash_bwd_dq_dk96_dv96_bf16",
+        "squid_flash_bwd_dq_dk96_dv96_f16",
+        "squid_flash_bwd_dq_dk128_dv128_bf16",
+        "squid_flash_bwd_dq_dk128_dv128_f16",
+        "squid_flash_bwd_dq_dk192_dv128_bf16",
+        "squid_flash_bwd_dq_dk192_dv128_f16",
     ],
     fast_math = false
 );
 
 /// The `(Dk, Dv)` pairs compiled as specialisations.
 pub const HEAD_DIMS: [(usize, usize); 5] = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)];
+
+/// The `(Dk, Dv)` pairs with a backward, and the keys per dK/dV CTA (16 per warp: four warps
+/// where the accumulators and shared tiles allow, two above).
+pub const BACKWARD_HEAD_DIMS: [(usize, usize, usize); 4] = [(64, 64, 64), (96, 96, 64), (128, 128, 32), (192, 128, 32)];
 
 /// Query rows per forward CTA (four warps of 16 rows).
 pub const TILE_M: usize = 64;
@@ -54,12 +78,40 @@ pub(crate) fn check_head_dims(dk: usize, dv: usize) -> Result<(), Error> {
     }
 }
 
+/// CTAs per key tile of the dK/dV kernel: 2 for Dk = 192 (one computes dV, the other dK, since
+/// both accumulators do not fit the registers together), else 1.
+pub(crate) fn dkdv_passes(dk: usize) -> u32 {
+    if dk == 192 {
+        2
+    } else {
+        1
+    }
+}
+
+/// The keys per dK/dV CTA for `(dk, dv)`, or the error saying the pair has no backward.
+pub(crate) fn backward_key_tile(dk: usize, dv: usize) -> Result<usize, Error> {
+    check_head_dims(dk, dv)?;
+    BACKWARD_HEAD_DIMS.iter().find(|b| (b.0, b.1) == (dk, dv)).map(|b| b.2).ok_or_else(|| {
+        Error::Unsupported(format!(
+            "no CUDA backward for Dk = {dk}, Dv = {dv} (its dK/dV accumulators do not fit the registers yet); \
+             use the CPU backward"
+        ))
+    })
+}
+
 /// A schedule ready to upload: header, items, then (optionally) each packed query row's first
 /// visible key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Schedule {
     pub ints: Vec<i32>,
     pub items: usize,
+}
+
+impl Schedule {
+    /// No items (a launch that is skipped).
+    pub(crate) fn empty() -> Self {
+        Self { ints: Vec::new(), items: 0 }
+    }
 }
 
 /// How the kernel derives each row's key range: `causal` and `window` as [`super::DenseConfig`],
@@ -89,25 +141,7 @@ pub(crate) fn schedule<M: Mask>(
     cu_k: &[u32],
     cuts: impl Fn(usize, usize, usize) -> Vec<usize>,
 ) -> Result<Schedule, Error> {
-    let total_q = *cu_q.last().unwrap_or(&0) as usize;
-    let total_k = *cu_k.last().unwrap_or(&0) as usize;
-    to_i32(total_k, "total_k")?;
-    to_i32(total_q * num_q_heads.max(1), "total_q x HQ")?;
-    let window = match kmask.window {
-        Some(w) => to_i32(w.min(total_k + 1), "window")?,
-        None => 0,
-    };
-    let mut ints = vec![
-        to_i32(total_q, "total_q")?,
-        to_i32(num_q_heads, "HQ")?,
-        to_i32(num_kv_heads, "HKV")?,
-        i32::from(kmask.causal),
-        window,
-        -1,
-        0,
-        0,
-    ];
-    debug_assert_eq!(ints.len(), HEADER);
+    let mut ints = header(kmask, num_q_heads, num_kv_heads, cu_q, cu_k)?;
     let mut row_lo = Vec::new();
     let mut items = 0;
     for s in 0..cu_q.len().saturating_sub(1) {
@@ -143,12 +177,101 @@ pub(crate) fn schedule<M: Mask>(
             r0 = r1;
         }
     }
-    if kmask.row_lo {
+    finish(ints, items, kmask.row_lo.then_some(row_lo))
+}
+
+fn header(
+    kmask: KernelMask,
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    cu_q: &[u32],
+    cu_k: &[u32],
+) -> Result<Vec<i32>, Error> {
+    let total_q = *cu_q.last().unwrap_or(&0) as usize;
+    let total_k = *cu_k.last().unwrap_or(&0) as usize;
+    to_i32(total_k * num_kv_heads.max(1), "total_k x HKV")?;
+    to_i32(total_q * num_q_heads.max(1), "total_q x HQ")?;
+    let window = match kmask.window {
+        Some(w) => to_i32(w.min(total_k + 1), "window")?,
+        None => 0,
+    };
+    let ints = vec![
+        to_i32(total_q, "total_q")?,
+        to_i32(num_q_heads, "HQ")?,
+        to_i32(num_kv_heads, "HKV")?,
+        i32::from(kmask.causal),
+        window,
+        -1,
+        0,
+        0,
+    ];
+    debug_assert_eq!(ints.len(), HEADER);
+    Ok(ints)
+}
+
+fn finish(mut ints: Vec<i32>, items: usize, row_lo: Option<Vec<i32>>) -> Result<Schedule, Error> {
+    if let Some(row_lo) = row_lo {
         ints[5] = to_i32(ints.len(), "schedule length")?;
         ints.extend(row_lo);
     }
     ints[6] = to_i32(items, "items")?;
     Ok(Schedule { ints, items })
+}
+
+/// The dK/dV schedule: one item per key tile of `tile_n` keys that some query sees, with the
+/// queries `q_lo..q_hi` that see some key of it and `qf_lo..qf_hi` that see all of it (a
+/// contiguous run for every mask here, since both ends of a row's range never decrease; the
+/// run is left empty if a mask ever breaks that). `atomic` sets the header flag that makes the
+/// kernel add dQ into an f32 buffer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn key_schedule<M: Mask>(
+    mask: &M,
+    kmask: KernelMask,
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    tile_n: usize,
+    cu_q: &[u32],
+    cu_k: &[u32],
+    atomic: bool,
+) -> Result<Schedule, Error> {
+    let mut ints = header(kmask, num_q_heads, num_kv_heads, cu_q, cu_k)?;
+    ints[7] = i32::from(atomic);
+    let mut row_lo = Vec::new();
+    let mut items = 0;
+    for s in 0..cu_q.len().saturating_sub(1) {
+        let (q_base, tq) = (cu_q[s] as usize, (cu_q[s + 1] - cu_q[s]) as usize);
+        let (k_base, tk) = (cu_k[s] as usize, (cu_k[s + 1] - cu_k[s]) as usize);
+        let ranges: Vec<(usize, usize)> = (0..tq).map(|i| mask.range(s, i, tq, tk)).collect();
+        if kmask.row_lo {
+            row_lo.extend(ranges.iter().map(|r| r.0 as i32));
+        }
+        for n0 in (0..tk).step_by(tile_n.max(1)) {
+            let n1 = (n0 + tile_n).min(tk);
+            let (mut q_lo, mut q_hi) = (usize::MAX, 0);
+            let (mut f_lo, mut f_hi, mut contiguous) = (usize::MAX, 0, true);
+            for (i, &(lo, hi)) in ranges.iter().enumerate() {
+                if lo < hi && lo < n1 && hi > n0 {
+                    q_lo = q_lo.min(i);
+                    q_hi = i + 1;
+                }
+                if lo <= n0 && hi >= n1 && lo < hi {
+                    if f_hi != 0 && f_hi != i {
+                        contiguous = false;
+                    }
+                    f_lo = f_lo.min(i);
+                    f_hi = i + 1;
+                }
+            }
+            if q_lo >= q_hi {
+                continue;
+            }
+            let (f_lo, f_hi) = if contiguous && f_lo < f_hi { (f_lo, f_hi) } else { (0, 0) };
+            let item: [usize; ITEM] = [q_base, tq, k_base, tk, n0, n1 - n0, q_lo, q_hi, f_lo, f_hi];
+            ints.extend(item.map(|v| v as i32));
+            items += 1;
+        }
+    }
+    finish(ints, items, kmask.row_lo.then_some(row_lo))
 }
 
 #[cfg(test)]
