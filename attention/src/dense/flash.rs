@@ -7,6 +7,8 @@
 //! row sees (key tiles inside it are not masked). Tiles never straddle sequences, and their
 //! positions depend only on their own sequence, so a sequence's results do not depend on what
 //! is packed with it.
+// Without the `cuda` feature only the tests use the schedule.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 use squid_cuda::KernelSource;
 

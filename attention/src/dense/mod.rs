@@ -20,7 +20,7 @@ pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(all(test, feature = "cuda"))]
-mod cuda_tests;
+pub(crate) mod cuda_tests;
 pub mod flash;
 pub mod naive;
 #[cfg(test)]
