@@ -166,8 +166,8 @@ fn forward_gqa_windows_and_tiny_sequences() {
 }
 
 #[test]
-fn forward_is_batch_invariant() {
-    // A sequence's outputs are bit-identical alone and packed between others.
+fn forward_and_deterministic_backward_are_batch_invariant() {
+    // A sequence's outputs are bit-identical alone and packed between others (Dk = Dv here).
     let Some(gpu) = device() else { return };
     let c = cfg(4, 2, 64, 64, true, None);
     let packed = case::<bf16>(&c.heads, &[9, 77, 30], &[9, 100, 30], 11);
@@ -195,6 +195,19 @@ fn forward_is_batch_invariant() {
     for head in 0..h.num_q_heads {
         assert_eq!(&l_all[head * 116 + 9..head * 116 + 86], &l_alone[head * 77..(head + 1) * 77]);
     }
+    // The deterministic backward too: its gradients for the middle sequence, packed or alone.
+    let d_o_all = up(&packed.d_o);
+    let d_o_alone = up(&packed.d_o[9 * row..86 * row]);
+    let (q_all, k_all, v_all) = (up(&packed.q), up(&packed.k), up(&packed.v));
+    let (q_one, k_one, v_one) = (up(&packed.q[q0..q1]), up(&packed.k[k0..k1]), up(&packed.v[k0..k1]));
+    let x_all = BackwardInputs { q: &q_all, k: &k_all, v: &v_all, o: &all.o, lse: &all.lse, d_o: &d_o_all };
+    let x_one = BackwardInputs { q: &q_one, k: &k_one, v: &v_one, o: &alone.o, lse: &alone.lse, d_o: &d_o_alone };
+    let g_all = dev::backward(gpu, &c, x_all, &packed.cu_q, &packed.cu_k, DqMode::Deterministic).unwrap();
+    let g_one = dev::backward(gpu, &c, x_one, &[0, 77], &[0, 100], DqMode::Deterministic).unwrap();
+    let krow = h.num_kv_heads * h.head_dim_k;
+    assert_eq!(&gpu.download(&g_all.dq).unwrap()[q0..q1], &gpu.download(&g_one.dq).unwrap()[..]);
+    assert_eq!(&gpu.download(&g_all.dk).unwrap()[9 * krow..109 * krow], &gpu.download(&g_one.dk).unwrap()[..]);
+    assert_eq!(&gpu.download(&g_all.dv).unwrap()[9 * krow..109 * krow], &gpu.download(&g_one.dv).unwrap()[..]);
 }
 
 #[test]
