@@ -11,6 +11,9 @@ pub mod segments;
 
 pub use layout::{validate_cu_seqlens, Heads, MAX_HEAD_DIM};
 
+/// The CUDA sources of this crate, for the workspace registry (`squid kernels check`).
+pub static KERNELS: &[squid_cuda::KernelSource] = &[dense::flash::KERNEL];
+
 /// What can be wrong with an attention call's inputs.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Error {
@@ -45,4 +48,11 @@ pub enum Error {
         /// Its size (saturated at `usize::MAX`).
         bytes: usize,
     },
+    /// Something the device kernels do not implement (a storage type, a head-dim pair, a size
+    /// beyond their 32-bit indices); the message says what to do instead.
+    #[error("unsupported on the device: {0}")]
+    Unsupported(String),
+    /// The device (squid-cuda: NVRTC, the driver, a launch, the simulator) failed; its message.
+    #[error("device: {0}")]
+    Device(String),
 }

@@ -17,6 +17,11 @@ use crate::layout::{check_finite, expect_len, numel, rows_of, validate_cu_seqlen
 use crate::{Error, Heads};
 
 pub(crate) mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) mod cuda_tests;
+pub mod flash;
 pub mod naive;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -23,6 +23,8 @@ use crate::dense::cpu::{self as dense_cpu, Mask, Packed};
 use crate::dense::{self, DenseConfig, DenseGrads, DenseOutput, Dims};
 use crate::{Error, Heads};
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod naive;
 #[cfg(test)]
 mod tests;
