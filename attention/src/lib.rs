@@ -11,6 +11,9 @@ pub mod segments;
 
 pub use layout::{validate_cu_seqlens, Heads, MAX_HEAD_DIM};
 
+/// The CUDA kernels this crate ships, for the workspace registry.
+pub static KERNELS: &[squid_cuda::KernelSource] = &[dense::DECODE_KERNEL];
+
 /// What can be wrong with an attention call's inputs.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum Error {
@@ -37,4 +40,7 @@ pub enum Error {
     /// A decode cache used inconsistently (unknown sequence, wrong token count).
     #[error("cache: {0}")]
     Cache(String),
+    /// A device operation (upload, compile, launch, a simulator finding) failed.
+    #[error("device: {0}")]
+    Device(String),
 }
