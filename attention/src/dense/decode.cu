@@ -39,6 +39,8 @@
 #define SQUID_DEC_BK 32
 #define SQUID_DEC_RB 16
 #define SQUID_DEC_THREADS 128
+// At most 128 registers a thread, so four CTAs (16 warps) fit an SM's register file.
+#define SQUID_DEC_MIN_BLOCKS 4
 
 // Header fields.
 #define SQUID_DEC_HQ 0
@@ -129,7 +131,7 @@ __device__ __forceinline__ void squid_dec_pv(float (&acc)[SQUID_DEC_RB][2], cons
         acc[r][0] *= alpha[r];
         acc[r][1] *= alpha[r];
     }
-#pragma unroll 4
+#pragma unroll 2
     for (int j = 0; j < SQUID_DEC_BK; ++j) {
         const float v0 = has0 ? squid_dec_elem(vs + j * vstride + c0, T()) : 0.0f;
         const float v1 = has1 ? squid_dec_elem(vs + j * vstride + c1, T()) : 0.0f;
@@ -365,7 +367,7 @@ __device__ __forceinline__ void squid_decode_combine(const int* __restrict__ met
     }
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BLOCKS)
     squid_decode_bf16(const int* __restrict__ meta, const squid_bf16* __restrict__ q, const squid_bf16* __restrict__ k,
                       const squid_bf16* __restrict__ v, const unsigned* __restrict__ page_table,
                       squid_bf16* __restrict__ o, float* __restrict__ lse, float* __restrict__ part_o,
@@ -373,7 +375,7 @@ extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
     squid_decode_split<squid_bf16, false>(meta, q, k, v, page_table, o, lse, part_o, part_ml, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BLOCKS)
     squid_decode_f16(const int* __restrict__ meta, const squid_f16* __restrict__ q, const squid_f16* __restrict__ k,
                      const squid_f16* __restrict__ v, const unsigned* __restrict__ page_table, squid_f16* __restrict__ o,
                      float* __restrict__ lse, float* __restrict__ part_o, float* __restrict__ part_ml,
@@ -381,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
     squid_decode_split<squid_f16, false>(meta, q, k, v, page_table, o, lse, part_o, part_ml, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BLOCKS)
     squid_decode_paged_bf16(const int* __restrict__ meta, const squid_bf16* __restrict__ q,
                             const squid_bf16* __restrict__ k, const squid_bf16* __restrict__ v,
                             const unsigned* __restrict__ page_table, squid_bf16* __restrict__ o,
@@ -390,7 +392,7 @@ extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
     squid_decode_split<squid_bf16, true>(meta, q, k, v, page_table, o, lse, part_o, part_ml, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BLOCKS)
     squid_decode_paged_f16(const int* __restrict__ meta, const squid_f16* __restrict__ q,
                            const squid_f16* __restrict__ k, const squid_f16* __restrict__ v,
                            const unsigned* __restrict__ page_table, squid_f16* __restrict__ o,
