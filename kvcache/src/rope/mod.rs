@@ -24,7 +24,8 @@ mod tests;
 use crate::Error;
 use squid_cuda::Element;
 
-/// The CUDA source (device path in [`cuda`], feature `cuda`): per-token rotation (`squid_rope_*`) and uniform shift (`squid_rope_shift_*`)
+/// The CUDA source (its launchers: the `cuda` module, feature `cuda`): per-token rotation
+/// (`squid_rope_*`) and uniform shift (`squid_rope_shift_*`)
 /// for f32, bf16 and f16 storage.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "rope",
