@@ -132,6 +132,9 @@ fn plan(
     page_size: usize,
     sms: usize,
 ) -> Result<Plan, Error> {
+    if opts.num_splits == Some(0) {
+        return Err(Error::Config("num_splits = 0: a decode needs at least one split".into()));
+    }
     let h = cfg.heads;
     let group = h.group();
     // (seq, g, row0, nrows, tile0, tile1)

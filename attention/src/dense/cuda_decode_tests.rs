@@ -254,6 +254,9 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(e, Error::CuSeqlens(_)), "{e}");
     let e = cuda_decode::decode(&gpu, &cfg, &opts, &q, &kv, &kv, &[0, 1], &[0, 4, 4]).unwrap_err();
     assert!(matches!(e, Error::CuSeqlens(_)), "{e}");
+    let zero_splits = DecodeOptions { num_splits: Some(0), batch_invariant: false };
+    let e = cuda_decode::decode(&gpu, &cfg, &zero_splits, &q, &kv, &kv, &[0, 1], &[0, 4]).unwrap_err();
+    assert!(matches!(e, Error::Config(_)), "{e}");
     let bad = gpu.upload(&[bf16::ONE; 3 * 8]).unwrap();
     let e = cuda_decode::decode(&gpu, &cfg, &opts, &bad, &kv, &kv, &[0, 1], &[0, 4]).unwrap_err();
     assert!(matches!(e, Error::Shape(_)), "{e}");
