@@ -24,7 +24,7 @@ use crate::dense::{self, DenseConfig, DenseGrads, DenseOutput, Dims};
 use crate::{Error, Heads};
 
 #[cfg(feature = "cuda")]
-pub mod cuda;
+pub mod cuda_decode;
 pub mod naive;
 #[cfg(test)]
 mod tests;

@@ -88,9 +88,17 @@ fn documents_placed_on_the_device_decode_through_forked_pages() {
     let pools = DevicePagedKv { page_size: page, kv_heads: hkv, head_dim: d, k_pages: &kp, v_pages: &vp };
     let seqs: Vec<PagedSeq<'_>> = views.iter().map(PagedSeq::from).collect();
     let qd = gpu.upload(&q).unwrap();
-    let got =
-        segments::cuda::decode_global_paged(&gpu, &cfg, &layout, &DecodeOptions::default(), &qd, &pools, &seqs, &cu_q)
-            .unwrap();
+    let got = segments::cuda_decode::decode_global_paged(
+        &gpu,
+        &cfg,
+        &layout,
+        &DecodeOptions::default(),
+        &qd,
+        &pools,
+        &seqs,
+        &cu_q,
+    )
+    .unwrap();
     let (o, lse) = (gpu.download(&got.o).unwrap(), gpu.download(&got.lse).unwrap());
 
     let (mut k, mut v) = (Vec::new(), Vec::new());
