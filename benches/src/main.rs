@@ -31,6 +31,10 @@ struct Cli {
     /// (first-touch page faults timed with the op). By default freed memory is kept.
     #[arg(long)]
     fresh_pages: bool,
+    /// Where the kernels run: `cpu`, or `cuda` (the `attention` suite; a GPU and the `cuda`
+    /// feature; prints "no CUDA device" and exits 0 where there is none).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 impl Cli {
@@ -39,6 +43,34 @@ impl Cli {
         self.filter.as_deref().is_none_or(|f| case.case.contains(f))
             && self.params.as_deref().is_none_or(|p| case.params.contains(p))
     }
+}
+
+/// The GPU cases; without a GPU, `Err(SUCCESS)` after printing "no CUDA device (...)", and
+/// `Err(FAILURE)` when a GPU is there but the cases could not be prepared.
+#[cfg(feature = "cuda")]
+fn cuda_cases(quick: bool) -> Result<Vec<Case>, ExitCode> {
+    let gpu = match squid_cuda::launch::Gpu::first() {
+        Ok(gpu) => std::rc::Rc::new(gpu),
+        Err(e) if e.is_unavailable() => {
+            println!("no CUDA device ({e})");
+            return Err(ExitCode::SUCCESS);
+        }
+        Err(e) => {
+            eprintln!("squid-bench: opening the GPU failed: {e}");
+            return Err(ExitCode::FAILURE);
+        }
+    };
+    suites::attention_cuda::cases(gpu, quick).map_err(|e| {
+        eprintln!("squid-bench: preparing the GPU cases failed: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Without the `cuda` feature there is no device path.
+#[cfg(not(feature = "cuda"))]
+fn cuda_cases(_quick: bool) -> Result<Vec<Case>, ExitCode> {
+    println!("no CUDA device (squid-bench was built without the `cuda` feature)");
+    Err(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -61,18 +93,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (cases, budget, prints) = match (cli.backend.as_str(), cli.suite.as_str()) {
-        ("local", _) => (build(cli.quick), if cli.quick { Budget::quick() } else { Budget::full() }, true),
-        ("mpi", "collectives") => match suites::collectives::mpi_cases(cli.quick) {
+    let (cases, budget, prints) = match (cli.device.as_str(), cli.backend.as_str(), cli.suite.as_str()) {
+        ("cuda", "local", "attention") => match cuda_cases(cli.quick) {
+            Ok(cases) => (cases, if cli.quick { Budget::quick() } else { Budget::full() }, true),
+            Err(code) => return code,
+        },
+        ("cpu", "local", _) => (build(cli.quick), if cli.quick { Budget::quick() } else { Budget::full() }, true),
+        ("cpu", "mpi", "collectives") => match suites::collectives::mpi_cases(cli.quick) {
             Ok(suite) => (suite.cases, suite.budget, suite.rank == 0),
             Err(e) => {
                 eprintln!("squid-bench: {e}");
                 return ExitCode::FAILURE;
             }
         },
-        (backend, suite) => {
+        (device, backend, suite) => {
             eprintln!(
-                "squid-bench: backend `{backend}` is not available for suite `{suite}` (local; mpi for collectives)"
+                "squid-bench: device `{device}` with backend `{backend}` is not available for suite `{suite}` \
+                 (cpu/local; cpu/mpi for collectives; cuda/local for attention)"
             );
             return ExitCode::FAILURE;
         }

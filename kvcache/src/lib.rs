@@ -15,6 +15,9 @@ pub use key::DocKey;
 pub use paged::{PagedKv, PagedKvConfig, PagedKvView, SeqId};
 pub use rope::{Rope, RopeConfig, RopeLayout};
 
+/// The kernels this crate ships (RoPE forward/backward and re-positioning).
+pub static KERNELS: &[squid_cuda::KernelSource] = &[rope::KERNEL];
+
 use std::path::PathBuf;
 use thiserror::Error;
 
@@ -63,6 +66,9 @@ pub enum Error {
     /// The caller's prefill closure failed; nothing was cached.
     #[error("prefill failed: {0}")]
     Prefill(Box<dyn std::error::Error + Send + Sync>),
+    /// A device operation (upload, compile, launch) failed.
+    #[error("device: {0}")]
+    Device(#[from] squid_cuda::Error),
 }
 
 /// A zero-filled buffer of `len` elements, or [`Error::OutOfMemory`] if the allocator refuses it

@@ -11,6 +11,7 @@ pub fn workspace_registry() -> Result<KernelRegistry, Error> {
     let mut registry = KernelRegistry::new();
     registry.register_all(squid_cuda::KERNELS)?;
     registry.register_all(squid_attention::KERNELS)?;
+    registry.register_all(squid_kvcache::KERNELS)?;
     Ok(registry)
 }
 

@@ -22,9 +22,28 @@ pub mod cuda;
 #[cfg(all(test, feature = "cuda"))]
 pub(crate) mod cuda_tests;
 pub mod flash;
+pub mod cuda_decode;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_decode_tests;
 pub mod naive;
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// The CUDA source of the device decode (launchers in `cuda_decode`, feature `cuda`): split-KV
+/// over packed or paged K/V, bf16 and f16, and the split combine.
+pub const DECODE_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "decode",
+    "src/dense/decode.cu",
+    [
+        "squid_decode_bf16",
+        "squid_decode_f16",
+        "squid_decode_paged_bf16",
+        "squid_decode_paged_f16",
+        "squid_decode_combine_bf16",
+        "squid_decode_combine_f16"
+    ],
+    fast_math = false
+);
 
 /// What to compute: heads, masks, scale, and whether to check inputs for NaN/inf.
 #[derive(Debug, Clone, Copy, PartialEq)]

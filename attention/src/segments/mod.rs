@@ -25,6 +25,7 @@ use crate::{Error, Heads};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod cuda_decode;
 pub mod naive;
 #[cfg(test)]
 mod tests;
@@ -260,23 +261,11 @@ pub fn backward<T: Element>(
     ))
 }
 
-/// Decode of new tokens in a `Global` segment at the end of each context: a global token sees
-/// the whole context before it, so this is dense causal decode against the cache (documents'
-/// cached KV included, wherever they were placed). Errors if a context's last segment is a
-/// document, since a document token must not see what precedes it.
-pub fn decode_global<T: Element>(
-    cfg: &SegmentConfig,
-    layout: &SegmentLayout,
-    q: &[T],
-    k_cache: &[T],
-    v_cache: &[T],
-    cu_seqlens_q: &[u32],
-    cu_seqlens_k: &[u32],
-) -> Result<DenseOutput<T>, Error> {
-    let dims = validate(cfg, layout, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k)?;
-    for s in 0..dims.num_seqs {
+/// Checks that every context's new tokens (the last `Tq` of its `key_lens[s]` positions) lie in a
+/// final `Global` segment, which is what lets decode read the whole context before them.
+pub(crate) fn check_global_tail(layout: &SegmentLayout, cu_seqlens_q: &[u32], key_lens: &[usize]) -> Result<(), Error> {
+    for (s, &tk) in key_lens.iter().enumerate() {
         let tq = (cu_seqlens_q[s + 1] - cu_seqlens_q[s]) as usize;
-        let tk = (cu_seqlens_k[s + 1] - cu_seqlens_k[s]) as usize;
         if tq == 0 {
             continue;
         }
@@ -292,5 +281,24 @@ pub fn decode_global<T: Element>(
             }
         }
     }
+    Ok(())
+}
+
+/// Decode of new tokens in a `Global` segment at the end of each context: a global token sees
+/// the whole context before it, so this is dense causal decode against the cache (documents'
+/// cached KV included, wherever they were placed). Errors if a context's last segment is a
+/// document, since a document token must not see what precedes it.
+pub fn decode_global<T: Element>(
+    cfg: &SegmentConfig,
+    layout: &SegmentLayout,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+) -> Result<DenseOutput<T>, Error> {
+    let dims = validate(cfg, layout, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k)?;
+    let key_lens: Vec<usize> = cu_seqlens_k.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
+    check_global_tail(layout, cu_seqlens_q, &key_lens[..dims.num_seqs])?;
     dense::decode(&cfg.dense(), q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k)
 }

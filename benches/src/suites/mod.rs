@@ -4,6 +4,8 @@
 use crate::harness::Case;
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod attention_cuda;
 pub mod collectives;
 pub mod kvcache;
 pub mod machine;

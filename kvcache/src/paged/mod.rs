@@ -12,6 +12,8 @@
 //! Every operation checks its input and either completes or returns a typed error having
 //! changed nothing (in particular [`Error::OutOfPages`] is raised before any page is taken).
 
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 #[cfg(test)]
 mod tests;
 

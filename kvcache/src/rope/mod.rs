@@ -15,12 +15,31 @@
 //! equal to it for a token cached at position 0 (rotating by 0 is exact).
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod naive;
 #[cfg(test)]
 mod tests;
 
 use crate::Error;
 use squid_cuda::Element;
+
+/// The CUDA source (its launchers: the `cuda` module, feature `cuda`): per-token rotation
+/// (`squid_rope_*`) and uniform shift (`squid_rope_shift_*`)
+/// for f32, bf16 and f16 storage.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "rope",
+    "src/rope/rope.cu",
+    [
+        "squid_rope_f32",
+        "squid_rope_shift_f32",
+        "squid_rope_bf16",
+        "squid_rope_shift_bf16",
+        "squid_rope_f16",
+        "squid_rope_shift_f16"
+    ],
+    fast_math = false
+);
 
 /// Which dims of a head form a rotated pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

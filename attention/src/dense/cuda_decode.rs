@@ -1,0 +1,408 @@
+//! Decode on the device (feature `cuda`): split-KV (flash-decoding) over packed K/V
+//! ([`decode`]) or pages ([`decode_paged`]), GQA-grouped, with a combine kernel; `decode.cu`
+//! says how the kernels work and why they use FMA rather than mma.sync.
+//!
+//! Same semantics, validation and typed errors as [`super::decode`] / [`super::decode_paged`]:
+//! `q [total_q, HQ, Dk]` on the device, `o [total_q, HQ, Dv]` and `lse [HQ, total_q]` come back on
+//! the device; `cu_seqlens` and page tables are host slices (the launcher plans the work from
+//! them and uploads what the kernels read). Storage is bf16 or f16 ([`DecodeElement`]); f32
+//! storage has no device decode (the CPU one takes it). `check_finite` copies the inputs the
+//! CPU op would check back to the host and checks them there.
+
+use half::{bf16, f16};
+use squid_cuda::launch::{DeviceBuffer, DeviceCopy, Gpu, LaunchDims};
+use squid_cuda::Element;
+
+use super::{validate_lens, DenseConfig, DECODE_KERNEL};
+use crate::layout::{check_finite, rows_of};
+use crate::{validate_cu_seqlens, Error};
+
+/// Keys per tile (`SQUID_DEC_BK`).
+pub const TILE_KEYS: usize = 32;
+/// Query rows per work item (`SQUID_DEC_RB`).
+pub const ITEM_ROWS: usize = 16;
+const THREADS: u32 = 128;
+const HEADER: usize = 12;
+
+/// How the device decode splits its work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Key splits per (sequence, kv head, row chunk), capped at its tile count; `None` picks them
+    /// from the device's multiprocessor count (about two CTAs per SM in all, at least 4 tiles per
+    /// split). Ignored when `batch_invariant` is set.
+    pub num_splits: Option<usize>,
+    /// One split: every row's output and lse depend only on its own query and the keys it sees,
+    /// never on the other sequences of the batch, on `num_splits` or on how many tokens are decoded
+    /// at once (decoding tokens one by one gives the bits of decoding them together).
+    pub batch_invariant: bool,
+}
+
+/// A storage type the decode kernels are compiled for.
+pub trait DecodeElement: Element + DeviceCopy {
+    /// Packed K/V entry.
+    const PACKED: &'static str;
+    /// Paged K/V entry.
+    const PAGED: &'static str;
+    /// Split-combine entry.
+    const COMBINE: &'static str;
+}
+
+impl DecodeElement for bf16 {
+    const PACKED: &'static str = "squid_decode_bf16";
+    const PAGED: &'static str = "squid_decode_paged_bf16";
+    const COMBINE: &'static str = "squid_decode_combine_bf16";
+}
+
+impl DecodeElement for f16 {
+    const PACKED: &'static str = "squid_decode_f16";
+    const PAGED: &'static str = "squid_decode_paged_f16";
+    const COMBINE: &'static str = "squid_decode_combine_f16";
+}
+
+/// A device result: `o [total_q, HQ, Dv]`, `lse [HQ, total_q]` (natural log; `-inf` and `o = 0`
+/// for a query that sees no key).
+#[derive(Debug)]
+pub struct DeviceDenseOutput<T> {
+    /// The attention output.
+    pub o: DeviceBuffer<T>,
+    /// Log-sum-exp of the scaled scores.
+    pub lse: DeviceBuffer<f32>,
+}
+
+/// One layer's page pools on the device, as [`crate::paged::PagedKvView`] describes them:
+/// `[num_pages, page_size, kv_heads, head_dim]` each.
+#[derive(Debug, Clone, Copy)]
+pub struct DevicePagedKv<'a, T> {
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dims per head (K and V alike).
+    pub head_dim: usize,
+    /// The K pool.
+    pub k_pages: &'a DeviceBuffer<T>,
+    /// The V pool.
+    pub v_pages: &'a DeviceBuffer<T>,
+}
+
+/// One sequence of a paged decode: its token count and page table, as its
+/// [`crate::paged::PagedKvView`] has them.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedSeq<'a> {
+    /// Tokens of the sequence.
+    pub len: usize,
+    /// Its pages in token order.
+    pub page_table: &'a [u32],
+}
+
+impl<'a, T> From<&crate::paged::PagedKvView<'a, T>> for PagedSeq<'a> {
+    fn from(view: &crate::paged::PagedKvView<'a, T>) -> Self {
+        Self { len: view.len, page_table: view.page_table }
+    }
+}
+
+fn device_err(e: squid_cuda::Error) -> Error {
+    Error::Device(e.to_string())
+}
+
+fn int(v: usize, what: &str) -> Result<i32, Error> {
+    i32::try_from(v).map_err(|_| Error::Shape(format!("{what} = {v} exceeds the device kernels' i32 range")))
+}
+
+/// Per sequence `(q0, tq, kbase, tk)`: first query row, new tokens, first key row (packed) or
+/// page-table offset (paged), cached tokens.
+type SeqRow = [i32; 4];
+
+/// The launch plan: meta (header, sequences, items, combine items) and its counts.
+#[derive(Debug)]
+struct Plan {
+    meta: Vec<i32>,
+    items: usize,
+    combines: usize,
+    slots: usize,
+}
+
+/// Builds the work list: one item per (sequence, kv head, 16-row chunk, key split), items whose
+/// rows see no key left out.
+fn plan(
+    cfg: &DenseConfig,
+    opts: &DecodeOptions,
+    seqs: &[SeqRow],
+    total_q: usize,
+    page_size: usize,
+    sms: usize,
+) -> Result<Plan, Error> {
+    if opts.num_splits == Some(0) {
+        return Err(Error::Config("num_splits = 0: a decode needs at least one split".into()));
+    }
+    let h = cfg.heads;
+    let group = h.group();
+    // (seq, g, row0, nrows, tile0, tile1)
+    let mut base = Vec::new();
+    for (s, &[_, tq, _, tk]) in seqs.iter().enumerate() {
+        let (tq, tk) = (tq as usize, tk as usize);
+        let rows = group * tq;
+        for g in 0..h.num_kv_heads {
+            for row0 in (0..rows).step_by(ITEM_ROWS) {
+                let nrows = ITEM_ROWS.min(rows - row0);
+                let (mut kmin, mut kmax) = (usize::MAX, 0);
+                for r in row0..row0 + nrows {
+                    let (lo, hi) = cfg.key_range(r % tq, tq, tk);
+                    if lo < hi {
+                        kmin = kmin.min(lo);
+                        kmax = kmax.max(hi);
+                    }
+                }
+                if kmin < kmax {
+                    base.push([s, g, row0, nrows, kmin / TILE_KEYS, kmax.div_ceil(TILE_KEYS)]);
+                }
+            }
+        }
+    }
+    let auto_splits = (2 * sms.max(1)).div_ceil(base.len().max(1));
+    let mut items = Vec::new();
+    let mut combines = Vec::new();
+    let mut slots = 0usize;
+    for &[s, g, row0, nrows, t0, t1] in &base {
+        let tiles = t1 - t0;
+        let n = if opts.batch_invariant {
+            1
+        } else {
+            match opts.num_splits {
+                Some(n) => n.clamp(1, tiles),
+                None => auto_splits.clamp(1, tiles.div_ceil(4).clamp(1, 64)),
+            }
+        };
+        if n == 1 {
+            items.push([s, g, row0, nrows, t0, t1, usize::MAX]);
+            continue;
+        }
+        combines.push([s, g, row0, nrows, slots, n]);
+        for i in 0..n {
+            items.push([s, g, row0, nrows, t0 + i * tiles / n, t0 + (i + 1) * tiles / n, slots + i]);
+        }
+        slots += n;
+    }
+    let seqs_at = HEADER;
+    let items_at = seqs_at + 4 * seqs.len();
+    let combine_at = items_at + 8 * items.len();
+    let mut meta = vec![0i32; combine_at + 8 * combines.len()];
+    let header = [
+        h.num_q_heads,
+        h.num_kv_heads,
+        h.head_dim_k,
+        h.head_dim_v,
+        total_q,
+        usize::from(cfg.causal),
+        cfg.window.unwrap_or(0),
+        page_size,
+        group,
+        seqs_at,
+        items_at,
+        combine_at,
+    ];
+    for (dst, (i, &v)) in meta.iter_mut().zip(header.iter().enumerate()) {
+        *dst = int(
+            v,
+            ["HQ", "HKV", "Dk", "Dv", "total_q", "causal", "window", "page_size", "group", "meta", "meta", "meta"][i],
+        )?;
+    }
+    for (s, row) in seqs.iter().enumerate() {
+        meta[seqs_at + 4 * s..][..4].copy_from_slice(row);
+    }
+    for (i, it) in items.iter().enumerate() {
+        let slot = if it[6] == usize::MAX { -1 } else { int(it[6], "split slots")? };
+        let dst = &mut meta[items_at + 8 * i..][..8];
+        for (d, &v) in dst.iter_mut().zip(&it[..6]) {
+            *d = int(v, "work item")?;
+        }
+        dst[6] = slot;
+    }
+    for (i, c) in combines.iter().enumerate() {
+        let dst = &mut meta[combine_at + 8 * i..][..8];
+        for (d, &v) in dst.iter_mut().zip(c) {
+            *d = int(v, "combine item")?;
+        }
+    }
+    Ok(Plan { meta, items: items.len(), combines: combines.len(), slots })
+}
+
+/// Dynamic shared memory of the split kernel (see the layout in `decode.cu`).
+fn shared_bytes(dk: usize, dv: usize) -> u32 {
+    let stride = |d: usize| if d % 2 == 1 { d + 1 } else { d + 2 };
+    let halfs = TILE_KEYS * stride(dk) + TILE_KEYS * stride(dv) + ITEM_ROWS * stride(dk);
+    let floats = ITEM_ROWS * TILE_KEYS + 3 * ITEM_ROWS;
+    (2 * halfs + 4 * floats + 8 * 2 * TILE_KEYS) as u32
+}
+
+type SplitArgs<'a, T> = (
+    &'a DeviceBuffer<i32>,
+    &'a DeviceBuffer<T>,
+    &'a DeviceBuffer<T>,
+    &'a DeviceBuffer<T>,
+    &'a DeviceBuffer<u32>,
+    &'a mut DeviceBuffer<T>,
+    &'a mut DeviceBuffer<f32>,
+    &'a mut DeviceBuffer<f32>,
+    &'a mut DeviceBuffer<f32>,
+    f32,
+);
+
+/// Uploads the plan, runs the split kernel and the combine kernel.
+#[allow(clippy::too_many_arguments)]
+fn run<T: DecodeElement>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    opts: &DecodeOptions,
+    entry: &'static str,
+    seqs: &[SeqRow],
+    total_q: usize,
+    page_size: usize,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    page_table: &DeviceBuffer<u32>,
+) -> Result<DeviceDenseOutput<T>, Error> {
+    let h = cfg.heads;
+    let p = plan(cfg, opts, seqs, total_q, page_size, gpu.info().multiprocessors as usize)?;
+    let mut o = gpu.zeros::<T>(total_q * h.num_q_heads * h.head_dim_v).map_err(device_err)?;
+    let mut lse = gpu.upload(&vec![f32::NEG_INFINITY; h.num_q_heads * total_q]).map_err(device_err)?;
+    if p.items == 0 {
+        return Ok(DeviceDenseOutput { o, lse });
+    }
+    let meta = gpu.upload(&p.meta).map_err(device_err)?;
+    let mut part_o = gpu.zeros::<f32>((p.slots * ITEM_ROWS * h.head_dim_v).max(1)).map_err(device_err)?;
+    let mut part_ml = gpu.zeros::<f32>((p.slots * ITEM_ROWS * 2).max(1)).map_err(device_err)?;
+    let grid =
+        |n: usize| u32::try_from(n).map_err(|_| Error::Shape(format!("{n} work items exceed one grid dimension")));
+    let dims = LaunchDims {
+        grid: (grid(p.items)?, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: shared_bytes(h.head_dim_k, h.head_dim_v),
+    };
+    let scale_log2 = cfg.softmax_scale() * std::f32::consts::LOG2_E;
+    // SAFETY: the entry is (const int* meta, const T* q, const T* k, const T* v, const unsigned*
+    // page_table, T* o, float* lse, float* part_o, float* part_ml, float scale_log2). The plan
+    // holds only validated sequences: query rows q0 + i < total_q, heads < HQ, key rows inside
+    // the packed cache (cu_seqlens_k checked against its length) or pages checked to lie inside
+    // both pools through a page table whose entries cover each sequence's length; partial slots
+    // < p.slots with ITEM_ROWS rows each; the dynamic shared memory is what the layout needs.
+    let kernel = unsafe { gpu.typed_kernel::<SplitArgs<'_, T>>(&DECODE_KERNEL, entry) }.map_err(device_err)?;
+    kernel
+        .launch(gpu, dims, (&meta, q, k, v, page_table, &mut o, &mut lse, &mut part_o, &mut part_ml, scale_log2))
+        .map_err(device_err)?;
+    if p.combines > 0 {
+        // SAFETY: the entry is (const int* meta, const float* part_o, const float* part_ml, T* o,
+        // float* lse); combine items name slots written above and rows of validated sequences.
+        let combine = unsafe {
+            gpu.typed_kernel::<(
+                &DeviceBuffer<i32>,
+                &DeviceBuffer<f32>,
+                &DeviceBuffer<f32>,
+                &mut DeviceBuffer<T>,
+                &mut DeviceBuffer<f32>,
+            )>(&DECODE_KERNEL, T::COMBINE)
+        }
+        .map_err(device_err)?;
+        let dims = LaunchDims { grid: (grid(p.combines)?, 1, 1), block: (THREADS, 1, 1), shared_bytes: 0 };
+        combine.launch(gpu, dims, (&meta, &part_o, &part_ml, &mut o, &mut lse)).map_err(device_err)?;
+    }
+    Ok(DeviceDenseOutput { o, lse })
+}
+
+fn check_finite_on_host<T: DecodeElement>(gpu: &Gpu, name: &'static str, x: &DeviceBuffer<T>) -> Result<(), Error> {
+    check_finite(name, &gpu.download(x).map_err(device_err)?)
+}
+
+/// Device decode against a packed cache: the semantics of [`super::decode`] (bottom-right
+/// aligned masks, GQA, windows, Dk != Dv).
+#[allow(clippy::too_many_arguments)]
+pub fn decode<T: DecodeElement>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    opts: &DecodeOptions,
+    q: &DeviceBuffer<T>,
+    k_cache: &DeviceBuffer<T>,
+    v_cache: &DeviceBuffer<T>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+) -> Result<DeviceDenseOutput<T>, Error> {
+    let dims = validate_lens(cfg, q.len(), k_cache.len(), v_cache.len(), cu_seqlens_q, cu_seqlens_k)?;
+    if cfg.check_finite {
+        check_finite_on_host(gpu, "q", q)?;
+        check_finite_on_host(gpu, "k", k_cache)?;
+        check_finite_on_host(gpu, "v", v_cache)?;
+    }
+    int(dims.total_k, "total_k")?;
+    int(dims.total_q, "total_q")?;
+    let seqs: Vec<SeqRow> = (0..dims.num_seqs)
+        .map(|s| {
+            let (q0, q1, k0, k1) = (cu_seqlens_q[s], cu_seqlens_q[s + 1], cu_seqlens_k[s], cu_seqlens_k[s + 1]);
+            [q0 as i32, (q1 - q0) as i32, k0 as i32, (k1 - k0) as i32]
+        })
+        .collect();
+    let no_pages = gpu.upload(&[0u32]).map_err(device_err)?;
+    run(gpu, cfg, opts, T::PACKED, &seqs, dims.total_q, 1, q, k_cache, v_cache, &no_pages)
+}
+
+/// Device decode against paged K/V, read in place through each sequence's page table: the
+/// semantics of [`super::decode_paged`] (`Dk == Dv == head_dim`, `HKV == kv_heads`).
+pub fn decode_paged<T: DecodeElement>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    opts: &DecodeOptions,
+    q: &DeviceBuffer<T>,
+    kv: &DevicePagedKv<'_, T>,
+    seqs: &[PagedSeq<'_>],
+    cu_seqlens_q: &[u32],
+) -> Result<DeviceDenseOutput<T>, Error> {
+    cfg.validate()?;
+    let h = cfg.heads;
+    let total_q = rows_of("q", q.len(), h.num_q_heads, h.head_dim_k)?;
+    let num_seqs = validate_cu_seqlens(cu_seqlens_q, total_q)?;
+    if seqs.len() != num_seqs {
+        return Err(Error::Shape(format!("{} paged sequences for {num_seqs} sequences in cu_seqlens_q", seqs.len())));
+    }
+    if kv.kv_heads != h.num_kv_heads || kv.head_dim != h.head_dim_k || kv.head_dim != h.head_dim_v {
+        return Err(Error::Shape(format!(
+            "paged pools have {} kv heads of dim {}, the call expects {} of Dk {} / Dv {}",
+            kv.kv_heads, kv.head_dim, h.num_kv_heads, h.head_dim_k, h.head_dim_v
+        )));
+    }
+    let row = kv.kv_heads * kv.head_dim;
+    if kv.page_size == 0 || row == 0 {
+        return Err(Error::Cache(format!(
+            "paged pools: page_size {}, kv_heads {}, head_dim {} must all be positive",
+            kv.page_size, kv.kv_heads, kv.head_dim
+        )));
+    }
+    let page_len = kv.page_size * row;
+    let pages = (kv.k_pages.len() / page_len).min(kv.v_pages.len() / page_len);
+    let mut tables = Vec::new();
+    let mut rows = Vec::with_capacity(num_seqs);
+    for (s, seq) in seqs.iter().enumerate() {
+        let needed = seq.len.div_ceil(kv.page_size);
+        if seq.page_table.len() < needed {
+            return Err(Error::Cache(format!(
+                "sequence {s}: {} pages of {} tokens cannot hold {} tokens",
+                seq.page_table.len(),
+                kv.page_size,
+                seq.len
+            )));
+        }
+        if let Some(p) = seq.page_table[..needed].iter().find(|&&p| p as usize >= pages) {
+            return Err(Error::Cache(format!("sequence {s}: page {p} is outside the pools ({pages} pages)")));
+        }
+        let (q0, q1) = (cu_seqlens_q[s], cu_seqlens_q[s + 1]);
+        rows.push([q0 as i32, (q1 - q0) as i32, int(tables.len(), "page tables")?, int(seq.len, "sequence length")?]);
+        tables.extend_from_slice(&seq.page_table[..needed]);
+    }
+    int(total_q, "total_q")?;
+    int(pages * kv.page_size, "pool tokens")?;
+    if cfg.check_finite {
+        check_finite_on_host(gpu, "q", q)?;
+    }
+    tables.push(0); // never empty
+    let tables = gpu.upload(&tables).map_err(device_err)?;
+    run(gpu, cfg, opts, T::PAGED, &rows, total_q, kv.page_size, q, kv.k_pages, kv.v_pages, &tables)
+}
