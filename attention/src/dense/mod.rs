@@ -19,12 +19,13 @@ use crate::{Error, Heads};
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(all(test, feature = "cuda"))]
-pub(crate) mod cuda_tests;
-pub mod flash;
+#[cfg(feature = "cuda")]
 pub mod cuda_decode;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_decode_tests;
+#[cfg(all(test, feature = "cuda"))]
+pub(crate) mod cuda_tests;
+pub mod flash;
 pub mod naive;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -25,6 +25,7 @@ use crate::{Error, Heads};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
 pub mod cuda_decode;
 pub mod naive;
 #[cfg(test)]
