@@ -7,7 +7,7 @@
 //!   per (sequence, kv head). Rate: GB/s of K and V read (the step is bound by that read).
 //!
 //! Forward/backward cases (ours against a cuBLAS-based blocked attention) go in [`cases`] next to
-//! the decode ones, built on the same [`DeviceCase`] helper.
+//! the decode ones, built on the same `DeviceCase` helper.
 
 use std::rc::Rc;
 
