@@ -95,6 +95,11 @@ impl Row {
         self.base_s / self.ours_s
     }
 
+    /// Our rate: (`gflops` or `gbps`, value), where the work has a rate.
+    pub fn ours_rate(&self) -> Option<(&'static str, f64)> {
+        self.rate(self.ours_s)
+    }
+
     fn rate(&self, seconds: f64) -> Option<(&'static str, f64)> {
         match self.work {
             Work::None => None,

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod harness;
+pub mod roof;
 pub mod suites;
 
 use suites::{SuiteEntry, SUITES};

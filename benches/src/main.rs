@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use squid_benches::harness::{keep_freed_memory, run_case, Budget, Case, Row};
+use squid_benches::roof::{fma_rate, FmaIsa, Roof};
 use squid_benches::suites;
 
 #[derive(Parser)]
@@ -73,6 +74,31 @@ fn cuda_cases(_quick: bool) -> Result<Vec<Case>, ExitCode> {
     Err(ExitCode::SUCCESS)
 }
 
+/// The roofs as one JSON object line (`{"roof": {...}}`), before the case lines.
+fn roof_json(roof: &Roof) -> serde_json::Value {
+    serde_json::json!({"roof": {
+        "cpu": roof.cpu.model_name, "vendor": roof.cpu.vendor, "family": roof.cpu.family,
+        "model": roof.cpu.model, "stepping": roof.cpu.stepping, "threads": roof.cpu.threads,
+        "fma_isa": roof.fma.isa.name(), "fma_gflops": roof.fma.gflops, "copy_gbps": roof.copy_gbps,
+    }})
+}
+
+/// `machine`: the FMA throughput of every ISA this CPU has, on one thread and on all.
+fn print_fma_table(quick: bool) {
+    let all = rayon::current_num_threads();
+    let seconds = if quick { 0.1 } else { 0.5 };
+    println!("FMA throughput (independent register FMAs, best of 3; GFLOP/s, an FMA = 2 FLOPs):");
+    println!("  {:<8} {:>12} {:>18}", "isa", "1 thread", format!("{all} threads"));
+    for isa in FmaIsa::ALL {
+        match (fma_rate(isa, 1, seconds, 3), fma_rate(isa, all, seconds, 3)) {
+            (Some(one), Some(every)) => {
+                println!("  {:<8} {:>12.1} {:>18.1}", isa.name(), one.gflops, every.gflops)
+            }
+            _ => println!("  {:<8} {:>12} {:>18}", isa.name(), "not on this CPU", "-"),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.suite == "list" {
@@ -123,8 +149,22 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // The machine's roofs, measured in this run, so every rate below is read against them
+    // (CPU suites only: a GPU run's roof is the GPU's).
+    let roof = (cli.device == "cpu").then(Roof::measure);
+    if let Some(roof) = &roof {
+        if cli.json {
+            println!("{}", roof_json(roof));
+        } else {
+            println!("{}", roof.describe());
+            if cli.suite == "machine" {
+                print_fma_table(cli.quick);
+            }
+            println!();
+        }
+    }
     if !cli.json {
-        println!("{}", Row::header());
+        println!("{} {:>8}", Row::header(), "of roof");
     }
     let mut baselines = Vec::new();
     for case in cases {
@@ -132,10 +172,16 @@ fn main() -> ExitCode {
             continue;
         }
         let row = run_case(case, budget);
+        let of_roof = roof.as_ref().zip(row.ours_rate()).and_then(|(roof, (unit, rate))| roof.fraction(unit, rate));
         if cli.json {
-            println!("{}", row.to_json());
+            let mut j = row.to_json();
+            if let Some(f) = of_roof {
+                j["of_roof"] = serde_json::json!(f);
+            }
+            println!("{j}");
         } else {
-            println!("{}", row.to_line());
+            let frac = of_roof.map_or_else(|| "-".to_string(), |f| format!("{:.0}%", 100.0 * f));
+            println!("{} {frac:>8}", row.to_line());
         }
         if !baselines.contains(&(row.case.clone(), row.baseline)) {
             baselines.push((row.case.clone(), row.baseline));
@@ -143,7 +189,8 @@ fn main() -> ExitCode {
     }
     if !cli.json {
         println!("\nheap: {heap}");
-        println!("ratio = baseline / ours (> 1: ours is faster). Baselines:");
+        println!("ratio = baseline / ours (> 1: ours is faster); of roof = ours as a fraction of this run's");
+        println!("FMA peak (GFLOP/s rows) or copy bandwidth (GB/s rows). Baselines:");
         for (case, baseline) in baselines {
             println!("  {case}: {baseline}");
         }
