@@ -12,6 +12,7 @@ pub fn workspace_registry() -> Result<KernelRegistry, Error> {
     registry.register_all(squid_cuda::KERNELS)?;
     registry.register_all(squid_attention::KERNELS)?;
     registry.register_all(squid_kvcache::KERNELS)?;
+    registry.register_all(squid_optim::KERNELS)?;
     Ok(registry)
 }
 
