@@ -19,7 +19,8 @@ pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::{LrSchedule, ScheduleKind};
 
 /// The kernels of this crate, for `squid kernels check` (the pipeline gathers every crate's list).
-pub static KERNELS: &[squid_cuda::KernelSource] = &[advantage::KERNEL, logprob::KERNEL, adamw::KERNEL];
+pub static KERNELS: &[squid_cuda::KernelSource] =
+    &[advantage::KERNEL, logprob::KERNEL, adamw::KERNEL, policy_loss::KERNEL];
 
 /// What can be wrong with an optimizer, advantage or loss call's inputs.
 #[derive(Debug, Error, PartialEq)]
