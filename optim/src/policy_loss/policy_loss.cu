@@ -8,7 +8,7 @@
 //   token_loss[t] = mask l_t. partials[PL_PARTIALS s ..] = loss, clip_low, clip_high, dual,
 //   ratio_sum, ratio_min, ratio_max, approx_kl, kl, entropy, then (first index or -1, value) of a
 //   non-finite new_logp, old_logp, advantage, ref_logp, entropy (any token, as the CPU path),
-//   gradient, token loss.
+//   gradient, token loss (found by a second pass over the sequence, only when the first saw one).
 // params (f32[9]): 1 - clip_low, 1 + clip_high, dual clip c, dual clip on, KL beta, k3 clamp
 //   (inf: none), KL estimator (0 none, 1 k1, 2 k2, 3 k3, 4 k3+), has entropy, has ref_logp.
 
@@ -57,9 +57,9 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK)
     // Sums in f64 per thread: loss, clip_low, clip_high, dual, ratio_sum, approx_kl, kl, entropy.
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     float rmin = INFINITY, rmax = -INFINITY;
-    // First non-finite (index, value) per thread: new, old, adv, ref, entropy, grad, token loss.
-    long long bad[7] = {-1, -1, -1, -1, -1, -1, -1};
-    float bad_value[7] = {0, 0, 0, 0, 0, 0, 0};
+    // Whether this thread saw a non-finite input, gradient or token loss (the first ones are
+    // found by a second pass, only then).
+    bool any_bad = false;
     for (unsigned int t = cu_seqlens[s] + threadIdx.x; t < cu_seqlens[s + 1]; t += blockDim.x) {
         const float nw = new_logp[t], od = old_logp[t], a = adv[t];
         const float r = has_ref ? ref_logp[t] : nw;
@@ -111,32 +111,57 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK)
             rmin = fminf(rmin, ratio);
             rmax = fmaxf(rmax, ratio);
         }
-        const float vals[7] = {nw, od, a, r, e, gv, tl};
-        for (int k = 0; k < 7; ++k) {
-            if (bad[k] < 0 && !pl_finite(vals[k])) {
-                bad[k] = t;  // this thread's tokens come in ascending order
-                bad_value[k] = vals[k];
-            }
-        }
+        any_bad |= !(pl_finite(nw) && pl_finite(od) && pl_finite(a) && pl_finite(r) && pl_finite(e) && pl_finite(gv) &&
+                     pl_finite(tl));
     }
     double* out = partials + (long long)PL_PARTIALS * s;
-    const int sum_slot[8] = {0, 1, 2, 3, 4, 7, 8, 9};
+#pragma unroll
     for (int k = 0; k < 8; ++k) {
         const double v = pl_reduce(acc[k], 0, sh);
-        if (threadIdx.x == 0) out[sum_slot[k]] = v;
+        if (threadIdx.x == 0) out[k < 5 ? k : k + 2] = v;  // slots 0-4, then 7-9
     }
     const double mn = pl_reduce((double)rmin, 1, sh), mx = pl_reduce((double)rmax, 2, sh);
+    const bool block_bad = pl_reduce(any_bad ? 1.0 : 0.0, 2, sh) > 0.0;
     if (threadIdx.x == 0) {
         out[5] = mn;
         out[6] = mx;
     }
+    // The rare error path: per kind, the first non-finite token of the sequence and its value.
+    // Gradients and token losses are read back from this block's own writes (made visible to
+    // the block by the barriers in pl_reduce).
+    const unsigned int begin = cu_seqlens[s], end = cu_seqlens[s + 1];
+#pragma unroll 1
     for (int k = 0; k < 7; ++k) {
-        const double first = pl_reduce(bad[k] < 0 ? 1e300 : (double)bad[k], 1, sh);
-        // Only the thread that holds the first index adds its value (NaN + 0 stays NaN).
-        const double value = pl_reduce((first < 1e300 && (double)bad[k] == first) ? (double)bad_value[k] : 0.0, 0, sh);
+        double first = 1e300;
+        if (block_bad) {
+            for (unsigned int t = begin + threadIdx.x; t < end; t += blockDim.x) {
+                const float v = k == 0 ? new_logp[t]
+                              : k == 1 ? old_logp[t]
+                              : k == 2 ? adv[t]
+                              : k == 3 ? (has_ref ? ref_logp[t] : new_logp[t])
+                              : k == 4 ? (has_entropy ? entropy[t] : 0.0f)
+                              : k == 5 ? grad[t]
+                                       : token_loss[t];
+                if (!pl_finite(v)) {
+                    first = (double)t;  // this thread's tokens come in ascending order
+                    break;
+                }
+            }
+            first = pl_reduce(first, 1, sh);
+        }
         if (threadIdx.x == 0) {
-            out[10 + 2 * k] = first < 1e300 ? first : -1.0;
-            out[11 + 2 * k] = value;
+            const bool found = first < 1e300;
+            const unsigned int t = found ? (unsigned int)first : 0u;
+            const float v = !found ? 0.0f
+                          : k == 0 ? new_logp[t]
+                          : k == 1 ? old_logp[t]
+                          : k == 2 ? adv[t]
+                          : k == 3 ? (has_ref ? ref_logp[t] : new_logp[t])
+                          : k == 4 ? (has_entropy ? entropy[t] : 0.0f)
+                          : k == 5 ? grad[t]
+                                   : token_loss[t];
+            out[10 + 2 * k] = found ? first : -1.0;
+            out[11 + 2 * k] = (double)v;
         }
     }
 }
