@@ -11,9 +11,16 @@ pub mod policy_loss;
 pub mod schedule;
 mod seqs;
 
+#[cfg(feature = "cuda")]
+pub(crate) mod device;
+
 pub use adamw::{AdamW, AdamWConfig, StepReport};
 pub use clip::{clip_grad_norm, global_grad_norm};
 pub use schedule::{LrSchedule, ScheduleKind};
+
+/// The kernels of this crate, for `squid kernels check` (the pipeline gathers every crate's list).
+pub static KERNELS: &[squid_cuda::KernelSource] =
+    &[advantage::KERNEL, logprob::KERNEL, adamw::KERNEL, policy_loss::KERNEL];
 
 /// What can be wrong with an optimizer, advantage or loss call's inputs.
 #[derive(Debug, Error, PartialEq)]
@@ -93,6 +100,9 @@ pub enum Error {
         /// The numbers involved.
         why: String,
     },
+    /// The device (squid-cuda: NVRTC, the driver, a launch, the simulator) failed; its message.
+    #[error("device: {0}")]
+    Device(String),
     /// Reading or writing optimizer state failed, or the file is not a valid checkpoint.
     #[error("checkpoint {path}: {why}")]
     Checkpoint {

@@ -12,6 +12,7 @@ pub fn workspace_registry() -> Result<KernelRegistry, Error> {
     registry.register_all(squid_cuda::KERNELS)?;
     registry.register_all(squid_attention::KERNELS)?;
     registry.register_all(squid_kvcache::KERNELS)?;
+    registry.register_all(squid_optim::KERNELS)?;
     Ok(registry)
 }
 
@@ -92,6 +93,11 @@ pub const PROFILED_KERNELS: &[(&str, &str, &[usize])] = &[
     ("softmax", "ROWS,COLS (f32)", &[512, 4096]),
     ("logsumexp", "ROWS,COLS (bf16)", &[512, 4096]),
     ("axpy", "N (f32)", &[1 << 20]),
+    ("optim_advantage", "GROUPS,SIZE (GRPO group std)", &[1024, 8]),
+    ("optim_logprob", "TOKENS,VOCAB (bf16 logits, forward)", &[16, 32768]),
+    ("optim_logprob_bwd", "TOKENS,VOCAB (bf16 logits and gradients)", &[16, 32768]),
+    ("optim_policy_loss", "SEQS,LEN (f32, verl config with k3 KL)", &[64, 256]),
+    ("optim_adamw", "N (bf16 parameters, f32 gradients, the update)", &[1 << 18]),
 ];
 
 /// Runs kernel `name` once on the profiling simulator with inputs of `shape` (empty: the
@@ -104,7 +110,8 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
     use squid_cuda::ptxsim::{occupancy, Options, A100, H100_SXM};
 
     let (_, meaning, default) = PROFILED_KERNELS.iter().find(|k| k.0 == name).ok_or_else(|| {
-        Error::Config(format!("no profile setup for kernel `{name}` (known: gemm, softmax, logsumexp, axpy)"))
+        let known: Vec<&str> = PROFILED_KERNELS.iter().map(|k| k.0).collect();
+        Error::Config(format!("no profile setup for kernel `{name}` (known: {})", known.join(", ")))
     })?;
     let shape = if shape.is_empty() { default } else { shape };
     if shape.len() != default.len() || shape.contains(&0) {
@@ -134,6 +141,7 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
             logsumexp::cuda::logsumexp_bf16(&gpu, &x, &mut out, cols, 1.0)?;
             (&logsumexp::KERNEL, "squid_logsumexp_bf16")
         }
+        name if name.starts_with("optim_") => profile_optim(&gpu, name, shape)?,
         _ => {
             let x = gpu.upload(&vec![1.0f32; shape[0]])?;
             let mut y = gpu.zeros::<f32>(shape[0])?;
@@ -157,6 +165,85 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
         targets.push(TargetModel { gpu: model, registers, occupancy: occ, roofline });
     }
     Ok(KernelProfile { profile, targets })
+}
+
+/// Launches one of squid-optim's device paths for [`profile_kernel`]; returns the source and the
+/// entry of its last launch (the one the profile describes).
+#[cfg(feature = "cuda")]
+fn profile_optim(
+    gpu: &squid_cuda::launch::Gpu,
+    name: &str,
+    shape: &[usize],
+) -> Result<(&'static squid_cuda::KernelSource, &'static str), Error> {
+    use half::bf16;
+    use squid_optim::{adamw, advantage, logprob, policy_loss};
+    let optim = |e: squid_optim::Error| Error::Config(format!("{name}: {e}"));
+    Ok(match name {
+        "optim_advantage" => {
+            let n = shape[0] * shape[1];
+            let rewards = gpu.upload(&(0..n).map(|i| (i % 3) as f32).collect::<Vec<_>>())?;
+            let mut out = gpu.zeros::<f32>(n)?;
+            let config = advantage::AdvantageConfig::new(advantage::Estimator::Grpo(advantage::GrpoConfig::verl()));
+            advantage::cuda::sample_advantages(gpu, &rewards, advantage::Groups::Size(shape[1]), &config, &mut out)
+                .map_err(optim)?;
+            (&advantage::KERNEL, "squid_adv_groups")
+        }
+        "optim_logprob" | "optim_logprob_bwd" => {
+            let (t, v) = (shape[0], shape[1]);
+            let x = gpu.upload(&(0..t * v).map(|i| bf16::from_f32((i % 17) as f32 * 0.25)).collect::<Vec<_>>())?;
+            let y = gpu.upload(&(0..t).map(|i| (i % v) as u32).collect::<Vec<_>>())?;
+            let (mut lp, mut en, mut ls) = (gpu.zeros::<f32>(t)?, gpu.zeros::<f32>(t)?, gpu.zeros::<f32>(t)?);
+            let out = logprob::cuda::LogprobViews {
+                logp: (&mut lp).into(),
+                entropy: (&mut en).into(),
+                lse: (&mut ls).into(),
+            };
+            logprob::cuda::logprobs(gpu, &x, v, &y, out).map_err(optim)?;
+            if name == "optim_logprob" {
+                (&logprob::KERNEL, "squid_logprob_fwd_bf16")
+            } else {
+                let g = gpu.upload(&vec![1.0f32; t])?;
+                let mut dx = gpu.zeros::<bf16>(t * v)?;
+                let fwd = logprob::cuda::ForwardViews { lse: (&ls).into(), entropy: (&en).into() };
+                logprob::cuda::logprobs_backward(gpu, &x, v, &y, fwd, &g, None, &mut dx).map_err(optim)?;
+                (&logprob::KERNEL, "squid_logprob_bwd_bf16_bf16")
+            }
+        }
+        "optim_policy_loss" => {
+            let (seqs, len) = (shape[0], shape[1]);
+            let n = seqs * len;
+            let cu: Vec<u32> = (0..=seqs).map(|s| (s * len) as u32).collect();
+            let new = gpu.upload(&(0..n).map(|i| -((i % 7) as f32) * 0.3).collect::<Vec<_>>())?;
+            let old = gpu.upload(&(0..n).map(|i| -((i % 5) as f32) * 0.3).collect::<Vec<_>>())?;
+            let adv = gpu.upload(&(0..n).map(|i| (i % 3) as f32 - 1.0).collect::<Vec<_>>())?;
+            let mask = gpu.upload(&(0..n).map(|i| u8::from(i % len > 8)).collect::<Vec<_>>())?;
+            let (mut grad, mut tl) = (gpu.zeros::<f32>(n)?, gpu.zeros::<f32>(n)?);
+            let inputs = policy_loss::cuda::DevicePolicyLossInputs {
+                new_logp: (&new).into(),
+                old_logp: (&old).into(),
+                ref_logp: Some((&old).into()),
+                advantages: (&adv).into(),
+                loss_mask: (&mask).into(),
+                cu_seqlens: &cu,
+                entropy: None,
+            };
+            let config = policy_loss::PolicyLossConfig {
+                kl: Some(policy_loss::KlPenalty::verl(1e-3)),
+                ..policy_loss::PolicyLossConfig::verl()
+            };
+            policy_loss::cuda::policy_loss(gpu, inputs, &config, &mut grad, &mut tl).map_err(optim)?;
+            (&policy_loss::KERNEL, "squid_pl_loss")
+        }
+        _ => {
+            let n = shape[0];
+            let mut p = gpu.upload(&vec![bf16::from_f32(0.5); n])?;
+            let g = gpu.upload(&vec![0.01f32; n])?;
+            let config = adamw::AdamWConfig { max_grad_norm: Some(1.0), ..adamw::AdamWConfig::default() };
+            let mut opt = adamw::cuda::DeviceAdamW::new(gpu, config, &[p.view()]).map_err(optim)?;
+            opt.step(gpu, &mut [p.view_mut()], &[g.view()], 1e-3).map_err(optim)?;
+            (&adamw::KERNEL, "squid_adamw_bf16_f32")
+        }
+    })
 }
 
 #[cfg(feature = "cuda")]

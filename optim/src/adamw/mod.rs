@@ -22,10 +22,35 @@
 //! costs one more read of parameters, gradients and moments per step.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub mod naive;
 mod state;
 #[cfg(test)]
 mod tests;
+
+/// The CUDA source of the device path ([`cuda`], `cuda` feature): the gradient's sum of squares,
+/// the update (a dry run that finds what would become non-finite, then the write), and the
+/// master copy, per storage type.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "optim_adamw",
+    "src/adamw/adamw.cu",
+    [
+        "squid_adamw_sumsq_f32",
+        "squid_adamw_sumsq_bf16",
+        "squid_adamw_sumsq_f16",
+        "squid_adamw_f32_f32",
+        "squid_adamw_bf16_bf16",
+        "squid_adamw_bf16_f32",
+        "squid_adamw_f16_f16",
+        "squid_adamw_f16_f32",
+        "squid_adamw_master_bf16",
+        "squid_adamw_master_f16",
+    ],
+    fast_math = false
+);
 
 use squid_cuda::dtype::{DType, Element};
 

@@ -25,9 +25,22 @@
 //! Means and standard deviations are accumulated in f64.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub mod naive;
 #[cfg(test)]
 mod tests;
+
+/// The CUDA source of the device path ([`cuda`], `cuda` feature): batch statistics, per-group
+/// advantages (one warp per group) and the broadcast to tokens.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "optim_advantage",
+    "src/advantage/advantage.cu",
+    ["squid_adv_batch_stats", "squid_adv_groups", "squid_adv_broadcast"],
+    fast_math = false
+);
 
 use crate::{check_finite, check_len, seqs, Error};
 

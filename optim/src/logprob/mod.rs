@@ -16,9 +16,31 @@
 //! verl does).
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub mod naive;
 #[cfg(test)]
 mod tests;
+
+/// The CUDA source of the device path ([`cuda`], `cuda` feature): the forward (one block per
+/// row, online max / sum / weighted sum) and the backward (vocabulary chunks) per storage type.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "optim_logprob",
+    "src/logprob/logprob.cu",
+    [
+        "squid_logprob_fwd_f32",
+        "squid_logprob_fwd_bf16",
+        "squid_logprob_fwd_f16",
+        "squid_logprob_bwd_f32_f32",
+        "squid_logprob_bwd_bf16_bf16",
+        "squid_logprob_bwd_bf16_f32",
+        "squid_logprob_bwd_f16_f16",
+        "squid_logprob_bwd_f16_f32",
+    ],
+    fast_math = true
+);
 
 use squid_cuda::dtype::Element;
 

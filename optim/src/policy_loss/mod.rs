@@ -49,9 +49,22 @@
 //! factor `1 / n_s` is local to a sequence and needs nothing global.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 pub mod naive;
 #[cfg(test)]
 mod tests;
+
+/// The CUDA source of the device path ([`cuda`], `cuda` feature): loss tokens per sequence, then
+/// the per-token loss and gradient with per-sequence partial sums of the loss and metrics.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "optim_policy_loss",
+    "src/policy_loss/policy_loss.cu",
+    ["squid_pl_counts", "squid_pl_loss"],
+    fast_math = false
+);
 
 use crate::{check_finite, check_len, seqs, Error};
 
