@@ -31,7 +31,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-/// The CUDA source of the device path ([`cuda`], `cuda` feature): the gradient's sum of squares,
+/// The CUDA source of the device path (module `cuda`, `cuda` feature): the gradient's sum of squares,
 /// the update (a dry run that finds what would become non-finite, then the write), and the
 /// master copy, per storage type.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(

@@ -33,7 +33,7 @@ pub mod naive;
 #[cfg(test)]
 mod tests;
 
-/// The CUDA source of the device path ([`cuda`], `cuda` feature): batch statistics, per-group
+/// The CUDA source of the device path (module `cuda`, `cuda` feature): batch statistics, per-group
 /// advantages (one warp per group) and the broadcast to tokens.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "optim_advantage",

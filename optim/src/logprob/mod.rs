@@ -24,7 +24,7 @@ pub mod naive;
 #[cfg(test)]
 mod tests;
 
-/// The CUDA source of the device path ([`cuda`], `cuda` feature): the forward (one block per
+/// The CUDA source of the device path (module `cuda`, `cuda` feature): the forward (one block per
 /// row, online max / sum / weighted sum) and the backward (vocabulary chunks) per storage type.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "optim_logprob",

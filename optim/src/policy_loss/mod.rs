@@ -57,7 +57,7 @@ pub mod naive;
 #[cfg(test)]
 mod tests;
 
-/// The CUDA source of the device path ([`cuda`], `cuda` feature): loss tokens per sequence, then
+/// The CUDA source of the device path (module `cuda`, `cuda` feature): loss tokens per sequence, then
 /// the per-token loss and gradient with per-sequence partial sums of the loss and metrics.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "optim_policy_loss",
