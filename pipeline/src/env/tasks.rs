@@ -63,7 +63,7 @@ pub enum Level {
     Medium,
     /// Two or three functions, each with its own tests; some parts build on earlier ones.
     Hard,
-    /// One task of a project ([`generate_project`]): later tasks call the project's helper,
+    /// One task of a project ([`generate_project`](super::generate_project)): later tasks call the project's helper,
     /// which their prompts do not restate. Not in [`Level::ALL`] (the three levels every run
     /// trains and evaluates on); runs with projects add it.
     Project,
@@ -447,7 +447,7 @@ fn pipeline_parts(rng: &mut Rng) -> Vec<Family> {
 }
 
 /// The task for `(level, seed)`; the same pair always gives the same task. For
-/// [`Level::Project`], task `seed % 4` of the project `seed >> 2` (see [`generate_project`]).
+/// [`Level::Project`], task `seed % 4` of the project `seed >> 2` (see [`generate_project`](super::generate_project)).
 pub fn generate_task(level: Level, seed: u64) -> Task {
     // Mix the level in so that equal seeds at different levels are unrelated.
     let mut rng = Rng::new(seed ^ (level as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));

@@ -2,7 +2,8 @@
 //!
 //! The vocabulary is laid out in four fixed blocks:
 //!
-//! 1. special tokens: `<pad> <bos> <unk> <code> <run> <submit> <think> </think> <out> </out> <nl>`;
+//! 1. special tokens: `<pad> <bos> <unk> <code> <run> <submit> <think> </think> <out> </out> <nl>`
+//!    and issue 21's tool tokens `<store> </store> <recall> </recall> <search> </search> <lint>`;
 //! 2. the ten digits `0`..`9`: an integer is written digit by digit, so every integer is
 //!    representable (a `-` before it is the minus token, as in the language itself);
 //! 3. symbols: the operators and punctuation of the language (`->`, `++`, `==`, `(`, ...) plus
@@ -22,10 +23,12 @@
 //! ```text
 //! episode  := prompt turn* last
 //! prompt   := <bos> text(task statement) <code>             Global, not trained on
-//! turn     := body <run> output <code>                      body and <run> sampled; output a
+//! turn     := body tool output <code>                       body and tool sampled; output a
 //!                                                           Document; <code> forced (Global)
+//! tool     := <run> | <lint> | <store> text </store> | <recall> text </recall>
+//!           | <search> text </search>                       (the spans end the turn when closed)
 //! last     := body (<submit> | <run>)?                      the episode may also stop early
-//! body     := (program token | <think> text </think>)*      think spans are not program text
+//! body     := (program token | <think> text </think>)*      think and tool spans are not program text
 //! output   := <out> text(tool output) </out>
 //! ```
 //!
