@@ -649,4 +649,24 @@ mod tests {
         );
         assert_eq!(dflt("lr", |c| c.grpo.lr), format!("lr [default: {}]", TrainConfig::default().grpo.lr));
     }
+
+    #[test]
+    fn tool_flags_set_the_tools_config_and_resume_refuses_them() {
+        use squid_pipeline::env::MemoryPolicy;
+        use squid_pipeline::rollout::ThinkPlacement;
+        let c =
+            train_args(&["--quick", "--memory", "fixes-after-failure", "--search", "--lint", "--lint-reward", "0.2"])
+                .config()
+                .unwrap();
+        assert_eq!(c.tools.memory, Some(MemoryPolicy::FixesAfterFailure));
+        assert!(c.tools.search && c.tools.lint && !c.tools.library_in_context);
+        assert_eq!(c.tools.lint_reward, 0.2);
+        let all = train_args(&["--all-tools", "--think", "off", "--projects", "0.5"]).config().unwrap();
+        assert_eq!(all.tools.memory, Some(MemoryPolicy::PolicyDecides));
+        assert_eq!((all.tools.think, all.tools.projects), (Some(ThinkPlacement::Off), 0.5));
+        assert!(train_args(&["--projects", "1.5"]).config().unwrap().validate().is_err());
+        assert!(train_args(&["--resume", "runs/x", "--search"]).check().is_err());
+        let argv = ["squid", "train", "--memory", "sometimes"];
+        assert!(Cli::try_parse_from(argv).is_err(), "an unknown policy is refused by the parser");
+    }
 }
