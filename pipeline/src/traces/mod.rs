@@ -477,6 +477,9 @@ pub fn sft_tool_trace(
     if tools.think == Some(ThinkPlacement::Before) {
         kinds.push(ToolTraceKind::ThinkBefore);
     }
+    // Only traces that fit the episode's tool-call limit (a repair with a think after the run
+    // takes three calls, the others two).
+    kinds.retain(|&k| if k == ToolTraceKind::RepairThinkAfter { 3 } else { 2 } <= episode_config.max_tool_calls);
     let mut rng = Rng::new(seed ^ 0x7001_5EED);
     // Half the traces (all for later project tasks, which need the helper's name) use a tool.
     if !kinds.is_empty() && (project_later || rng.index(2) == 0) {
