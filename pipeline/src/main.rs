@@ -129,6 +129,37 @@ struct TrainArgs {
     /// so the rest reach the policy only by running its program [default: all].
     #[arg(long, value_name = "N")]
     shown_examples: Option<usize>,
+    /// The memory tool (`<store>`, `<recall>`) with this storage policy: never,
+    /// every-accepted, fixes-after-failure, policy-decides [default: no memory tool].
+    #[arg(long, value_name = "POLICY", value_parser = parse_memory_policy)]
+    memory: Option<squid_pipeline::env::MemoryPolicy>,
+    /// Bytes a project's memory holds; the lowest-credit, then least recently used, entries
+    /// are evicted to fit [default: 1024].
+    #[arg(long, value_name = "BYTES")]
+    memory_bytes: Option<usize>,
+    /// The `<search>` tool over the project's library.
+    #[arg(long)]
+    search: bool,
+    /// The search baseline: the project's whole library after the prompt as cached Documents.
+    #[arg(long)]
+    library_in_context: bool,
+    /// The `<lint>` tool (static diagnostics without running).
+    #[arg(long)]
+    lint: bool,
+    /// Reward added to a submission the linter finds clean [default: 0].
+    #[arg(long, value_name = "W")]
+    lint_reward: Option<f32>,
+    /// Where `<think>` goes: before, after-tool, off [default: as before, unrestricted].
+    #[arg(long, value_name = "PLACEMENT", value_parser = parse_think)]
+    think: Option<squid_pipeline::rollout::ThinkPlacement>,
+    /// Fraction of warm-up traces and GRPO tasks drawn from projects (tasks that reuse an
+    /// earlier task's helper); adds a held-out `project` row to every evaluation [default: 0].
+    #[arg(long, value_name = "F")]
+    projects: Option<f64>,
+    /// Every tool of issue 21 on (policy-decided memory, search, lint with reward 0.1, think
+    /// after tool output, a third of tasks from projects); other flags override parts.
+    #[arg(long)]
+    all_tools: bool,
     /// A smoke run (about a minute): easy tasks only, sized so GRPO does update the policy;
     /// checks the whole loop, proves nothing about learning.
     #[arg(long)]
@@ -142,6 +173,15 @@ struct TrainArgs {
         help = "Without a terminal (or with --no-progress), log one line per this many steps (and every evaluation)."
     )]
     log_every: u64,
+}
+
+fn parse_memory_policy(s: &str) -> Result<squid_pipeline::env::MemoryPolicy, String> {
+    squid_pipeline::env::MemoryPolicy::parse(s)
+        .ok_or_else(|| format!("{s:?}: one of never, every-accepted, fixes-after-failure, policy-decides"))
+}
+
+fn parse_think(s: &str) -> Result<squid_pipeline::rollout::ThinkPlacement, String> {
+    squid_pipeline::rollout::ThinkPlacement::parse(s).ok_or_else(|| format!("{s:?}: one of before, after-tool, off"))
 }
 
 fn parse_mix(s: &str) -> Result<[f64; 3], String> {
@@ -191,6 +231,15 @@ impl TrainArgs {
             ("--grpo-mix", self.grpo_mix.is_some()),
             ("--eval-every", self.eval_every.is_some()),
             ("--shown-examples", self.shown_examples.is_some()),
+            ("--memory", self.memory.is_some()),
+            ("--memory-bytes", self.memory_bytes.is_some()),
+            ("--search", self.search),
+            ("--library-in-context", self.library_in_context),
+            ("--lint", self.lint),
+            ("--lint-reward", self.lint_reward.is_some()),
+            ("--think", self.think.is_some()),
+            ("--projects", self.projects.is_some()),
+            ("--all-tools", self.all_tools),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -296,6 +345,27 @@ impl TrainArgs {
         }
         if let Some(v) = self.solve_bonus {
             c.grpo.solve_bonus = v;
+        }
+        if self.all_tools {
+            c.tools = squid_pipeline::train::ToolsConfig::all_on();
+        }
+        if self.memory.is_some() {
+            c.tools.memory = self.memory;
+        }
+        if let Some(v) = self.memory_bytes {
+            c.tools.memory_bytes = v;
+        }
+        c.tools.search |= self.search;
+        c.tools.library_in_context |= self.library_in_context;
+        c.tools.lint |= self.lint;
+        if let Some(v) = self.lint_reward {
+            c.tools.lint_reward = v;
+        }
+        if self.think.is_some() {
+            c.tools.think = self.think;
+        }
+        if let Some(v) = self.projects {
+            c.tools.projects = v;
         }
         if let Some(v) = self.eval_tasks {
             c.eval.tasks_per_level = v;
@@ -578,5 +648,25 @@ mod tests {
             )
         );
         assert_eq!(dflt("lr", |c| c.grpo.lr), format!("lr [default: {}]", TrainConfig::default().grpo.lr));
+    }
+
+    #[test]
+    fn tool_flags_set_the_tools_config_and_resume_refuses_them() {
+        use squid_pipeline::env::MemoryPolicy;
+        use squid_pipeline::rollout::ThinkPlacement;
+        let c =
+            train_args(&["--quick", "--memory", "fixes-after-failure", "--search", "--lint", "--lint-reward", "0.2"])
+                .config()
+                .unwrap();
+        assert_eq!(c.tools.memory, Some(MemoryPolicy::FixesAfterFailure));
+        assert!(c.tools.search && c.tools.lint && !c.tools.library_in_context);
+        assert_eq!(c.tools.lint_reward, 0.2);
+        let all = train_args(&["--all-tools", "--think", "off", "--projects", "0.5"]).config().unwrap();
+        assert_eq!(all.tools.memory, Some(MemoryPolicy::PolicyDecides));
+        assert_eq!((all.tools.think, all.tools.projects), (Some(ThinkPlacement::Off), 0.5));
+        assert!(train_args(&["--projects", "1.5"]).config().unwrap().validate().is_err());
+        assert!(train_args(&["--resume", "runs/x", "--search"]).check().is_err());
+        let argv = ["squid", "train", "--memory", "sometimes"];
+        assert!(Cli::try_parse_from(argv).is_err(), "an unknown policy is refused by the parser");
     }
 }

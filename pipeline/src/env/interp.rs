@@ -93,7 +93,7 @@ impl Builtin {
         }
     }
 
-    fn arity(self) -> usize {
+    pub(crate) fn arity(self) -> usize {
         match self {
             Builtin::Len | Builtin::Head | Builtin::Tail | Builtin::Abs => 1,
             Builtin::Fold => 3,

@@ -14,20 +14,33 @@
 
 mod interp;
 mod lexer;
+mod lint;
+mod memory;
 mod parser;
+mod project;
 mod reward;
 mod tasks;
 mod tools;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tool_tests;
 
 pub use interp::{Budget, Builtin, Func, Interpreter, Value, MAX_VALUE_DEPTH};
 pub use lexer::{tokenize, Pos, Tok, MAX_PROGRAM_BYTES};
+pub use lint::{lint, lint_text, Diagnostic, DiagnosticKind};
+pub use memory::{
+    embed, similarity, top_k, Memory, MemoryEntry, MemoryPolicy, Recall, EMBED_DIM, MAX_QUERY_BYTES, MAX_SNIPPET_BYTES,
+};
 pub use parser::{parse_program, BinOp, Expr, FunctionDef, Program, MAX_PARAMS, MAX_PARSE_DEPTH};
+pub use project::{generate_project, HELPER_WORDS, PROJECT_TASKS, USE_WORDS};
 pub use reward::{score, LengthPenalty, Reward, RewardConfig, RewardMode};
-pub use tasks::{generate_task, Level, Rng, Task, TaskPart, TestCase};
-pub use tools::{check_examples, Episode, EpisodeConfig, EpisodeError, ExampleReport, ToolCall, ToolOutput};
+pub use tasks::{generate_task, Level, LibraryEntry, ProjectPlace, Rng, Task, TaskPart, TestCase};
+pub use tools::{
+    check_examples, search_library, Episode, EpisodeConfig, EpisodeError, ExampleReport, ToolCall, ToolCounts,
+    ToolOutput, ToolSwitches,
+};
 
 /// Why program text did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -63,6 +63,10 @@ pub enum Level {
     Medium,
     /// Two or three functions, each with its own tests; some parts build on earlier ones.
     Hard,
+    /// One task of a project ([`generate_project`](super::generate_project)): later tasks call the project's helper,
+    /// which their prompts do not restate. Not in [`Level::ALL`] (the three levels every run
+    /// trains and evaluates on); runs with projects add it.
+    Project,
 }
 
 impl Level {
@@ -75,6 +79,7 @@ impl Level {
             Level::Easy => "easy",
             Level::Medium => "medium",
             Level::Hard => "hard",
+            Level::Project => "project",
         }
     }
 }
@@ -127,6 +132,32 @@ pub struct Task {
     /// Visible examples per part that the prompt shows (`None` = all). The `run` tool runs all
     /// of them, so the ones left out show only in its output: running is then worth a call.
     pub shown_examples: Option<usize>,
+    /// Definitions of earlier tasks of the same project, linked into every program this task
+    /// runs or scores (a function the program defines itself takes precedence). Empty outside
+    /// projects. The prompt does not show them: the policy finds them with its tools.
+    pub library: Vec<LibraryEntry>,
+    /// Where this task sits in its project, for project tasks.
+    pub project: Option<ProjectPlace>,
+}
+
+/// One definition of a project's library: what it does, in words, and its code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibraryEntry {
+    /// The function's name.
+    pub name: String,
+    /// The description of the task that defined it.
+    pub description: String,
+    /// Its definition in the language.
+    pub code: String,
+}
+
+/// A project task's place: which project, which task of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProjectPlace {
+    /// The project's seed.
+    pub seed: u64,
+    /// 0 = the task that defines the helper.
+    pub position: usize,
 }
 
 impl Task {
@@ -168,7 +199,7 @@ const VISIBLE: usize = 3;
 const HIDDEN: usize = 8;
 
 /// Inputs a family takes.
-enum Input {
+pub(super) enum Input {
     List(Vec<i64>),
     Int(i64),
     ListInt(Vec<i64>, i64),
@@ -192,24 +223,24 @@ impl Input {
 }
 
 /// A part before its tests are drawn: text, reference, input generator and oracle.
-struct Family {
-    name: &'static str,
-    params: &'static [&'static str],
-    description: String,
-    reference: String,
-    inputs: Box<dyn Fn(&mut Rng) -> Input>,
-    oracle: Box<dyn Fn(&Input) -> Value>,
+pub(super) struct Family {
+    pub(super) name: &'static str,
+    pub(super) params: &'static [&'static str],
+    pub(super) description: String,
+    pub(super) reference: String,
+    pub(super) inputs: Box<dyn Fn(&mut Rng) -> Input>,
+    pub(super) oracle: Box<dyn Fn(&Input) -> Value>,
 }
 
-fn lists(min_len: usize) -> Box<dyn Fn(&mut Rng) -> Input> {
+pub(super) fn lists(min_len: usize) -> Box<dyn Fn(&mut Rng) -> Input> {
     Box::new(move |rng| Input::List(rng.list(min_len, 8, -9, 9)))
 }
 
-fn int_result(f: impl Fn(&[i64]) -> i64 + 'static) -> Box<dyn Fn(&Input) -> Value> {
+pub(super) fn int_result(f: impl Fn(&[i64]) -> i64 + 'static) -> Box<dyn Fn(&Input) -> Value> {
     Box::new(move |input| Value::Int(f(input.list())))
 }
 
-fn list_result(f: impl Fn(&[i64]) -> Vec<i64> + 'static) -> Box<dyn Fn(&Input) -> Value> {
+pub(super) fn list_result(f: impl Fn(&[i64]) -> Vec<i64> + 'static) -> Box<dyn Fn(&Input) -> Value> {
     Box::new(move |input| Value::ints(&f(input.list())))
 }
 
@@ -352,7 +383,7 @@ fn poly(rng: &mut Rng) -> Family {
 }
 
 /// A literal the parser reads back as the same value (`-` is an operator, so wrap negatives).
-fn lit(v: i64) -> String {
+pub(super) fn lit(v: i64) -> String {
     if v < 0 {
         format!("(0 - {})", -v)
     } else {
@@ -366,7 +397,7 @@ const EASY: [FamilyFn; 4] = [total, count_above, affine, classify];
 const MEDIUM: [FamilyFn; 5] = [largest, reverse, running_sums, sum_squares_divisible, poly];
 
 /// Draws `VISIBLE` + `HIDDEN` tests for a family.
-fn realize(family: Family, rng: &mut Rng) -> TaskPart {
+pub(super) fn realize(family: Family, rng: &mut Rng) -> TaskPart {
     let mut cases = Vec::with_capacity(VISIBLE + HIDDEN);
     for _ in 0..VISIBLE + HIDDEN {
         let input = (family.inputs)(rng);
@@ -415,7 +446,8 @@ fn pipeline_parts(rng: &mut Rng) -> Vec<Family> {
     ]
 }
 
-/// The task for `(level, seed)`; the same pair always gives the same task.
+/// The task for `(level, seed)`; the same pair always gives the same task. For
+/// [`Level::Project`], task `seed % 4` of the project `seed >> 2` (see [`generate_project`](super::generate_project)).
 pub fn generate_task(level: Level, seed: u64) -> Task {
     // Mix the level in so that equal seeds at different levels are unrelated.
     let mut rng = Rng::new(seed ^ (level as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F));
@@ -427,6 +459,10 @@ pub fn generate_task(level: Level, seed: u64) -> Task {
         Level::Medium => {
             let f = MEDIUM[rng.index(MEDIUM.len())](&mut rng);
             (f.name, vec![f])
+        }
+        Level::Project => {
+            return super::project::generate_project(seed >> 2)
+                .swap_remove((seed & 3) as usize % super::project::PROJECT_TASKS)
         }
         Level::Hard => {
             if rng.index(3) == 0 {
@@ -445,5 +481,5 @@ pub fn generate_task(level: Level, seed: u64) -> Task {
         }
     };
     let parts = families.into_iter().map(|f| realize(f, &mut rng)).collect();
-    Task { level, seed, family, parts, shown_examples: None }
+    Task { level, seed, family, parts, shown_examples: None, library: Vec::new(), project: None }
 }

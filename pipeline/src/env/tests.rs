@@ -239,6 +239,7 @@ fn tasks_are_deterministic_and_varied() {
             match level {
                 Level::Easy | Level::Medium => assert_eq!(task.parts.len(), 1),
                 Level::Hard => assert!((2..=3).contains(&task.parts.len())),
+                Level::Project => unreachable!("not in Level::ALL"),
             }
             for part in &task.parts {
                 assert_eq!((part.visible.len(), part.hidden.len()), (3, 8));
@@ -249,6 +250,7 @@ fn tasks_are_deterministic_and_varied() {
             Level::Easy => 4,
             Level::Medium => 5,
             Level::Hard => 20,
+            Level::Project => unreachable!("not in Level::ALL"),
         };
         assert!(families.len() >= min_families, "{level:?}: only {} families", families.len());
         assert!(prompts.len() > SEEDS as usize / 2, "{level:?}: only {} distinct prompts", prompts.len());
@@ -308,6 +310,8 @@ fn hand_task() -> Task {
             },
         ],
         shown_examples: None,
+        library: Vec::new(),
+        project: None,
     }
 }
 

@@ -2,8 +2,10 @@
 //! policy's tool tokens into [`ToolCall`]s, calls [`Episode::step`], and appends the returned text
 //! to the context (as a Document segment).
 
-use super::reward::missing_part;
-use super::{parse_program, score, Budget, Interpreter, Reward, RewardConfig, Task};
+use super::lint::lint_text;
+use super::memory::{check_query, top_k};
+use super::reward::{missing_part, parse_linked};
+use super::{score, Budget, Interpreter, Memory, Reward, RewardConfig, Task};
 
 /// A tool call the policy made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +25,118 @@ pub enum ToolCall {
         /// The final program.
         program: String,
     },
+    /// Save `text` to the project's memory (`<store>` text `</store>`).
+    Store {
+        /// The snippet.
+        text: String,
+    },
+    /// The memory's best matches for `query` (`<recall>` query `</recall>`).
+    Recall {
+        /// The query.
+        query: String,
+    },
+    /// The project library's best matches for `query` (`<search>` query `</search>`).
+    Search {
+        /// The query.
+        query: String,
+    },
+    /// Static diagnostics of `program` (`<lint>`), without running it.
+    Lint {
+        /// The program text written so far.
+        program: String,
+    },
+}
+
+impl ToolCall {
+    /// The tool's name (`run`, `think`, `submit`, `store`, `recall`, `search`, `lint`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ToolCall::Run { .. } => "run",
+            ToolCall::Think { .. } => "think",
+            ToolCall::Submit { .. } => "submit",
+            ToolCall::Store { .. } => "store",
+            ToolCall::Recall { .. } => "recall",
+            ToolCall::Search { .. } => "search",
+            ToolCall::Lint { .. } => "lint",
+        }
+    }
+}
+
+/// Tool calls of one or more episodes, by tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct ToolCounts {
+    /// `<run>`
+    pub run: usize,
+    /// `<think>` spans
+    pub think: usize,
+    /// `<submit>`
+    pub submit: usize,
+    /// `<store>`
+    pub store: usize,
+    /// `<recall>`
+    pub recall: usize,
+    /// `<search>`
+    pub search: usize,
+    /// `<lint>`
+    pub lint: usize,
+}
+
+impl ToolCounts {
+    /// Counts one call.
+    pub fn add(&mut self, call: &ToolCall) {
+        *self.slot(call.name()) += 1;
+    }
+
+    fn slot(&mut self, name: &str) -> &mut usize {
+        match name {
+            "run" => &mut self.run,
+            "think" => &mut self.think,
+            "submit" => &mut self.submit,
+            "store" => &mut self.store,
+            "recall" => &mut self.recall,
+            "search" => &mut self.search,
+            _ => &mut self.lint,
+        }
+    }
+
+    /// Adds `other`'s counts.
+    pub fn merge(&mut self, other: &ToolCounts) {
+        for (name, n) in other.by_tool() {
+            *self.slot(name) += n;
+        }
+    }
+
+    /// `(tool, calls)` for every tool, in a fixed order.
+    pub fn by_tool(&self) -> [(&'static str, usize); 7] {
+        [
+            ("run", self.run),
+            ("think", self.think),
+            ("submit", self.submit),
+            ("store", self.store),
+            ("recall", self.recall),
+            ("search", self.search),
+            ("lint", self.lint),
+        ]
+    }
+}
+
+/// Which of the optional tools an episode offers (run, think and submit always are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ToolSwitches {
+    /// `<store>` and `<recall>` over the project's memory ([`Episode::with_memory`]).
+    pub memory: bool,
+    /// `<search>` over the task's library.
+    pub search: bool,
+    /// `<lint>`.
+    pub lint: bool,
+    /// Snippets a recall or search returns.
+    pub top_k: usize,
+}
+
+impl Default for ToolSwitches {
+    fn default() -> Self {
+        Self { memory: false, search: false, lint: false, top_k: 2 }
+    }
 }
 
 /// What a tool returns.
@@ -43,11 +157,13 @@ pub struct EpisodeConfig {
     pub reward: RewardConfig,
     /// Tool calls allowed; the call that reaches it ends the episode.
     pub max_tool_calls: usize,
+    /// The optional tools offered.
+    pub tools: ToolSwitches,
 }
 
 impl Default for EpisodeConfig {
     fn default() -> Self {
-        Self { reward: RewardConfig::default(), max_tool_calls: 8 }
+        Self { reward: RewardConfig::default(), max_tool_calls: 8, tools: ToolSwitches::default() }
     }
 }
 
@@ -73,7 +189,7 @@ pub struct ExampleReport {
 /// Runs `src` on every part's visible examples. `Err` carries the text of a parse error or a
 /// missing function.
 pub fn check_examples(task: &Task, src: &str, budget: Budget) -> Result<ExampleReport, String> {
-    let program = parse_program(src).map_err(|e| format!("parse error: {e}"))?;
+    let program = parse_linked(task, src).map_err(|e| format!("parse error: {e}"))?;
     if let Some(problem) = missing_part(task, &program) {
         return Err(problem);
     }
@@ -106,12 +222,60 @@ pub struct Episode {
     tool_calls: usize,
     last_program: Option<String>,
     reward: Option<Reward>,
+    memory: Option<Memory>,
+    stored: Vec<String>,
+    recalled: Vec<String>,
+    failed_run: bool,
+    counts: ToolCounts,
 }
 
 impl Episode {
     /// A fresh episode.
     pub fn new(task: Task, config: EpisodeConfig) -> Self {
-        Self { task, config, tool_calls: 0, last_program: None, reward: None }
+        Self {
+            task,
+            config,
+            tool_calls: 0,
+            last_program: None,
+            reward: None,
+            memory: None,
+            stored: Vec::new(),
+            recalled: Vec::new(),
+            failed_run: false,
+            counts: ToolCounts::default(),
+        }
+    }
+
+    /// This episode with a copy of the project's memory for `<recall>` (its `<store>`s go to
+    /// the copy and to [`Episode::stored`]; the caller decides what enters the real memory).
+    pub fn with_memory(mut self, memory: Memory) -> Self {
+        self.memory = Some(memory);
+        self
+    }
+
+    /// Snippets this episode's `<store>` calls saved (accepted by the memory's checks).
+    pub fn stored(&self) -> &[String] {
+        &self.stored
+    }
+
+    /// Memory texts this episode's recalls returned.
+    pub fn recalled(&self) -> &[String] {
+        &self.recalled
+    }
+
+    /// Whether a `<run>` of this episode failed an example (or did not parse).
+    pub fn had_failing_run(&self) -> bool {
+        self.failed_run
+    }
+
+    /// Calls made so far, by tool.
+    pub fn tool_counts(&self) -> ToolCounts {
+        self.counts
+    }
+
+    /// The last program run, linted or submitted.
+    pub fn last_program(&self) -> Option<&str> {
+        self.last_program.as_deref()
     }
 
     /// The task.
@@ -140,14 +304,44 @@ impl Episode {
             return Err(EpisodeError::Finished);
         }
         self.tool_calls += 1;
+        self.counts.add(&call);
+        let tools = self.config.tools;
+        let unavailable = |tool: &str| format!("{tool}: not available in this run");
         let text = match call {
             ToolCall::Think { .. } => String::new(),
+            ToolCall::Store { .. } | ToolCall::Recall { .. } if !tools.memory => unavailable("memory"),
+            ToolCall::Store { text } => {
+                let memory = self.memory.get_or_insert_with(|| Memory::new(DEFAULT_MEMORY_BYTES));
+                let answer = memory.store(&text);
+                if answer.starts_with("store: stored") {
+                    self.stored.push(text.trim().to_string());
+                }
+                answer
+            }
+            ToolCall::Recall { query } => {
+                let memory = self.memory.get_or_insert_with(|| Memory::new(DEFAULT_MEMORY_BYTES));
+                let found = memory.recall(&query, tools.top_k);
+                self.recalled.extend(found.hits.iter().map(|&i| memory.entries()[i].text.clone()));
+                found.text
+            }
+            ToolCall::Search { .. } if !tools.search => unavailable("search"),
+            ToolCall::Search { query } => search_library(&self.task, query.trim(), tools.top_k),
+            ToolCall::Lint { .. } if !tools.lint => unavailable("lint"),
+            ToolCall::Lint { program } => {
+                let text = lint_text(&self.task, &program);
+                self.last_program = Some(program);
+                text
+            }
             ToolCall::Run { program } => {
                 let text = match check_examples(&self.task, &program, self.config.reward.budget) {
-                    Err(problem) => problem,
+                    Err(problem) => {
+                        self.failed_run = true;
+                        problem
+                    }
                     Ok(report) => match report.first_failure {
                         None => format!("passed {}/{} examples", report.passed, report.total),
                         Some(failure) => {
+                            self.failed_run = true;
                             format!("passed {}/{} examples; first failure: {failure}", report.passed, report.total)
                         }
                     },
@@ -180,6 +374,31 @@ impl Episode {
         self.reward = Some(reward.clone());
         reward
     }
+}
+
+/// Bytes of a memory an episode makes for itself when none was given.
+const DEFAULT_MEMORY_BYTES: usize = 2048;
+
+/// The `<search>` tool's answer: the library entries whose name and description best match
+/// `query`, their code only.
+pub fn search_library(task: &Task, query: &str, k: usize) -> String {
+    if let Err(answer) = check_query("search", query) {
+        return answer;
+    }
+    if task.library.is_empty() {
+        return "search: the library is empty".into();
+    }
+    let texts: Vec<String> = task.library.iter().map(|e| format!("{} {} {}", e.name, e.description, e.code)).collect();
+    let found = top_k(query, texts.iter().map(String::as_str), k);
+    if found.is_empty() {
+        return "search: nothing in the library matches".into();
+    }
+    let mut text = format!("search: {} of {} library entries", found.len(), task.library.len());
+    for (i, _) in found {
+        text.push('\n');
+        text.push_str(&task.library[i].code);
+    }
+    text
 }
 
 fn submitted_text(reward: &Reward) -> String {

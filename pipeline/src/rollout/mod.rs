@@ -19,17 +19,70 @@ mod trajectory;
 pub(crate) mod mock;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tool_tests;
 
 use std::time::Instant;
 
 use squid_attention::segments::SegmentKind;
 
 pub use sampling::{argmax, log_prob, sample_token};
-pub use trajectory::{StopReason, TrainingExample, Trajectory};
+pub use trajectory::{EpisodeNotes, StopReason, TrainingExample, Trajectory};
 
-use crate::env::{Episode, EpisodeConfig, Rng, Task, ToolCall};
+use serde::{Deserialize, Serialize};
+
+use crate::env::{Episode, EpisodeConfig, Memory, Rng, Task, ToolCall, ToolCounts, ToolSwitches};
 use crate::policy::{ContextId, KvStats, Policy};
-use crate::tokenizer::{Tokenizer, CODE, END_THINK, RUN, SUBMIT, THINK};
+use crate::tokenizer::{
+    Tokenizer, CODE, END_RECALL, END_SEARCH, END_STORE, END_THINK, LINT, RECALL, RUN, SEARCH, SPAN_TOOLS, STORE,
+    SUBMIT, THINK,
+};
+
+/// Where `<think>` spans may go (issue 21's placements). Enforced in rollouts by masking the
+/// `<think>` token elsewhere, and followed by the warm-up traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ThinkPlacement {
+    /// Only as the first token of the first turn (before writing anything).
+    Before,
+    /// Only as the first token of a turn that follows a tool's output.
+    AfterTool,
+    /// Never.
+    Off,
+}
+
+impl ThinkPlacement {
+    /// The flag value.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThinkPlacement::Before => "before",
+            ThinkPlacement::AfterTool => "after-tool",
+            ThinkPlacement::Off => "off",
+        }
+    }
+
+    /// Parses a flag value.
+    pub fn parse(text: &str) -> Option<Self> {
+        [ThinkPlacement::Before, ThinkPlacement::AfterTool, ThinkPlacement::Off].into_iter().find(|p| p.name() == text)
+    }
+}
+
+/// Issue 21's additions to a rollout: the project memories samples start from, the
+/// library-in-context baseline and think placement. The default adds nothing.
+#[derive(Debug, Clone, Default)]
+pub struct RolloutTools {
+    /// The memory each task's samples start from (by task index; missing or `None` = none). Each
+    /// sample gets its own copy; what enters the real memory is the caller's decision.
+    pub memories: Vec<Option<Memory>>,
+    /// Samples `g >= group_size / 2` of a task with a memory run without it (recall answers from
+    /// an empty memory): the with/without comparison that credits stored snippets.
+    pub split_memory: bool,
+    /// The search baseline: the task's whole library after the prompt, one Document segment per
+    /// entry (their KV cached by content, like tool outputs).
+    pub library_in_context: bool,
+    /// Where `<think>` may be sampled (`None` = anywhere, as before issue 21).
+    pub think: Option<ThinkPlacement>,
+}
 use crate::Error;
 
 /// Sampling and stopping settings of one rollout.
@@ -101,8 +154,13 @@ pub struct RolloutStats {
     /// programs on the examples and scoring them on the hidden tests), included in
     /// `wall_seconds`.
     pub reward_seconds: f64,
-    /// Tool calls over all episodes (run, think, submit).
+    /// Tool calls over all episodes (run, think, submit and issue 21's tools).
     pub tool_calls: usize,
+    /// The same by tool.
+    pub tool_counts: ToolCounts,
+    /// Tokens of the contexts before the policy's first token (prompt, and the library when
+    /// it is placed in context), summed over trajectories.
+    pub prefix_tokens: usize,
     /// Mean tool calls per episode.
     pub tool_calls_per_episode: f64,
     /// Batched [`Policy::step`] calls.
@@ -142,6 +200,11 @@ struct Sample {
     turn_tokens: usize,
     /// Index of the open `<think>` of the current turn, if any.
     think_start: Option<usize>,
+    /// The open store / recall / search span of the current turn: its index and closing token.
+    span: Option<(usize, u32)>,
+    /// Tokens the sampler never draws here (disabled tools).
+    banned: Vec<u32>,
+    think: Option<ThinkPlacement>,
     pending: Option<Pending>,
     /// Seconds spent in the episode's tool calls and scoring.
     env_seconds: f64,
@@ -163,6 +226,12 @@ impl Sample {
         self.trajectory.reward = Some(reward);
         self.trajectory.tool_calls = self.episode.tool_calls();
         self.trajectory.stop = Some(reason);
+        let notes = &mut self.trajectory.notes;
+        notes.tools = self.episode.tool_counts();
+        notes.stored = self.episode.stored().to_vec();
+        notes.recalled = self.episode.recalled().to_vec();
+        notes.failing_run = self.episode.had_failing_run();
+        notes.program = self.episode.last_program().map(str::to_string);
         self.pending = None;
     }
 
@@ -174,6 +243,65 @@ impl Sample {
         self.turn_start = self.trajectory.tokens.len();
         self.turn_tokens = 0;
         self.think_start = None;
+        self.span = None;
+    }
+
+    /// `logits` with the tokens this sample may not draw now set to -inf: disabled tools, `<think>`
+    /// where the placement rules it out, span tokens out of place.
+    fn masked(&self, logits: &[f32]) -> Vec<f32> {
+        let think_banned = match self.think {
+            None => false,
+            Some(ThinkPlacement::Off) => true,
+            Some(ThinkPlacement::Before) => !(self.trajectory.turns == 0 && self.turn_tokens == 0),
+            Some(ThinkPlacement::AfterTool) => !(self.trajectory.turns > 0 && self.turn_tokens == 0),
+        } && self.think_start.is_none();
+        // Span tools: no span opens inside another or inside a think span; a close token only
+        // closes its own span.
+        let in_span = self.span.is_some() || self.think_start.is_some();
+        let mut row = logits.to_vec();
+        let mut ban = |t: u32| {
+            if let Some(v) = row.get_mut(t as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        };
+        self.banned.iter().for_each(|&t| ban(t));
+        if think_banned {
+            ban(THINK);
+        }
+        for &(open, close) in &SPAN_TOOLS {
+            if in_span {
+                ban(open);
+            }
+            if self.span.map(|(_, c)| c) != Some(close) {
+                ban(close);
+            }
+        }
+        row
+    }
+
+    /// After a tool call that ends a turn: finish, or queue its output (Document, `<code>`).
+    fn after_tool(
+        &mut self,
+        output: crate::env::ToolOutput,
+        token: u32,
+        end: usize,
+        tokenizer: &Tokenizer,
+        config: &RolloutConfig,
+    ) {
+        if output.done {
+            let reason = if token == SUBMIT { StopReason::Submit } else { StopReason::ToolLimit };
+            self.finish(reason);
+        } else if self.trajectory.turns >= config.max_turns {
+            self.finish(StopReason::MaxTurns);
+        } else {
+            let document = tokenizer.tool_output_tokens(&output.text);
+            // Room for the output, the forced <code> and one sampled token.
+            if end + document.len() + 2 > config.max_context {
+                self.finish(StopReason::MaxContext);
+            } else {
+                self.pending = Some(Pending { token, output: Some(document) });
+            }
+        }
     }
 
     /// Samples the next token from `logits`, records it, and handles tool tokens.
@@ -186,31 +314,47 @@ impl Sample {
         if logits.len() < vocab {
             return Err(Error::BadLogits(format!("row of {} entries for a vocabulary of {vocab}", logits.len())));
         }
-        // A model may pad its vocabulary: only the tokenizer's ids can be sampled.
-        let (token, logprob) = sample_token(&logits[..vocab], config.temperature, config.top_p, &mut self.rng)?;
+        // A model may pad its vocabulary: only the tokenizer's ids can be sampled. Tokens a
+        // disabled tool or the think placement rules out are masked; the recorded log-prob is
+        // the unmasked one (what the training forward pass computes).
+        let row = &logits[..vocab];
+        let token = sampling::sample_masked(row, &self.masked(row), config.temperature, config.top_p, &mut self.rng)?;
+        let logprob = log_prob(row, token)?;
         self.trajectory.push_sampled(token, logprob);
         self.turn_tokens += 1;
         let end = self.trajectory.tokens.len();
         match token {
-            SUBMIT | RUN => {
+            SUBMIT | RUN | LINT => {
                 self.trajectory.turns += 1;
                 let program = tokenizer.turn_program(&self.trajectory.tokens[self.turn_start..end - 1]);
-                let call = if token == SUBMIT { ToolCall::Submit { program } } else { ToolCall::Run { program } };
+                let call = match token {
+                    SUBMIT => ToolCall::Submit { program },
+                    RUN => ToolCall::Run { program },
+                    _ => ToolCall::Lint { program },
+                };
                 let output = self.tool_call(call)?;
-                if output.done {
-                    let reason = if token == SUBMIT { StopReason::Submit } else { StopReason::ToolLimit };
-                    self.finish(reason);
-                } else if self.trajectory.turns >= config.max_turns {
-                    self.finish(StopReason::MaxTurns);
-                } else {
-                    let document = tokenizer.tool_output_tokens(&output.text);
-                    // Room for the output, the forced <code> and one sampled token.
-                    if end + document.len() + 2 > config.max_context {
-                        self.finish(StopReason::MaxContext);
-                    } else {
-                        self.pending = Some(Pending { token, output: Some(document) });
-                    }
-                }
+                self.after_tool(output, token, end, tokenizer, config);
+                return Ok(());
+            }
+            STORE | RECALL | SEARCH if self.span.is_none() && self.think_start.is_none() => {
+                let close = match token {
+                    STORE => END_STORE,
+                    RECALL => END_RECALL,
+                    _ => END_SEARCH,
+                };
+                self.span = Some((end - 1, close));
+            }
+            END_STORE | END_RECALL | END_SEARCH if self.span.map(|(_, c)| c) == Some(token) => {
+                let (open, _) = self.span.take().unwrap_or((end - 1, token));
+                let text = tokenizer.decode_text(&self.trajectory.tokens[open + 1..end - 1]);
+                let call = match token {
+                    END_STORE => ToolCall::Store { text },
+                    END_RECALL => ToolCall::Recall { query: text },
+                    _ => ToolCall::Search { query: text },
+                };
+                self.trajectory.turns += 1;
+                let output = self.tool_call(call)?;
+                self.after_tool(output, token, end, tokenizer, config);
                 return Ok(());
             }
             THINK if self.think_start.is_none() => self.think_start = Some(end - 1),
@@ -244,6 +388,19 @@ pub fn rollout<P: Policy>(
     episode_config: EpisodeConfig,
     config: &RolloutConfig,
 ) -> Result<RolloutBatch, Error> {
+    rollout_with(policy, tokenizer, tasks, episode_config, config, &RolloutTools::default())
+}
+
+/// [`rollout`] with issue 21's additions: project memories, the library in context, think
+/// placement.
+pub fn rollout_with<P: Policy>(
+    policy: &mut P,
+    tokenizer: &Tokenizer,
+    tasks: &[Task],
+    episode_config: EpisodeConfig,
+    config: &RolloutConfig,
+    tools: &RolloutTools,
+) -> Result<RolloutBatch, Error> {
     config.validate()?;
     if policy.vocab_size() < tokenizer.vocab_size() {
         return Err(Error::Config(format!(
@@ -254,7 +411,7 @@ pub fn rollout<P: Policy>(
     }
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::with_capacity(tasks.len() * config.group_size);
-    let result = run_episodes(policy, tokenizer, tasks, episode_config, config, &mut samples);
+    let result = run_episodes(policy, tokenizer, tasks, episode_config, config, tools, &mut samples);
     let kv = policy.kv_stats();
     let mut closed = Ok(());
     for sample in &samples {
@@ -267,6 +424,9 @@ pub fn rollout<P: Policy>(
     let reward_seconds = samples.iter().map(|s| s.env_seconds).sum();
     let trajectories: Vec<Trajectory> = samples.into_iter().map(|s| s.trajectory).collect();
     let tool_calls = trajectories.iter().map(|t| t.tool_calls).sum::<usize>();
+    let mut tool_counts = ToolCounts::default();
+    trajectories.iter().for_each(|t| tool_counts.merge(&t.notes.tools));
+    let prefix_tokens = trajectories.iter().map(|t| t.prompt_len).sum();
     let generated_tokens = trajectories.iter().map(Trajectory::sampled_tokens).sum();
     let wall_seconds = started.elapsed().as_secs_f64();
     let episodes = trajectories.len().max(1) as f64;
@@ -276,6 +436,8 @@ pub fn rollout<P: Policy>(
         tokens_per_second: if wall_seconds > 0.0 { generated_tokens as f64 / wall_seconds } else { 0.0 },
         reward_seconds,
         tool_calls,
+        tool_counts,
+        prefix_tokens,
         tool_calls_per_episode: tool_calls as f64 / episodes,
         policy_steps,
         kv_after_fork,
@@ -300,11 +462,13 @@ fn run_episodes<P: Policy>(
     tasks: &[Task],
     episode_config: EpisodeConfig,
     config: &RolloutConfig,
+    tools: &RolloutTools,
     samples: &mut Vec<Sample>,
 ) -> Result<(usize, KvStats), Error> {
     let mut first_logits = Vec::with_capacity(tasks.len());
     for (task_index, task) in tasks.iter().enumerate() {
-        let prompt = tokenizer.prompt_tokens(task);
+        let prefix = context_prefix(tokenizer, task, tools.library_in_context);
+        let prompt: Vec<u32> = prefix.iter().flat_map(|(t, _)| t.iter().copied()).collect();
         if prompt.len() + 1 > config.max_context {
             return Err(Error::Config(format!(
                 "rollout: the prompt of task {task_index} ({} {} seed {}) is {} tokens; max_context {} leaves no room to answer",
@@ -315,12 +479,24 @@ fn run_episodes<P: Policy>(
                 config.max_context
             )));
         }
+        let mut template = Trajectory::new(task_index, 0, &prefix[0].0);
+        for (tokens, kind) in &prefix[1..] {
+            match kind {
+                SegmentKind::Document => template.push_document(tokens),
+                SegmentKind::Global => template.push_forced(tokens),
+            }
+        }
+        template.prompt_len = template.tokens.len();
+        let setup = SampleSetup { task, template: &template, episode_config, config, tools };
         let root = policy.open()?;
-        samples.push(new_sample(root, task_index, 0, task, &prompt, episode_config, config));
-        let logits = policy.append(root, &prompt, SegmentKind::Global)?;
+        samples.push(new_sample(root, task_index, 0, &setup));
+        let mut logits = Vec::new();
+        for (tokens, kind) in &prefix {
+            logits = policy.append(root, tokens, *kind)?;
+        }
         for g in 1..config.group_size {
             let ctx = policy.fork(root)?;
-            samples.push(new_sample(ctx, task_index, g, task, &prompt, episode_config, config));
+            samples.push(new_sample(ctx, task_index, g, &setup));
         }
         first_logits.push(logits);
     }
@@ -368,23 +544,66 @@ fn run_episodes<P: Policy>(
     Ok((steps, kv_after_fork))
 }
 
-fn new_sample(
-    ctx: ContextId,
-    task_index: usize,
-    sample: usize,
-    task: &Task,
-    prompt: &[u32],
+/// The context before the policy's first token, as segments: the prompt (Global, without its
+/// closing `<code>`), with `library_in_context` one Document per library entry (`<out>` code
+/// `</out>`), then `<code>` (Global). Without the library: the prompt as one Global segment.
+pub fn context_prefix(tokenizer: &Tokenizer, task: &Task, library_in_context: bool) -> Vec<(Vec<u32>, SegmentKind)> {
+    let prompt = tokenizer.prompt_tokens(task);
+    if !library_in_context || task.library.is_empty() {
+        return vec![(prompt, SegmentKind::Global)];
+    }
+    let mut out = vec![(prompt[..prompt.len() - 1].to_vec(), SegmentKind::Global)];
+    for entry in &task.library {
+        out.push((tokenizer.tool_output_tokens(&entry.code), SegmentKind::Document));
+    }
+    out.push((vec![CODE], SegmentKind::Global));
+    out
+}
+
+/// What every sample of one task starts from.
+struct SampleSetup<'a> {
+    task: &'a Task,
+    template: &'a Trajectory,
     episode_config: EpisodeConfig,
-    config: &RolloutConfig,
-) -> Sample {
-    let trajectory = Trajectory::new(task_index, sample, prompt);
+    config: &'a RolloutConfig,
+    tools: &'a RolloutTools,
+}
+
+/// Tokens of the tools `switches` leaves off (never sampled).
+fn banned_tokens(switches: &ToolSwitches) -> Vec<u32> {
+    let mut banned = Vec::new();
+    if !switches.memory {
+        banned.extend([STORE, END_STORE, RECALL, END_RECALL]);
+    }
+    if !switches.search {
+        banned.extend([SEARCH, END_SEARCH]);
+    }
+    if !switches.lint {
+        banned.push(LINT);
+    }
+    banned
+}
+
+fn new_sample(ctx: ContextId, task_index: usize, sample: usize, setup: &SampleSetup<'_>) -> Sample {
+    let mut trajectory = setup.template.clone();
+    trajectory.sample = sample;
+    let mut episode = Episode::new(setup.task.clone(), setup.episode_config);
+    let memory = setup.tools.memories.get(task_index).cloned().flatten();
+    let without = setup.tools.split_memory && sample >= setup.config.group_size / 2 && setup.config.group_size > 1;
+    if let Some(memory) = memory.filter(|_| !without) {
+        episode = episode.with_memory(memory);
+        trajectory.notes.with_memory = true;
+    }
     Sample {
         ctx,
-        rng: sample_rng(config.seed, task_index, sample),
-        episode: Episode::new(task.clone(), episode_config),
+        rng: sample_rng(setup.config.seed, task_index, sample),
+        episode,
         turn_start: trajectory.tokens.len(),
         turn_tokens: 0,
         think_start: None,
+        span: None,
+        banned: banned_tokens(&setup.episode_config.tools),
+        think: setup.tools.think,
         trajectory,
         pending: None,
         env_seconds: 0.0,

@@ -103,3 +103,49 @@ pub fn sample_token(logits: &[f32], temperature: f32, top_p: f32, rng: &mut Rng)
     };
     Ok((token, log_prob(logits, token)?))
 }
+
+/// The top-p nucleus of `logits` at `temperature` (as [`sample_token`] keeps it), as a mask.
+fn nucleus(logits: &[f32], temperature: f32, top_p: f32) -> Result<Vec<bool>, Error> {
+    let max = check_row(logits)?;
+    let inv_t = 1.0 / f64::from(temperature);
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &v)| (i as u32, (f64::from(v - max) * inv_t).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let target = f64::from(top_p) * total;
+    let mut keep = vec![false; logits.len()];
+    let mut cumulative = 0.0;
+    for (id, p) in probs {
+        keep[id as usize] = true;
+        cumulative += p;
+        if cumulative >= target {
+            break;
+        }
+    }
+    Ok(keep)
+}
+
+/// Draws a token from `masked` (`logits` with the tokens that may not be drawn set to -inf),
+/// keeping to the top-p nucleus of the unmasked `logits`: masking removes tokens from the
+/// policy's nucleus and never lets in tokens outside it (unless every nucleus token is masked,
+/// when the masked row's own nucleus is used).
+pub(crate) fn sample_masked(
+    logits: &[f32],
+    masked: &[f32],
+    temperature: f32,
+    top_p: f32,
+    rng: &mut Rng,
+) -> Result<u32, Error> {
+    if !valid_temperature(temperature) || !valid_top_p(top_p) {
+        return Err(Error::Config(format!("temperature {temperature} must be >= 0 and top_p {top_p} in (0, 1]")));
+    }
+    if temperature == 0.0 || top_p >= 1.0 {
+        return Ok(sample_token(masked, temperature, top_p, rng)?.0);
+    }
+    let keep = nucleus(logits, temperature, top_p)?;
+    let row: Vec<f32> = masked.iter().zip(&keep).map(|(&v, &k)| if k { v } else { f32::NEG_INFINITY }).collect();
+    if row.iter().all(|&v| v == f32::NEG_INFINITY) {
+        return Ok(sample_token(masked, temperature, top_p, rng)?.0);
+    }
+    Ok(sample_token(&row, temperature, 1.0, rng)?.0)
+}

@@ -3,7 +3,7 @@
 
 use squid_attention::segments::{Segment, SegmentKind};
 
-use crate::env::Reward;
+use crate::env::{Reward, ToolCounts};
 use crate::Error;
 
 /// Why an episode ended.
@@ -49,6 +49,25 @@ pub struct Trajectory {
     pub turns: usize,
     /// Why it ended (`None` while running).
     pub stop: Option<StopReason>,
+    /// What the episode did with its tools (calls by tool, memory use, its last program).
+    pub notes: EpisodeNotes,
+}
+
+/// What an episode did with its tools, for metrics, the storage policies and the lint reward.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EpisodeNotes {
+    /// Tool calls by tool.
+    pub tools: ToolCounts,
+    /// Snippets its `<store>` calls saved.
+    pub stored: Vec<String>,
+    /// Memory snippets its `<recall>` calls returned.
+    pub recalled: Vec<String>,
+    /// Whether it ran with the project's memory (false for the without-memory half of a group).
+    pub with_memory: bool,
+    /// Whether a `<run>` failed an example before the end.
+    pub failing_run: bool,
+    /// The last program it ran, linted or submitted.
+    pub program: Option<String>,
 }
 
 impl Trajectory {
@@ -66,6 +85,7 @@ impl Trajectory {
             tool_calls: 0,
             turns: 0,
             stop: None,
+            notes: EpisodeNotes::default(),
         };
         trajectory.push_forced(prompt);
         trajectory

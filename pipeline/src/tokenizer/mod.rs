@@ -2,7 +2,8 @@
 //!
 //! The vocabulary is laid out in four fixed blocks:
 //!
-//! 1. special tokens: `<pad> <bos> <unk> <code> <run> <submit> <think> </think> <out> </out> <nl>`;
+//! 1. special tokens: `<pad> <bos> <unk> <code> <run> <submit> <think> </think> <out> </out> <nl>`
+//!    and issue 21's tool tokens `<store> </store> <recall> </recall> <search> </search> <lint>`;
 //! 2. the ten digits `0`..`9`: an integer is written digit by digit, so every integer is
 //!    representable (a `-` before it is the minus token, as in the language itself);
 //! 3. symbols: the operators and punctuation of the language (`->`, `++`, `==`, `(`, ...) plus
@@ -22,10 +23,12 @@
 //! ```text
 //! episode  := prompt turn* last
 //! prompt   := <bos> text(task statement) <code>             Global, not trained on
-//! turn     := body <run> output <code>                      body and <run> sampled; output a
+//! turn     := body tool output <code>                       body and tool sampled; output a
 //!                                                           Document; <code> forced (Global)
+//! tool     := <run> | <lint> | <store> text </store> | <recall> text </recall>
+//!           | <search> text </search>                       (the spans end the turn when closed)
 //! last     := body (<submit> | <run>)?                      the episode may also stop early
-//! body     := (program token | <think> text </think>)*      think spans are not program text
+//! body     := (program token | <think> text </think>)*      think and tool spans are not program text
 //! output   := <out> text(tool output) </out>
 //! ```
 //!
@@ -66,10 +69,45 @@ pub const OUT: u32 = 8;
 pub const END_OUT: u32 = 9;
 /// A line break in prose.
 pub const NL: u32 = 10;
+/// Opens a `<store>` span: its text is saved to the project's memory.
+pub const STORE: u32 = 11;
+/// Closes a `<store>` span (the tool call).
+pub const END_STORE: u32 = 12;
+/// Opens a `<recall>` span: its text is the query to the project's memory.
+pub const RECALL: u32 = 13;
+/// Closes a `<recall>` span (the tool call).
+pub const END_RECALL: u32 = 14;
+/// Opens a `<search>` span: its text is the query to the project's library.
+pub const SEARCH: u32 = 15;
+/// Closes a `<search>` span (the tool call).
+pub const END_SEARCH: u32 = 16;
+/// Tool token: lint the current turn's program (static diagnostics, no run).
+pub const LINT: u32 = 17;
 
 /// The special tokens, in id order.
-pub const SPECIALS: [&str; 11] =
-    ["<pad>", "<bos>", "<unk>", "<code>", "<run>", "<submit>", "<think>", "</think>", "<out>", "</out>", "<nl>"];
+pub const SPECIALS: [&str; 18] = [
+    "<pad>",
+    "<bos>",
+    "<unk>",
+    "<code>",
+    "<run>",
+    "<submit>",
+    "<think>",
+    "</think>",
+    "<out>",
+    "</out>",
+    "<nl>",
+    "<store>",
+    "</store>",
+    "<recall>",
+    "</recall>",
+    "<search>",
+    "</search>",
+    "<lint>",
+];
+
+/// The span tools: (opening token, closing token).
+pub const SPAN_TOOLS: [(u32, u32); 3] = [(STORE, END_STORE), (RECALL, END_RECALL), (SEARCH, END_SEARCH)];
 
 /// Id of the digit `0`; digit `d` is `DIGIT_0 + d`.
 pub const DIGIT_0: u32 = SPECIALS.len() as u32;
@@ -377,16 +415,22 @@ impl Tokenizer {
     }
 
     /// The program written in one turn's sampled tokens: think spans (from `<think>` to
-    /// `</think>`, or to the end if unclosed) removed, then [`Tokenizer::decode_program`].
+    /// `</think>`, or to the end if unclosed) and store / recall / search spans removed, then
+    /// [`Tokenizer::decode_program`].
     pub fn turn_program(&self, body: &[u32]) -> String {
         let mut program = Vec::with_capacity(body.len());
-        let mut in_think = false;
+        let mut close: Option<u32> = None;
         for &id in body {
-            match id {
-                THINK if !in_think => in_think = true,
-                END_THINK if in_think => in_think = false,
-                _ if !in_think => program.push(id),
-                _ => {}
+            match close {
+                Some(end) if id == end => close = None,
+                Some(_) => {}
+                None => match id {
+                    THINK => close = Some(END_THINK),
+                    _ => match SPAN_TOOLS.iter().find(|(open, _)| *open == id) {
+                        Some(&(_, end)) => close = Some(end),
+                        None => program.push(id),
+                    },
+                },
             }
         }
         self.decode_program(&program)
@@ -469,6 +513,34 @@ fn gather_words() -> BTreeSet<String> {
                 texts.push(episode.step(ToolCall::Submit { program }).map(|o| o.text).unwrap_or_default());
             }
         }
+    }
+    // Project tasks and the answers of the memory, search and lint tools.
+    for seed in 0..VOCAB_SEEDS {
+        for task in env::generate_project(seed) {
+            texts.push(task.prompt());
+            texts.push(task.reference_program());
+            texts.push(env::search_library(&task, env::HELPER_WORDS, 2));
+            for program in [task.reference_program(), "def f(x, y) = if true then z else g(x) / 0".into()] {
+                texts.push(env::lint_text(&task, &program));
+            }
+        }
+    }
+    let mut memory = env::Memory::new(40);
+    texts.push(memory.recall("x", 2).text);
+    texts.push(memory.store("a b c"));
+    texts.push(memory.store("a b c"));
+    texts.push(memory.store(&"x".repeat(39)));
+    texts.push(memory.recall("q", 2).text);
+    texts.push(memory.recall("", 2).text);
+    texts.push(memory.recall(&"q".repeat(env::MAX_QUERY_BYTES + 1), 2).text);
+    texts.push(memory.store(""));
+    texts.push(memory.store(&"x".repeat(env::MAX_SNIPPET_BYTES + 1)));
+    texts.push(memory.store(&"x".repeat(41)));
+    let project = env::generate_project(0);
+    texts.push(env::search_library(&project[0], "x", 2));
+    texts.push(env::search_library(&project[1], "zzz", 2));
+    for tool in ["memory", "search", "lint"] {
+        texts.push(format!("{tool}: not available in this run"));
     }
     let task = env::generate_task(Level::Hard, 0);
     let budget = Budget::default();

@@ -9,13 +9,20 @@
 //!   two arguments swapped, a part dropped), `<run>`, read the real output, `<code>`, write the reference, `<submit>`.
 //! - [`TraceKind::Think`]: a `<think>` span restating the first part's description, then the
 //!   reference program, `<submit>`.
+//! - Issue 21's tools ([`tool_trace`], [`ToolTraceKind`]): `<search>` or `<recall>` the project
+//!   helper then write, `<store>` a helper, `<lint>` then submit, think after a run's output.
 
 #[cfg(test)]
 mod tests;
 
-use crate::env::{check_examples, Episode, EpisodeConfig, Rng, Task, ToolCall};
-use crate::rollout::{StopReason, Trajectory};
-use crate::tokenizer::{TokenClass, Tokenizer, CODE, DIGIT_0, END_THINK, RUN, SUBMIT, THINK};
+use squid_attention::segments::SegmentKind;
+
+use crate::env::{check_examples, Episode, EpisodeConfig, Memory, Rng, Task, ToolCall, HELPER_WORDS};
+use crate::rollout::{context_prefix, StopReason, ThinkPlacement, Trajectory};
+use crate::tokenizer::{
+    TokenClass, Tokenizer, CODE, DIGIT_0, END_RECALL, END_SEARCH, END_STORE, END_THINK, LINT, RECALL, RUN, SEARCH,
+    STORE, SUBMIT, THINK,
+};
 use crate::Error;
 
 /// Which kind of trace.
@@ -180,7 +187,11 @@ fn write_turn(
     trajectory.push_sampled(tool, 0.0);
     trajectory.turns += 1;
     let program = tokenizer.turn_program(body);
-    let call = if tool == SUBMIT { ToolCall::Submit { program } } else { ToolCall::Run { program } };
+    let call = match tool {
+        SUBMIT => ToolCall::Submit { program },
+        LINT => ToolCall::Lint { program },
+        _ => ToolCall::Run { program },
+    };
     let output = episode.step(call).map_err(|e| Error::Config(format!("trace episode: {e}")))?;
     Ok((output.text, output.done))
 }
@@ -282,4 +293,226 @@ pub fn warmup_traces(
         }
     }
     Ok(out)
+}
+
+/// Which of issue 21's tools the warm-up traces show (the run's switches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TraceTools {
+    /// `<store>` / `<recall>` traces.
+    pub memory: bool,
+    /// `<search>` traces.
+    pub search: bool,
+    /// `<lint>` traces.
+    pub lint: bool,
+    /// Prompts carry the library as Documents (the search baseline).
+    pub library_in_context: bool,
+    /// Think placement (`None`: think traces before writing, as [`warmup_traces`] makes).
+    pub think: Option<ThinkPlacement>,
+}
+
+/// The kinds of trace issue 21 adds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ToolTraceKind {
+    /// `<search> project helper </search>`, read the helper, write the reference, submit.
+    Search,
+    /// `<recall> project helper </recall>` from a memory holding the helper, write, submit.
+    Recall,
+    /// `<store>` the task's description and reference (the helper, for later tasks), then write
+    /// the reference and submit.
+    Store,
+    /// Write the reference, `<lint>` it, read "no problems", write it again, submit.
+    Lint,
+    /// A repair trace with a `<think>` restating the failure right after the run's output.
+    RepairThinkAfter,
+    /// [`TraceKind::Think`]: think before writing (the prompt without the library).
+    ThinkBefore,
+}
+
+/// Appends a span tool call (`open` text `close`) and makes it; returns the answer's text.
+fn span_turn(
+    tokenizer: &Tokenizer,
+    trajectory: &mut Trajectory,
+    episode: &mut Episode,
+    open: u32,
+    text: &str,
+    close: u32,
+) -> Result<String, Error> {
+    let words = tokenizer.encode_text(text);
+    trajectory.push_sampled(open, 0.0);
+    for &t in &words {
+        trajectory.push_sampled(t, 0.0);
+    }
+    trajectory.push_sampled(close, 0.0);
+    trajectory.turns += 1;
+    let decoded = tokenizer.decode_text(&words);
+    let call = match open {
+        STORE => ToolCall::Store { text: decoded },
+        RECALL => ToolCall::Recall { query: decoded },
+        _ => ToolCall::Search { query: decoded },
+    };
+    let output = episode.step(call).map_err(|e| Error::Config(format!("trace episode: {e}")))?;
+    if output.done {
+        return Err(Error::Config("max_tool_calls is too small for a tool trace".into()));
+    }
+    Ok(output.text)
+}
+
+/// The trace of `kind` for `task` under `tools`, or `None` when it does not apply (no library
+/// to search or recall, no failing mutation for a repair). Same token layout as the rollout
+/// (the prefix holds the library when `tools.library_in_context`).
+pub fn tool_trace(
+    tokenizer: &Tokenizer,
+    task: &Task,
+    kind: ToolTraceKind,
+    seed: u64,
+    episode_config: EpisodeConfig,
+    tools: &TraceTools,
+) -> Result<Option<Trajectory>, Error> {
+    if kind == ToolTraceKind::ThinkBefore {
+        return trace(tokenizer, task, 0, TraceKind::Think, seed, episode_config);
+    }
+    let prefix = context_prefix(tokenizer, task, tools.library_in_context);
+    let mut trajectory = Trajectory::new(0, 0, &prefix[0].0);
+    for (tokens, kind) in &prefix[1..] {
+        match kind {
+            SegmentKind::Document => trajectory.push_document(tokens),
+            SegmentKind::Global => trajectory.push_forced(tokens),
+        }
+    }
+    trajectory.prompt_len = trajectory.tokens.len();
+    let mut episode = Episode::new(task.clone(), episode_config);
+    let reference = tokenizer.encode_program(&task.reference_program())?;
+    let mut body = Vec::new();
+    let answer = match kind {
+        ToolTraceKind::ThinkBefore => unreachable!("handled above"),
+        ToolTraceKind::Search | ToolTraceKind::Recall if task.library.is_empty() => return Ok(None),
+        ToolTraceKind::Search => span_turn(tokenizer, &mut trajectory, &mut episode, SEARCH, HELPER_WORDS, END_SEARCH)?,
+        ToolTraceKind::Recall => {
+            let helper = &task.library[0];
+            let mut memory = Memory::new(1024);
+            memory.store(&format!("{} {}", helper.description, helper.code));
+            episode = episode.with_memory(memory);
+            trajectory.notes.with_memory = true;
+            span_turn(tokenizer, &mut trajectory, &mut episode, RECALL, HELPER_WORDS, END_RECALL)?
+        }
+        ToolTraceKind::Store => {
+            let text = format!("{} {}", task.parts[0].description, task.parts[0].reference);
+            span_turn(tokenizer, &mut trajectory, &mut episode, STORE, &text, END_STORE)?
+        }
+        ToolTraceKind::Lint => {
+            let (text, done) = write_turn(tokenizer, &mut trajectory, &mut episode, &reference, LINT)?;
+            if done {
+                return Err(Error::Config("max_tool_calls is too small for a lint trace".into()));
+            }
+            text
+        }
+        ToolTraceKind::RepairThinkAfter => {
+            let Some((_, buggy)) = buggy_program(tokenizer, task, seed, &episode_config)? else {
+                return Ok(None);
+            };
+            let (text, done) = write_turn(tokenizer, &mut trajectory, &mut episode, &buggy, RUN)?;
+            if done {
+                return Err(Error::Config("max_tool_calls is too small for a repair trace".into()));
+            }
+            // The thought: the run's answer restated (its first line).
+            let thought = tokenizer.encode_text(text.lines().next().unwrap_or(""));
+            body.push(THINK);
+            body.extend_from_slice(&thought);
+            body.push(END_THINK);
+            text
+        }
+    };
+    trajectory.push_document(&tokenizer.tool_output_tokens(&answer));
+    trajectory.push_forced(&[CODE]);
+    if kind == ToolTraceKind::RepairThinkAfter {
+        let text = tokenizer.decode_text(&body[1..body.len() - 1]);
+        let output =
+            episode.step(ToolCall::Think { text }).map_err(|e| Error::Config(format!("trace episode: {e}")))?;
+        if output.done {
+            return Err(Error::Config("max_tool_calls is too small for a think trace".into()));
+        }
+    }
+    body.extend_from_slice(&reference);
+    let (_, done) = write_turn(tokenizer, &mut trajectory, &mut episode, &body, SUBMIT)?;
+    debug_assert!(done, "submit ends the episode");
+    trajectory.reward = Some(episode.finish());
+    trajectory.tool_calls = episode.tool_calls();
+    trajectory.notes.tools = episode.tool_counts();
+    trajectory.notes.stored = episode.stored().to_vec();
+    trajectory.notes.recalled = episode.recalled().to_vec();
+    trajectory.stop = Some(StopReason::Submit);
+    Ok(Some(trajectory))
+}
+
+/// One warm-up trace of `task` for a run with issue 21's tools: a tool trace drawn by `seed`
+/// among those the switches allow and the task fits (search or recall for a project task with
+/// a library, store for a project's helper task, lint, think after a tool's output), else
+/// [`sft_trace`] (whose think-before trace is not used under `--think off` or `after-tool`;
+/// [`sft_trace`] makes no think trace anyway).
+pub fn sft_tool_trace(
+    task: &Task,
+    tokenizer: &Tokenizer,
+    repair: bool,
+    seed: u64,
+    episode_config: EpisodeConfig,
+    tools: &TraceTools,
+) -> Result<Trajectory, Error> {
+    let mut kinds = Vec::new();
+    let project_later = !task.library.is_empty();
+    if project_later && tools.search {
+        kinds.push(ToolTraceKind::Search);
+    }
+    if project_later && tools.memory {
+        kinds.push(ToolTraceKind::Recall);
+    }
+    if task.project.is_some_and(|p| p.position == 0) && tools.memory {
+        kinds.push(ToolTraceKind::Store);
+    }
+    if tools.lint {
+        kinds.push(ToolTraceKind::Lint);
+    }
+    if repair && tools.think == Some(ThinkPlacement::AfterTool) {
+        kinds.push(ToolTraceKind::RepairThinkAfter);
+    }
+    if tools.think == Some(ThinkPlacement::Before) {
+        kinds.push(ToolTraceKind::ThinkBefore);
+    }
+    // Only traces that fit the episode's tool-call limit (a repair with a think after the run
+    // takes three calls, the others two).
+    kinds.retain(|&k| if k == ToolTraceKind::RepairThinkAfter { 3 } else { 2 } <= episode_config.max_tool_calls);
+    let mut rng = Rng::new(seed ^ 0x7001_5EED);
+    // Half the traces (all for later project tasks, which need the helper's name) use a tool.
+    if !kinds.is_empty() && (project_later || rng.index(2) == 0) {
+        let kind = kinds[rng.index(kinds.len())];
+        if let Some(t) = tool_trace(tokenizer, task, kind, seed, episode_config, tools)? {
+            return Ok(t);
+        }
+    }
+    if tools.library_in_context && project_later {
+        // The baseline's traces: the library is in the prefix, write and submit.
+        let prefix_trace = tool_trace_direct(tokenizer, task, episode_config)?;
+        return Ok(prefix_trace);
+    }
+    sft_trace(task, tokenizer, repair, seed, episode_config)
+}
+
+/// A direct trace with the library in the prefix.
+fn tool_trace_direct(tokenizer: &Tokenizer, task: &Task, episode_config: EpisodeConfig) -> Result<Trajectory, Error> {
+    let prefix = context_prefix(tokenizer, task, true);
+    let mut trajectory = Trajectory::new(0, 0, &prefix[0].0);
+    for (tokens, kind) in &prefix[1..] {
+        match kind {
+            SegmentKind::Document => trajectory.push_document(tokens),
+            SegmentKind::Global => trajectory.push_forced(tokens),
+        }
+    }
+    trajectory.prompt_len = trajectory.tokens.len();
+    let mut episode = Episode::new(task.clone(), episode_config);
+    let reference = tokenizer.encode_program(&task.reference_program())?;
+    write_turn(tokenizer, &mut trajectory, &mut episode, &reference, SUBMIT)?;
+    trajectory.reward = Some(episode.finish());
+    trajectory.tool_calls = episode.tool_calls();
+    trajectory.notes.tools = episode.tool_counts();
+    trajectory.stop = Some(StopReason::Submit);
+    Ok(trajectory)
 }

@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::env::RewardMode;
+use crate::env::{MemoryPolicy, RewardMode, ToolSwitches};
 use crate::model::{AttentionKind, ModelConfig};
+pub use crate::rollout::ThinkPlacement;
 use crate::Error;
 
 /// Most parameters of a trained model (f32 weights, gradients and AdamW moments: 16 bytes each).
@@ -135,6 +136,101 @@ pub struct TrainConfig {
     /// (tools worth calling). `None` (absent from the JSON) shows them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shown_examples: Option<usize>,
+    /// The optional tools (memory, search, lint), think placement and project tasks (issue 21).
+    /// Absent from the JSON when all off, so other runs' configs are unchanged.
+    #[serde(default, skip_serializing_if = "ToolsConfig::is_off")]
+    pub tools: ToolsConfig,
+}
+
+/// The tools of issue 21 and the project tasks that need them. All off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct ToolsConfig {
+    /// The memory tool (`<store>`, `<recall>`) with this storage policy; `None` = no memory tool.
+    pub memory: Option<MemoryPolicy>,
+    /// Bytes of snippet text a project's memory holds (eviction rule: `env::Memory`).
+    pub memory_bytes: usize,
+    /// The `<search>` tool over the project's library.
+    pub search: bool,
+    /// The baseline to search: the whole library placed after the prompt as Document segments.
+    pub library_in_context: bool,
+    /// The `<lint>` tool.
+    pub lint: bool,
+    /// Added to the training reward of a submission the linter finds clean (0 = off).
+    pub lint_reward: f32,
+    /// Think placement; `None` = as before issue 21 (think traces before writing, rollouts
+    /// unrestricted).
+    pub think: Option<ThinkPlacement>,
+    /// Fraction of warm-up traces and GRPO tasks that are project tasks (0 = none).
+    pub projects: f64,
+    /// Training projects (a pool, so memories fill up across steps).
+    pub project_pool: u64,
+}
+
+impl ToolsConfig {
+    /// Whether nothing of issue 21 is switched on.
+    pub fn is_off(&self) -> bool {
+        self.memory.is_none()
+            && !self.search
+            && !self.library_in_context
+            && !self.lint
+            && self.lint_reward == 0.0
+            && self.think.is_none()
+            && self.projects == 0.0
+    }
+
+    /// The episode's tool switches.
+    pub fn switches(&self) -> ToolSwitches {
+        ToolSwitches { memory: self.memory.is_some(), search: self.search, lint: self.lint, ..ToolSwitches::default() }
+    }
+
+    /// Every tool on (CI's tools run): policy-decided memory, search, lint with a reward,
+    /// think after tool output, a third of the tasks from projects.
+    pub fn all_on() -> Self {
+        Self {
+            memory: Some(MemoryPolicy::PolicyDecides),
+            search: true,
+            lint: true,
+            lint_reward: 0.1,
+            think: Some(ThinkPlacement::AfterTool),
+            projects: 0.34,
+            ..Self::default()
+        }
+    }
+
+    /// The memory size in effect (a default when unset).
+    pub fn memory_budget(&self) -> usize {
+        if self.memory_bytes == 0 {
+            1024
+        } else {
+            self.memory_bytes
+        }
+    }
+
+    /// The project pool in effect (a default when unset).
+    pub fn pool(&self) -> u64 {
+        if self.project_pool == 0 {
+            16
+        } else {
+            self.project_pool
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if !(0.0..=1.0).contains(&self.projects) {
+            return Err(Error::Config(format!("--projects {} must be in [0, 1]", self.projects)));
+        }
+        if !(self.lint_reward.is_finite() && self.lint_reward >= 0.0) {
+            return Err(Error::Config(format!("--lint-reward {} must be finite and non-negative", self.lint_reward)));
+        }
+        if self.memory_bytes > 1 << 20 {
+            return Err(Error::Config(format!("--memory-bytes {} is above {}", self.memory_bytes, 1 << 20)));
+        }
+        if self.project_pool > 1 << 20 {
+            return Err(Error::Config(format!("--project-pool {} is above {}", self.project_pool, 1 << 20)));
+        }
+        Ok(())
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -179,6 +275,7 @@ impl Default for TrainConfig {
             grpo_level_mix: [0.3, 0.1, 0.6],
             smoke: false,
             shown_examples: None,
+            tools: ToolsConfig::default(),
         }
     }
 }
@@ -281,6 +378,7 @@ impl TrainConfig {
                 return bad(format!("level mix {mix:?} must be non-negative with a positive sum"));
             }
         }
+        self.tools.validate()?;
         if matches!(self.model.attention, AttentionKind::Nsa(_)) && self.tp > 1 {
             return bad("--tp > 1 is implemented for dense and segment attention only".into());
         }

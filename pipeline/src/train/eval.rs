@@ -1,9 +1,9 @@
 //! Held-out evaluation: greedy pass@1 and sampled pass@k per level. A task passes when every
 //! hidden test of every part passes (the all-or-nothing criterion, whatever the training reward).
 
-use crate::env::{EpisodeConfig, Level, RewardConfig, Task};
+use crate::env::{EpisodeConfig, Level, RewardConfig, Task, PROJECT_TASKS};
 use crate::model::{Model, SessionConfig};
-use crate::rollout::{rollout, RolloutConfig, Trajectory};
+use crate::rollout::{rollout_with, RolloutConfig, RolloutTools, Trajectory};
 use crate::tokenizer::Tokenizer;
 use crate::Error;
 
@@ -54,7 +54,7 @@ pub fn evaluate(
     with_pass_k: bool,
 ) -> Result<EvalMetrics, Error> {
     let (limits, eval, seed) = (&config.limits, &config.eval, config.seed);
-    let episode = EpisodeConfig { reward: RewardConfig::default(), max_tool_calls: limits.max_turns };
+    let episode = eval_episode(config);
     let rollout_config = |group_size: usize, temperature: f32| RolloutConfig {
         group_size,
         temperature,
@@ -65,6 +65,11 @@ pub fn evaluate(
         seed,
     };
     // In chunks of tasks, so the KV of one chunk's contexts bounds the memory.
+    let extras = RolloutTools {
+        library_in_context: config.tools.library_in_context,
+        think: config.tools.think,
+        ..RolloutTools::default()
+    };
     let run = |group_size: usize, temperature: f32| -> Result<Vec<Trajectory>, Error> {
         let mut out = Vec::with_capacity(tasks.len() * group_size);
         for (c, chunk) in tasks.chunks(EVAL_CHUNK).enumerate() {
@@ -72,11 +77,12 @@ pub fn evaluate(
             settings.seed = splitmix(seed ^ c as u64);
             let mut session =
                 model.session(SessionConfig::for_contexts(chunk.len() * group_size, limits.max_context))?;
-            out.extend(rollout(&mut session, tokenizer, chunk, episode, &settings)?.trajectories);
+            out.extend(rollout_with(&mut session, tokenizer, chunk, episode, &settings, &extras)?.trajectories);
         }
         Ok(out)
     };
     let greedy = run(1, 0.0)?;
+    let tools_on = !config.tools.is_off();
     let sampled = if with_pass_k { Some(run(eval.samples, eval.temperature)?) } else { None };
     let mut per_level = Vec::new();
     let (mut pass1_all, mut passk_all, mut reward_all) = (0.0, 0.0, 0.0);
@@ -110,7 +116,12 @@ pub fn evaluate(
             pass_at_k: sampled.as_ref().map(|_| pk / n),
             tool_calls_per_episode: Some(calls as f64 / n),
             runs_per_episode: Some(runs as f64 / n),
+            tool_calls_by_tool: tools_on.then(|| super::tools::calls_by_tool(idx.iter().map(|&i| &greedy[i]))),
+            ..LevelEval::default()
         });
+    }
+    if config.tools.projects > 0.0 {
+        per_level.push(evaluate_projects(model, tokenizer, config)?);
     }
     let n = tasks.len().max(1) as f64;
     Ok(EvalMetrics {
@@ -119,5 +130,63 @@ pub fn evaluate(
         k: eval.k,
         per_level,
         greedy_reward: reward_all / n,
+    })
+}
+
+fn eval_episode(config: &TrainConfig) -> EpisodeConfig {
+    EpisodeConfig {
+        reward: RewardConfig::default(),
+        max_tool_calls: config.limits.max_turns,
+        tools: config.tools.switches(),
+    }
+}
+
+/// Held-out projects (seeds training never draws), greedy, one position at a time so that each
+/// project's memory holds what the storage policy kept from its earlier tasks: the `project` row.
+fn evaluate_projects(model: &Model, tokenizer: &Tokenizer, config: &TrainConfig) -> Result<LevelEval, Error> {
+    use super::tools::{calls_by_tool, commit_group, held_out_projects, memory_hits, rollout_tools, ProjectMemories};
+    let projects = held_out_projects(config.seed, config.eval.tasks_per_level.div_ceil(PROJECT_TASKS).max(1));
+    let limits = &config.limits;
+    let mut memories = ProjectMemories::default();
+    let mut all: Vec<Trajectory> = Vec::new();
+    for position in 0..PROJECT_TASKS {
+        let tasks: Vec<Task> = projects.iter().map(|p| p[position].clone()).collect();
+        let extras = rollout_tools(&config.tools, &tasks, &mut memories, false);
+        let settings = RolloutConfig {
+            group_size: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            max_turns: limits.max_turns,
+            max_new_tokens: limits.max_new_tokens,
+            max_context: limits.max_context,
+            seed: splitmix(config.seed ^ 0x9_0E22 ^ position as u64),
+        };
+        let mut session = model.session(SessionConfig::for_contexts(tasks.len(), limits.max_context))?;
+        let rolled = rollout_with(&mut session, tokenizer, &tasks, eval_episode(config), &settings, &extras)?;
+        drop(session);
+        if let Some(policy) = config.tools.memory {
+            for (task, t) in tasks.iter().zip(&rolled.trajectories) {
+                if let Some(place) = task.project {
+                    let memory = memories.get(place.seed, config.tools.memory_budget());
+                    commit_group(policy, memory, task, &[t], &[t.reward_value() as f32]);
+                }
+            }
+        }
+        all.extend(rolled.trajectories);
+    }
+    let n = all.len().max(1) as f64;
+    let solved = all.iter().filter(|t| passed(t.reward.as_ref())).count();
+    let generated: usize = all.iter().map(Trajectory::sampled_tokens).sum();
+    Ok(LevelEval {
+        level: "project".into(),
+        tasks: all.len(),
+        pass_at_1: solved as f64 / n,
+        pass_at_k: None,
+        tool_calls_per_episode: Some(all.iter().map(|t| t.tool_calls).sum::<usize>() as f64 / n),
+        runs_per_episode: Some(all.iter().map(runs_of).sum::<usize>() as f64 / n),
+        tool_calls_by_tool: Some(calls_by_tool(all.iter())),
+        tokens_per_solved: (solved > 0).then(|| generated as f64 / solved as f64),
+        memory_hits_per_episode: config.tools.memory.is_some().then(|| memory_hits(all.iter())),
+        context_prefix_tokens: Some(all.iter().map(|t| t.prompt_len).sum::<usize>() as f64 / n),
     })
 }

@@ -43,6 +43,18 @@ pub struct LevelEval {
     /// `<run>` calls (the policy running its program on the visible examples) per greedy episode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs_per_episode: Option<f64>,
+    /// Tool calls per greedy episode by tool (runs with issue 21's tools on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_by_tool: Option<std::collections::BTreeMap<String, f64>>,
+    /// Generated tokens per solved task (greedy; runs with issue 21's tools on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_solved: Option<f64>,
+    /// Memory snippets recalled per greedy episode (memory tool on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_hits_per_episode: Option<f64>,
+    /// Context tokens before the policy's first token per greedy episode (tools on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_prefix_tokens: Option<f64>,
 }
 
 /// One line of `metrics.jsonl` (fields absent from a line read back as `None`).
@@ -88,6 +100,19 @@ pub struct StepMetrics {
     /// Optimizer steps (minibatches) the GRPO step took: 0 when no group was informative.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub optimizer_steps: Option<u64>,
+    /// Tool calls per episode by tool (`run`, `think`, `submit`, `store`, `recall`, `search`,
+    /// `lint`); in runs with issue 21's tools on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls_by_tool: Option<std::collections::BTreeMap<String, f64>>,
+    /// Memory snippets recalls returned, per episode (memory tool on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_hits_per_episode: Option<f64>,
+    /// Snippets the storage policy put into memories this step (memory tool on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_stored: Option<u64>,
+    /// Context tokens before the policy's first token (prompt, library in context), per episode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_prefix_tokens: Option<f64>,
     /// Held-out evaluation, on eval lines.
     pub eval: Option<EvalMetrics>,
 }

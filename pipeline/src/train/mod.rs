@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod passk;
 pub mod plot;
 mod report;
+pub mod tools;
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -48,13 +49,13 @@ pub use checkpoint::{
     checkpoints, latest_checkpoint, remove_stale_temps, CheckpointState, Checkpoints, CHECKPOINT_FORMAT,
 };
 pub use clock::now_stamp;
-pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, TrainConfig};
+pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, ThinkPlacement, ToolsConfig, TrainConfig};
 pub use eval::{evaluate, held_out_tasks, splitmix};
 pub use metrics::{EvalMetrics, LevelEval, MetricsLog, StepMetrics};
 
 use crate::env::{generate_task, EpisodeConfig, Level, Reward, RewardConfig, Task};
 use crate::model::{Model, SessionConfig, TpTrainer};
-use crate::rollout::{rollout, RolloutConfig, Trajectory};
+use crate::rollout::{RolloutConfig, Trajectory};
 use crate::tokenizer::Tokenizer;
 use crate::traces::sft_trace;
 use crate::Error;
@@ -201,6 +202,9 @@ fn progress_bar(show: bool, len: u64, what: &str) -> ProgressBar {
 /// phase's mix, seed with the top bit clear (held-out tasks have it set).
 fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
     let h = splitmix(config.seed ^ splitmix(phase ^ splitmix(step ^ splitmix(i))));
+    if let Some(task) = tools::training_project_task(config, h) {
+        return shown(config, task);
+    }
     let mix = if phase == 1 { config.sft_level_mix } else { config.grpo_level_mix };
     let total: f64 = mix.iter().sum();
     let u = (h >> 11) as f64 / (1u64 << 53) as f64 * total;
@@ -228,6 +232,7 @@ fn episode_config(config: &TrainConfig) -> EpisodeConfig {
     EpisodeConfig {
         reward: RewardConfig { mode: config.grpo.reward, ..RewardConfig::default() },
         max_tool_calls: config.limits.max_turns,
+        tools: config.tools.switches(),
     }
 }
 
@@ -528,11 +533,16 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
     let bar = progress_bar(opts.progress, config.grpo.steps, "grpo");
     bar.set_position(first_step - 1);
     let mut last = first_step - 1;
+    // The projects' memories: from the checkpoint resumed from, else empty.
+    let mut memories = match &resume_from {
+        Some((path, s)) if s.phase == "grpo" => tools::load_memories(path)?,
+        _ => tools::ProjectMemories::default(),
+    };
     for step in first_step..=config.grpo.steps {
         if opts.stop_after.is_some_and(|n| step - first_step >= n) {
             break;
         }
-        let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step)?;
+        let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step, &mut memories)?;
         bar.set_message(format!("reward {:.3}", m.reward_mean.unwrap_or(0.0)));
         if m.informative_groups == Some(0.0) {
             bar.suspend(|| {
@@ -550,7 +560,8 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
             maybe_log(opts, &m, config.grpo.steps);
             metrics.push(m)?;
         }
-        save_model_checkpoint(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer))?;
+        let with_memories = config.tools.memory.is_some().then_some(&memories);
+        save_checkpoint_with(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer), with_memories)?;
         checkpoint::prune(&ckpt_root, 2)?;
         bar.inc(1);
         last = step;
@@ -587,6 +598,19 @@ fn save_model_checkpoint(
     model: &Model,
     trainer: Option<&TpTrainer>,
 ) -> Result<PathBuf, Error> {
+    save_checkpoint_with(root, phase, step, fingerprint, model, trainer, None)
+}
+
+/// [`save_model_checkpoint`] plus the projects' memories (in the same atomic directory).
+fn save_checkpoint_with(
+    root: &Path,
+    phase: &str,
+    step: u64,
+    fingerprint: &str,
+    model: &Model,
+    trainer: Option<&TpTrainer>,
+    memories: Option<&tools::ProjectMemories>,
+) -> Result<PathBuf, Error> {
     let state = CheckpointState {
         format: CHECKPOINT_FORMAT.into(),
         phase: phase.into(),
@@ -597,6 +621,9 @@ fn save_model_checkpoint(
         model.save(dir.join("model.safetensors"))?;
         if let Some(t) = trainer {
             t.save_optimizer(dir)?;
+        }
+        if let Some(m) = memories {
+            tools::save_memories(dir, m)?;
         }
         Ok(())
     })
@@ -635,7 +662,12 @@ fn run_sft(
                 let task = training_task(config, 1, step, i);
                 let draw = (splitmix(config.seed ^ step.wrapping_mul(0x9E37) ^ i) >> 11) as f64 / (1u64 << 53) as f64;
                 let repair = draw < sft.repair_fraction;
-                sft_trace(&task, tokenizer, repair, splitmix(step ^ i), episode)
+                if config.tools.is_off() {
+                    sft_trace(&task, tokenizer, repair, splitmix(step ^ i), episode)
+                } else {
+                    let switches = tools::trace_tools(&config.tools);
+                    crate::traces::sft_tool_trace(&task, tokenizer, repair, splitmix(step ^ i), episode, &switches)
+                }
             })
             .collect::<Result<_, _>>()?;
         let refs: Vec<&Trajectory> = traces.iter().collect();
@@ -691,6 +723,7 @@ fn grpo_step(
     reference: Option<&Model>,
     episode: EpisodeConfig,
     step: u64,
+    memories: &mut tools::ProjectMemories,
 ) -> Result<StepMetrics, Error> {
     let g = &config.grpo;
     let vocab = config.model.vocab;
@@ -710,12 +743,33 @@ fn grpo_step(
     };
     let mut session =
         policy.session(SessionConfig::for_contexts(rolled_tasks * g.group_size, config.limits.max_context))?;
-    let rolled = rollout(&mut session, tokenizer, &tasks, episode, &rollout_config)?;
+    let extras = tools::rollout_tools(&config.tools, &tasks, memories, true);
+    let rolled = crate::rollout::rollout_with(&mut session, tokenizer, &tasks, episode, &rollout_config, &extras)?;
     drop(session);
     let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
     // 2. rewards (scored inside the episodes; the time is reported separately)
-    let rewards: Vec<f32> =
-        rolled.trajectories.iter().map(|t| training_reward(t.reward.as_ref(), g.solve_bonus)).collect();
+    let lint_reward = config.tools.lint_reward;
+    let rewards: Vec<f32> = rolled
+        .trajectories
+        .iter()
+        .map(|t| {
+            let bonus = if lint_reward > 0.0 && tools::lint_clean(&tasks[t.task], t) { lint_reward } else { 0.0 };
+            training_reward(t.reward.as_ref(), g.solve_bonus) + bonus
+        })
+        .collect();
+    // The storage policy: what each project group puts into its project's memory.
+    let mut stored = 0;
+    if let Some(policy) = config.tools.memory {
+        for (t, task) in tasks.iter().enumerate() {
+            if let Some(place) = task.project {
+                let range = t * g.group_size..(t + 1) * g.group_size;
+                let group: Vec<&Trajectory> = rolled.trajectories[range.clone()].iter().collect();
+                let memory = memories.get(place.seed, config.tools.memory_budget());
+                stored += tools::commit_group(policy, memory, task, &group, &rewards[range]);
+            }
+        }
+    }
+    let tools_on = !config.tools.is_off();
     let passes = rolled.trajectories.iter().filter(|t| solved(t.reward.as_ref())).count();
     // 3. dynamic sampling (keep groups whose rewards differ), advantages per group
     let t_train = Instant::now();
@@ -789,6 +843,10 @@ fn grpo_step(
         kv_shared_fraction: Some(stats.kv.bytes_held as f64 / (stats.kv.bytes_unshared as f64).max(1.0)),
         informative_groups: Some(informative as f64 / rolled_tasks as f64),
         optimizer_steps: Some(minibatches as u64),
+        tool_calls_by_tool: tools_on.then(|| tools::calls_by_tool(rolled.trajectories.iter())),
+        memory_hits_per_episode: config.tools.memory.is_some().then(|| tools::memory_hits(rolled.trajectories.iter())),
+        memory_stored: config.tools.memory.is_some().then_some(stored as u64),
+        context_prefix_tokens: tools_on.then(|| stats.prefix_tokens as f64 / n),
         eval: None,
     })
 }

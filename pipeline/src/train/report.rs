@@ -142,6 +142,9 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
         );
     }
     let _ = writeln!(md);
+    if !config.tools.is_off() {
+        tools_section(&mut md, config, s);
+    }
     let [r, w, t] = s.step_seconds;
     let _ = writeln!(md, "| throughput | value |\n|---|---|");
     let _ = writeln!(md, "| rollout tokens/s | {:.0} |", s.rollout_tokens_per_s);
@@ -156,6 +159,65 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
     let _ = writeln!(md, "| relative weight change, warm-up to final | {:.3e} |\n", s.grpo_weight_change);
     let _ = writeln!(md, "![curves](curves.png)");
     md
+}
+
+/// Issue 21's tools: calls per greedy held-out episode by tool, warm-up / after GRPO, and the
+/// project row's memory and context figures.
+fn tools_section(md: &mut String, config: &TrainConfig, s: &RunSummary) {
+    let t = &config.tools;
+    let _ = writeln!(
+        md,
+        "Tools of this run: memory {}, search {}, library in context {}, lint {} (reward {}), think {}, project tasks {:.0}%.\n",
+        t.memory.map_or("off", |p| p.name()),
+        if t.search { "on" } else { "off" },
+        if t.library_in_context { "on" } else { "off" },
+        if t.lint { "on" } else { "off" },
+        t.lint_reward,
+        t.think.map_or("unrestricted", |p| p.name()),
+        100.0 * t.projects
+    );
+    let tools = ["run", "think", "submit", "store", "recall", "search", "lint"];
+    let _ = writeln!(md, "Calls per greedy held-out episode by tool, warm-up / after GRPO.\n");
+    let _ = writeln!(md, "| level | {} |", tools.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(tools.len()));
+    for (b, a) in s.before.per_level.iter().zip(&s.after.per_level) {
+        let cell = |tool: &str| {
+            let get = |l: &super::metrics::LevelEval| {
+                l.tool_calls_by_tool.as_ref().and_then(|m| m.get(tool)).map_or("-".to_string(), |v| format!("{v:.2}"))
+            };
+            format!("{} / {}", get(b), get(a))
+        };
+        let cells: Vec<String> = tools.iter().map(|t| cell(t)).collect();
+        let _ = writeln!(md, "| {} | {} |", b.level, cells.join(" | "));
+    }
+    let _ = writeln!(md);
+    let projects: Vec<_> =
+        s.before.per_level.iter().zip(&s.after.per_level).filter(|(b, _)| b.level == "project").collect();
+    if let Some((b, a)) = projects.first() {
+        let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let _ =
+            writeln!(md, "Held-out projects (greedy, in order; each project's memory kept by the storage policy).\n");
+        let _ = writeln!(md, "| project tasks | warm-up | after GRPO |\n|---|---|---|");
+        let _ = writeln!(md, "| pass@1 (%) | {} | {} |", pct(b.pass_at_1), pct(a.pass_at_1));
+        let _ = writeln!(
+            md,
+            "| generated tokens per solved task | {} | {} |",
+            num(b.tokens_per_solved),
+            num(a.tokens_per_solved)
+        );
+        let _ = writeln!(
+            md,
+            "| memory snippets recalled per episode | {} | {} |",
+            num(b.memory_hits_per_episode),
+            num(a.memory_hits_per_episode)
+        );
+        let _ = writeln!(
+            md,
+            "| context tokens before the first sampled token | {} | {} |\n",
+            num(b.context_prefix_tokens),
+            num(a.context_prefix_tokens)
+        );
+    }
 }
 
 /// The figure: warm-up loss, GRPO reward (mean and pass rate), held-out pass@1.

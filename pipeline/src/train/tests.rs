@@ -452,3 +452,40 @@ fn shown_examples_cut_training_and_held_out_prompts_and_leave_other_fingerprints
     let s = train(c, &options(root.path(), "shown")).unwrap();
     assert!(s.complete);
 }
+
+#[test]
+fn a_run_with_every_tool_records_them_and_resumes_with_its_memories() {
+    let config = || {
+        let mut c = tiny_config();
+        c.tools = ToolsConfig { projects: 0.5, ..ToolsConfig::all_on() };
+        c
+    };
+    let root = tempfile::tempdir().unwrap();
+    let whole = train(config(), &options(root.path(), "whole")).unwrap();
+    assert!(whole.complete);
+    // The project row (held-out projects) and the by-tool counts reach the summary and metrics.
+    assert!(whole.after.per_level.iter().any(|l| l.level == "project" && l.tool_calls_by_tool.is_some()));
+    let lines = read_metrics(&root.path().join("whole"));
+    let grpo: Vec<&StepMetrics> = lines.iter().filter(|m| m.phase == "grpo").collect();
+    assert_eq!(grpo.len(), 3);
+    assert!(grpo.iter().all(|m| m.tool_calls_by_tool.as_ref().is_some_and(|t| t.len() == 7)));
+    assert!(grpo.iter().all(|m| m.memory_hits_per_episode.is_some() && m.memory_stored.is_some()));
+    let report = std::fs::read_to_string(root.path().join("whole/report.md")).unwrap();
+    assert!(report.contains("Calls per greedy held-out episode by tool") && report.contains("| project |"));
+    // Killed after one GRPO step and resumed: the same numbers, and the same memories.
+    let mut first = options(root.path(), "split");
+    first.stop_after = Some(1);
+    train(config(), &first).unwrap();
+    let done = train(config(), &resume_options(root.path(), "split")).unwrap();
+    assert!(done.complete);
+    let key = |v: &[StepMetrics]| -> Vec<(u64, Option<f64>, Option<u64>, String)> {
+        v.iter()
+            .filter(|m| m.phase == "grpo")
+            .map(|m| (m.step, m.reward_mean, m.memory_stored, format!("{:?}", m.tool_calls_by_tool)))
+            .collect()
+    };
+    assert_eq!(key(&lines), key(&read_metrics(&root.path().join("split"))));
+    let memories =
+        |name: &str| std::fs::read(root.path().join(name).join("checkpoints/step-000003/memories.json")).unwrap();
+    assert_eq!(memories("whole"), memories("split"));
+}
