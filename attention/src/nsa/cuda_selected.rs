@@ -354,3 +354,281 @@ fn combine<T: Element + DeviceCopy>(
         .map_err(device_err)?;
     Ok(o)
 }
+
+/// The dK/dV schedule of the selected branch: one item per (kv head, sequence, chosen block,
+/// tile of `bn` keys inside the block), with the ascending list of the sequence's tokens that
+/// chose the block and see a key of the tile (layout in `selected.cu`). Blocks no token chose
+/// get no item (their keys' gradients stay 0).
+pub(crate) fn key_schedule(
+    cfg: &NsaConfig,
+    h: &Heads,
+    cu: &[u32],
+    indices: &[u32],
+    bn: usize,
+) -> Result<SlcSchedule, Error> {
+    let (hq, hkv, n, ls) = (h.num_q_heads, h.num_kv_heads, cfg.num_selected, cfg.block_slc);
+    let total = *cu.last().unwrap_or(&0) as usize;
+    to_i32(numel("q", &[total, hq, h.head_dim_k.max(h.head_dim_v)])?, "total x HQ x D")?;
+    let mut items = Vec::new();
+    let mut lists: Vec<i32> = Vec::new();
+    let mut pairs: Vec<(u32, u32)> = Vec::new();
+    for g in 0..hkv {
+        for w in cu.windows(2) {
+            let (base, len) = (w[0] as usize, (w[1] - w[0]) as usize);
+            pairs.clear();
+            for t in 0..len {
+                let chosen = &indices[((base + t) * hkv + g) * n..][..n];
+                pairs.extend(chosen.iter().take_while(|&&j| j != NO_BLOCK).map(|&j| (j, t as u32)));
+            }
+            pairs.sort_unstable();
+            for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+                let start = run[0].0 as usize * ls;
+                let end = (start + ls).min(len);
+                for n0 in (start..end).step_by(bn) {
+                    let first = run.partition_point(|&(_, t)| (t as usize) < n0);
+                    if first == run.len() {
+                        continue;
+                    }
+                    let list_lo = lists.len();
+                    for &(_, t) in &run[first..] {
+                        lists.push(t as i32);
+                    }
+                    items.extend([base, n0, bn.min(end - n0), g, list_lo, lists.len(), 0, 0]);
+                }
+            }
+        }
+    }
+    let num_items = items.len() / ITEM;
+    let mut ints = vec![0; HEADER];
+    ints[..3].copy_from_slice(&[to_i32(total, "total")?, to_i32(hq, "HQ")?, to_i32(hkv, "HKV")?]);
+    for v in items {
+        ints.push(to_i32(v, "schedule item")?);
+    }
+    ints[5] = to_i32(ints.len(), "schedule length")?;
+    to_i32(ints.len() + lists.len(), "schedule length")?;
+    ints.extend(lists);
+    Ok(SlcSchedule { ints, items: num_items, tiles: num_items })
+}
+
+/// Keys per dQ tile and per dK/dV CTA of the selected backward for `(dk, dv)` (the dense
+/// backward's), or the typed refusal (head dim 256 has no backward).
+fn backward_tiles(dk: usize, dv: usize) -> Result<(usize, usize), Error> {
+    let dkdv = flash::backward_key_tile(dk, dv)?;
+    let dq = match dk {
+        64 => 64,
+        192 => 16,
+        _ => 32,
+    };
+    Ok((dq, dkdv))
+}
+
+/// Backward result on the device.
+#[derive(Debug)]
+pub struct DeviceNsaGrads<T> {
+    /// `[total, HQ, Dk]`: the selected and window branches' (the compressed branch's, computed
+    /// from [`Self::d_o_cmp`] elsewhere, is to be added).
+    pub dq: DeviceBuffer<T>,
+    /// Selected branch keys (plus the window branch's when it shares them).
+    pub dk: DeviceBuffer<T>,
+    /// Selected branch values (plus the window branch's when it shares them).
+    pub dv: DeviceBuffer<T>,
+    /// The window branch's own keys, when given separately.
+    pub dk_win: Option<DeviceBuffer<T>>,
+    /// The window branch's own values, when given separately.
+    pub dv_win: Option<DeviceBuffer<T>>,
+    /// `[total, HQ, 3]`.
+    pub dgates: DeviceBuffer<T>,
+    /// The compressed branch's output gradient `g_cmp dO` `[total, HQ, Dv]`, for its backward.
+    pub d_o_cmp: DeviceBuffer<T>,
+}
+
+/// NSA backward on the device for the selected and window branches and the gates, with the
+/// chosen blocks `indices` held fixed: `fwd` is [`forward`]'s result on the same inputs,
+/// `d_o [total, HQ, Dv]` the output gradient.
+pub fn backward<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &NsaConfig,
+    h: &Heads,
+    x: &DeviceNsaInputs<'_, T>,
+    fwd: &DeviceNsaOutput<T>,
+    indices: &[u32],
+    d_o: &DeviceBuffer<T>,
+) -> Result<DeviceNsaGrads<T>, Error> {
+    let total = validate(gpu, cfg, h, x.q, x.k, x.v, indices, x.cu_seqlens)?;
+    let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
+    let (bn_dq, bn_dkdv) = backward_tiles(dk, dv)?;
+    let o_len = numel("o", &[total, hq, dv])?;
+    for (name, b) in [("o_cmp", x.o_cmp), ("d_o", d_o), ("o_slc", &fwd.o_slc), ("o_win", &fwd.o_win)] {
+        expect_len(name, b.len(), o_len, "[total, HQ, Dv]")?;
+    }
+    for (name, b) in [("lse_slc", &fwd.lse_slc), ("lse_win", &fwd.lse_win)] {
+        expect_len(name, b.len(), total * hq, "[HQ, total]")?;
+    }
+    expect_len("gates", x.gates.len(), numel("gates", &[total, hq, 3])?, "[total, HQ, 3]")?;
+    let (kw, vw) = match (x.k_win, x.v_win) {
+        (Some(kw), Some(vw)) => {
+            expect_len("k_win", kw.len(), x.k.len(), "[total, HKV, Dk]")?;
+            expect_len("v_win", vw.len(), x.v.len(), "[total, HKV, Dv]")?;
+            (kw, vw)
+        }
+        (None, None) => (x.k, x.v),
+        _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
+    };
+    if cfg.check_finite {
+        check_finite_device(gpu, "d_o", d_o)?;
+    }
+    let sfx = dtype_suffix::<T>()?;
+    let scale = cfg.softmax_scale(h);
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let total_i = to_i32(total, "total")?;
+
+    // Gates: dgates, the branches' output gradients, delta of the selected branch.
+    let mut dgates = gpu.zeros::<T>(total * hq * 3).map_err(device_err)?;
+    let mut d_o_cmp = gpu.zeros::<T>(o_len).map_err(device_err)?;
+    let mut d_o_slc = gpu.zeros::<T>(o_len).map_err(device_err)?;
+    let mut d_o_win = gpu.zeros::<T>(o_len).map_err(device_err)?;
+    let mut delta = gpu.zeros::<f32>(total * hq).map_err(device_err)?;
+    if total > 0 {
+        // SAFETY: (o_cmp, o_slc, o_win, gates, d_o, dgates, d_o_cmp, d_o_slc, d_o_win, delta,
+        // dims = [total, hq, dv]) as declared in selected.cu: one warp per (token, head) < total *
+        // hq, lengths checked above.
+        let dims = gpu.upload(&[total_i, hq as i32, dv as i32]).map_err(device_err)?;
+        let gate = unsafe {
+            gpu.typed_kernel::<(
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &mut DeviceBuffer<T>,
+                &mut DeviceBuffer<T>,
+                &mut DeviceBuffer<T>,
+                &mut DeviceBuffer<T>,
+                &mut DeviceBuffer<f32>,
+                &DeviceBuffer<i32>,
+            )>(&SELECTED_KERNEL, entry(&format!("squid_nsa_gate_bwd_{sfx}"))?)
+        }
+        .map_err(device_err)?;
+        gate.launch(
+            gpu,
+            LaunchDims::linear(total * hq * 32, 128, 4096),
+            (
+                x.o_cmp,
+                &fwd.o_slc,
+                &fwd.o_win,
+                x.gates,
+                d_o,
+                &mut dgates,
+                &mut d_o_cmp,
+                &mut d_o_slc,
+                &mut d_o_win,
+                &mut delta,
+                &dims,
+            ),
+        )
+        .map_err(device_err)?;
+    }
+
+    // Window branch: the dense backward on its output gradient.
+    let wx = dense_dev::BackwardInputs { q: x.q, k: kw, v: vw, o: &fwd.o_win, lse: &fwd.lse_win, d_o: &d_o_win };
+    let win = dense_dev::backward(gpu, &window_cfg(cfg, h), wx, x.cu_seqlens, x.cu_seqlens, dense_dev::DqMode::Atomic)?;
+
+    // Selected branch, f32 accumulators.
+    let mut dq_slc = gpu.zeros::<f32>(total * hq * dk).map_err(device_err)?;
+    let mut dk_slc = gpu.zeros::<f32>(total * hkv * dk).map_err(device_err)?;
+    let mut dv_slc = gpu.zeros::<f32>(total * hkv * dv).map_err(device_err)?;
+    let fwd_sched = slc_schedule(cfg, h, x.cu_seqlens, indices, bn_dq)?;
+    if fwd_sched.items > 0 {
+        let ints = gpu.upload(&fwd_sched.ints).map_err(device_err)?;
+        // SAFETY: (q, k, v, d_o_slc, lse_slc, delta, dq f32, sched, scale_log2, scale) as declared;
+        // the schedule names rows and keys inside their sequences (validated cu_seqlens, indices).
+        let kernel = unsafe {
+            gpu.typed_kernel::<(
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<f32>,
+                &DeviceBuffer<f32>,
+                &mut DeviceBuffer<f32>,
+                &DeviceBuffer<i32>,
+                f32,
+                f32,
+            )>(&SELECTED_KERNEL, entry(&format!("squid_nsa_slc_bwd_dq_dk{dk}_dv{dv}_{sfx}"))?)
+        }
+        .map_err(device_err)?;
+        let launch = LaunchDims { grid: (fwd_sched.items as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0 };
+        kernel
+            .launch(gpu, launch, (x.q, x.k, x.v, &d_o_slc, &fwd.lse_slc, &delta, &mut dq_slc, &ints, scale_log2, scale))
+            .map_err(device_err)?;
+    }
+    let key_sched = key_schedule(cfg, h, x.cu_seqlens, indices, bn_dkdv)?;
+    if key_sched.items > 0 {
+        let ints = gpu.upload(&key_sched.ints).map_err(device_err)?;
+        // SAFETY: (q, k, v, d_o_slc, lse_slc, delta, dk f32, dv f32, sched, scale_log2, scale) as
+        // declared; every key tile and listed token lies inside its sequence.
+        let kernel = unsafe {
+            gpu.typed_kernel::<(
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<T>,
+                &DeviceBuffer<f32>,
+                &DeviceBuffer<f32>,
+                &mut DeviceBuffer<f32>,
+                &mut DeviceBuffer<f32>,
+                &DeviceBuffer<i32>,
+                f32,
+                f32,
+            )>(&SELECTED_KERNEL, entry(&format!("squid_nsa_slc_bwd_dkdv_dk{dk}_dv{dv}_{sfx}"))?)
+        }
+        .map_err(device_err)?;
+        let launch = LaunchDims {
+            grid: (key_sched.items as u32, 1, flash::dkdv_passes(dk)),
+            block: (2 * bn_dkdv as u32, 1, 1),
+            shared_bytes: 0,
+        };
+        kernel
+            .launch(
+                gpu,
+                launch,
+                (x.q, x.k, x.v, &d_o_slc, &fwd.lse_slc, &delta, &mut dk_slc, &mut dv_slc, &ints, scale_log2, scale),
+            )
+            .map_err(device_err)?;
+    }
+
+    // Sums: dq = window + selected; dk, dv likewise when the branches share K/V.
+    let dq = add(gpu, &win.dq, &dq_slc)?;
+    let separate = x.k_win.is_some();
+    let (dk_out, dv_out, dk_win, dv_win) = if separate {
+        let zk = gpu.zeros::<T>(dk_slc.len()).map_err(device_err)?;
+        let zv = gpu.zeros::<T>(dv_slc.len()).map_err(device_err)?;
+        (add(gpu, &zk, &dk_slc)?, add(gpu, &zv, &dv_slc)?, Some(win.dk), Some(win.dv))
+    } else {
+        (add(gpu, &win.dk, &dk_slc)?, add(gpu, &win.dv, &dv_slc)?, None, None)
+    };
+    Ok(DeviceNsaGrads { dq, dk: dk_out, dv: dv_out, dk_win, dv_win, dgates, d_o_cmp })
+}
+
+/// `a + b` rounded once to the storage type (`a.len() == b.len()`).
+fn add<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    a: &DeviceBuffer<T>,
+    b: &DeviceBuffer<f32>,
+) -> Result<DeviceBuffer<T>, Error> {
+    let n = b.len();
+    let mut out = gpu.zeros::<T>(n).map_err(device_err)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    // SAFETY: (const T* a, const float* b, T* out, long long n), all n long.
+    let kernel = unsafe {
+        gpu.typed_kernel::<(&DeviceBuffer<T>, &DeviceBuffer<f32>, &mut DeviceBuffer<T>, i64)>(
+            &SELECTED_KERNEL,
+            entry(&format!("squid_nsa_add_{}", dtype_suffix::<T>()?))?,
+        )
+    }
+    .map_err(device_err)?;
+    kernel.launch(gpu, LaunchDims::linear(n, 256, 4096), (a, b, &mut out, n as i64)).map_err(device_err)?;
+    Ok(out)
+}

@@ -16,7 +16,7 @@ use squid_cuda::Element;
 use super::cuda_selected::{self as dev, row_layout, slc_schedule, DeviceNsaInputs};
 use super::{naive, NsaConfig, NsaInputs, NO_BLOCK};
 use crate::dense::cuda_tests::{assert_forward, device};
-use crate::dense::tests::{back, offsets, to, values};
+use crate::dense::tests::{back, offsets, rel_err, to, values};
 use crate::{Error, Heads};
 
 struct Case {
@@ -265,4 +265,110 @@ fn device_errors_are_typed() {
         dev::selected_forward(gpu, &cfg, &h32, &q32, &k32, &k32, &idx, &[0, 4]),
         Err(Error::Unsupported(_))
     ));
+}
+
+/// Backward tolerance in storage units of (1 + max |ref|): the dense device backward's 2u, plus
+/// the rounding of each branch's output gradient `g_b dO` to the storage type and of the final
+/// sum of the branches' f32 and stored parts.
+const BWD_U: f64 = 4.0;
+
+/// The device backward (after the device forward) against the naive backward on the same
+/// chosen blocks. With `zero_cmp_gate` the compressed branch's gate is 0, so the reference's
+/// `dq` holds the selected and window branches' alone and is compared too.
+fn check_backward<T: Element + DeviceCopy>(
+    cfg: &NsaConfig,
+    h: &Heads,
+    lens: &[usize],
+    separate_win: bool,
+    zero_cmp_gate: bool,
+    seed: u64,
+) {
+    let Some(gpu) = device() else { return };
+    let mut c = Case::new::<T>(cfg, h, lens, separate_win, seed);
+    if zero_cmp_gate {
+        c.gates.iter_mut().step_by(3).for_each(|g| *g = 0.0);
+    }
+    let (hq, dv) = (h.num_q_heads, h.head_dim_v);
+    let total: usize = lens.iter().sum();
+    let d_o = back(&to::<T>(&values(total * hq * dv, seed + 4)));
+    let f = naive::forward(cfg, h, &c.inputs(), None).unwrap();
+    let r = naive::backward(cfg, h, &c.inputs(), &f.indices, &d_o).unwrap();
+    let up = |x: &[f64]| gpu.upload(&to::<T>(x)).unwrap();
+    let (q, k, v, gates, d_o_dev) = (up(&c.q), up(&c.k), up(&c.v), up(&c.gates), up(&d_o));
+    let (kw, vw) = (c.kw.as_deref().map(up), c.vw.as_deref().map(up));
+    let o_cmp_stored = back(&to::<T>(&f.o_cmp));
+    let o_cmp = up(&o_cmp_stored);
+    let x = DeviceNsaInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        k_win: kw.as_ref(),
+        v_win: vw.as_ref(),
+        o_cmp: &o_cmp,
+        gates: &gates,
+        cu_seqlens: &c.cu,
+    };
+    let out = dev::forward(gpu, cfg, h, &x, &f.indices).unwrap();
+    let g = dev::backward(gpu, cfg, h, &x, &out, &f.indices, &d_o_dev).unwrap();
+    let dt = |b: &DeviceBuffer<T>| back(&gpu.download(b).unwrap());
+    let u = unit_roundoff(T::DTYPE) as f64;
+    let what = format!("{:?} {h:?} {cfg:?} lens {lens:?} separate window {separate_win}", T::DTYPE);
+    let mut checks: Vec<(&str, Vec<f64>, &[f64])> = vec![("dk", dt(&g.dk), &r.dk), ("dv", dt(&g.dv), &r.dv)];
+    if separate_win {
+        checks.push(("dk_win", dt(g.dk_win.as_ref().unwrap()), r.dk_win.as_deref().unwrap()));
+        checks.push(("dv_win", dt(g.dv_win.as_ref().unwrap()), r.dv_win.as_deref().unwrap()));
+    } else {
+        assert!(g.dk_win.is_none() && g.dv_win.is_none());
+    }
+    if zero_cmp_gate {
+        checks.push(("dq", dt(&g.dq), &r.dq));
+    }
+    let mut report = String::new();
+    for (name, got, want) in &checks {
+        let e = rel_err(got, want);
+        assert!(e <= BWD_U * u, "{what}: {name} error {:.3}u > {BWD_U}u", e / u);
+        report += &format!(" {name} {:.3}u", e / u);
+    }
+    // dgates[b] = o_b . dO from stored branch outputs: per element within
+    // 2u (sum_d |o_b,d dO_d| + |ref|) (the branch output's rounding, the store's).
+    let dgates = dt(&g.dgates);
+    let branches = [&o_cmp_stored, &f.o_slc, &f.o_win];
+    let mut worst = 0f64;
+    for (i, (&got, &want)) in dgates.iter().zip(&r.dgates).enumerate() {
+        let (row, b) = (i / 3, i % 3);
+        let mag: f64 = (0..dv).map(|d| (branches[b][row * dv + d] * d_o[row * dv + d]).abs()).sum();
+        worst = worst.max((got - want).abs() / (u * (mag + want.abs()) + f64::MIN_POSITIVE));
+    }
+    assert!(worst <= 2.0, "{what}: dgates error {worst:.3} x u (sum |o dO| + |ref|) > 2");
+    // The compressed branch's output gradient g_cmp dO, rounded once.
+    let d_o_cmp = dt(&g.d_o_cmp);
+    for (i, &got) in d_o_cmp.iter().enumerate() {
+        let want = c.gates[i / dv * 3] * d_o[i];
+        assert!((got - want).abs() <= u * want.abs(), "{what}: d_o_cmp[{i}] {got} vs {want}");
+    }
+    println!("{what}:{report}, dgates {worst:.3}");
+}
+
+#[test]
+fn backward_every_gqa_ratio() {
+    let cfg = small();
+    for (n, (hq, hkv)) in [(1, 1), (4, 2), (3, 1), (8, 2), (16, 1)].into_iter().enumerate() {
+        let h = Heads::new(hq, hkv, 64, 64);
+        if n % 2 == 0 {
+            check_backward::<bf16>(&cfg, &h, &[1, 30, 70], false, true, n as u64);
+        } else {
+            check_backward::<f16>(&cfg, &h, &[1, 30, 70], false, true, n as u64);
+        }
+    }
+}
+
+#[test]
+fn backward_head_dims_separate_window_short_sequences() {
+    let cfg = small();
+    check_backward::<bf16>(&cfg, &Heads::new(2, 1, 192, 128), &[29, 5], false, true, 41);
+    check_backward::<bf16>(&cfg, &Heads::new(4, 2, 128, 128), &[40], true, false, 42);
+    check_backward::<f16>(&cfg, &Heads::new(3, 3, 96, 96), &[26], false, true, 43);
+    check_backward::<bf16>(&cfg, &Heads::new(4, 2, 64, 64), &[1, 2, 3, 1, 5, 1, 7, 2, 13], true, true, 44);
+    let paper = NsaConfig { num_selected: 4, ..NsaConfig::default() };
+    check_backward::<bf16>(&paper, &Heads::new(4, 1, 64, 64), &[200], true, true, 45);
 }

@@ -42,7 +42,8 @@ mod tests;
 pub use decode::{NsaCache, NsaDecodeOutput};
 
 /// The CUDA source of NSA's selected-block branch and gated combine (launchers in
-/// `cuda_selected`, feature `cuda`): forward per GQA group, bf16 and f16, every dense head-dim pair.
+/// `cuda_selected`, feature `cuda`): forward and backward per GQA group, bf16 and f16, the dense
+/// kernels' head-dim pairs.
 pub const SELECTED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "attention_nsa_selected",
     "src/nsa/selected.cu",
@@ -59,6 +60,26 @@ pub const SELECTED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!
         "squid_nsa_slc_fwd_dk256_dv256_f16",
         "squid_nsa_combine_bf16",
         "squid_nsa_combine_f16",
+        "squid_nsa_slc_bwd_dq_dk64_dv64_bf16",
+        "squid_nsa_slc_bwd_dq_dk64_dv64_f16",
+        "squid_nsa_slc_bwd_dq_dk96_dv96_bf16",
+        "squid_nsa_slc_bwd_dq_dk96_dv96_f16",
+        "squid_nsa_slc_bwd_dq_dk128_dv128_bf16",
+        "squid_nsa_slc_bwd_dq_dk128_dv128_f16",
+        "squid_nsa_slc_bwd_dq_dk192_dv128_bf16",
+        "squid_nsa_slc_bwd_dq_dk192_dv128_f16",
+        "squid_nsa_slc_bwd_dkdv_dk64_dv64_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk64_dv64_f16",
+        "squid_nsa_slc_bwd_dkdv_dk96_dv96_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk96_dv96_f16",
+        "squid_nsa_slc_bwd_dkdv_dk128_dv128_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk128_dv128_f16",
+        "squid_nsa_slc_bwd_dkdv_dk192_dv128_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk192_dv128_f16",
+        "squid_nsa_gate_bwd_bf16",
+        "squid_nsa_gate_bwd_f16",
+        "squid_nsa_add_bf16",
+        "squid_nsa_add_f16",
     ],
     fast_math = false
 );
