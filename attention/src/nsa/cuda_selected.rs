@@ -411,15 +411,15 @@ pub(crate) fn key_schedule(
 }
 
 /// Keys per dQ tile and per dK/dV CTA of the selected backward for `(dk, dv)` (the dense
-/// backward's), or the typed refusal (head dim 256 has no backward).
+/// backward's, but two warps of dK/dV keys for Dk = 96, which spills with four at sm_80), or the
+/// typed refusal (head dim 256 has no backward).
 fn backward_tiles(dk: usize, dv: usize) -> Result<(usize, usize), Error> {
-    let dkdv = flash::backward_key_tile(dk, dv)?;
-    let dq = match dk {
-        64 => 64,
-        192 => 16,
-        _ => 32,
-    };
-    Ok((dq, dkdv))
+    flash::backward_key_tile(dk, dv)?;
+    Ok(match dk {
+        64 => (64, 64),
+        192 => (16, 32),
+        _ => (32, 32),
+    })
 }
 
 /// Backward result on the device.
@@ -557,7 +557,9 @@ pub fn backward<T: Element + DeviceCopy>(
             )>(&SELECTED_KERNEL, entry(&format!("squid_nsa_slc_bwd_dq_dk{dk}_dv{dv}_{sfx}"))?)
         }
         .map_err(device_err)?;
-        let launch = LaunchDims { grid: (fwd_sched.items as u32, 1, 1), block: (128, 1, 1), shared_bytes: 0 };
+        // Dk = 192 splits the dQ columns over two CTAs.
+        let split = if dk == 192 { 2 } else { 1 };
+        let launch = LaunchDims { grid: (fwd_sched.items as u32, 1, split), block: (128, 1, 1), shared_bytes: 0 };
         kernel
             .launch(gpu, launch, (x.q, x.k, x.v, &d_o_slc, &fwd.lse_slc, &delta, &mut dq_slc, &ints, scale_log2, scale))
             .map_err(device_err)?;

@@ -372,3 +372,77 @@ fn backward_head_dims_separate_window_short_sequences() {
     let paper = NsaConfig { num_selected: 4, ..NsaConfig::default() };
     check_backward::<bf16>(&paper, &Heads::new(4, 1, 64, 64), &[200], true, true, 45);
 }
+
+/// The simulator's profile of the selected forward for GQA groups of 1, 4 and 16 (one kv head,
+/// the same 512 tokens and chosen blocks, Dk = Dv = 128, l' = 32, n = 4: the forced blocks and
+/// one that varies from token to token): the K/V bytes the
+/// schedule loads, what the profile counts, and how many row-block loads each tile serves. Each
+/// K/V tile is loaded once for the group's heads of every token of the CTA that chose it, so a
+/// tile serves at least `group` (row, tile) pairs, where loading per query row would load it
+/// once per pair.
+#[test]
+fn profile_kv_bytes_per_group() {
+    use squid_cuda::launch::Gpu;
+    use squid_cuda::ptxsim::Options;
+    if device().is_none() {
+        return;
+    }
+    let gpu = Gpu::simulator_with(Options { profile: true, ..Options::default() }).unwrap();
+    let cfg = NsaConfig { block_cmp: 16, stride_cmp: 8, block_slc: 32, num_selected: 4, ..NsaConfig::default() };
+    let (len, dk) = (512usize, 128usize);
+    let bn = dev::key_tile(dk);
+    // Forced blocks plus one more, spread deterministically over the earlier blocks.
+    let mut idx = Vec::new();
+    for t in 0..len {
+        let cur = t / cfg.block_slc;
+        let mut chosen: Vec<u32> = vec![0];
+        if cur >= 2 {
+            chosen.push(cur as u32 - 1);
+        }
+        if cur >= 1 {
+            chosen.push(cur as u32);
+        }
+        if cur >= 3 {
+            chosen.push(1 + (t * 7 % (cur - 2)) as u32);
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        chosen.resize(cfg.num_selected, NO_BLOCK);
+        idx.extend(chosen);
+    }
+    for group in [1usize, 4, 16] {
+        let h = Heads::new(group, 1, dk, dk);
+        let cu = [0, len as u32];
+        super::validate_indices(&cfg, &h, &cu, &idx).unwrap();
+        let q = gpu.upload(&to::<bf16>(&values(len * group * dk, 1))).unwrap();
+        let k = gpu.upload(&to::<bf16>(&values(len * dk, 2))).unwrap();
+        dev::selected_forward(&gpu, &cfg, &h, &q, &k, &k, &idx, &cu).unwrap();
+        let p = gpu.last_profile().expect("profiling simulator");
+        let sched = slc_schedule(&cfg, &h, &cu, &idx, bn).unwrap();
+        let kv_bytes = sched.tiles * bn * 2 * dk * 2;
+        // (row, tile) pairs: each row's own tiles (its chosen blocks up to its token).
+        let row_tiles: usize = (0..len)
+            .map(|t| {
+                idx[t * 4..][..4]
+                    .iter()
+                    .filter(|&&j| j != NO_BLOCK)
+                    .map(|&j| (t + 1 - j as usize * cfg.block_slc).min(cfg.block_slc).div_ceil(bn))
+                    .sum::<usize>()
+                    * group
+            })
+            .sum();
+        let reuse = row_tiles as f64 / sched.tiles as f64;
+        println!(
+            "group {group:2}: {} CTAs, {} K/V tiles = {kv_bytes} B scheduled ({:.0} B per token), {row_tiles} (row, tile) \
+             pairs = {reuse:.1} per tile loaded; profile: {} B requested, {} B unique read",
+            sched.items,
+            sched.tiles,
+            kv_bytes as f64 / len as f64,
+            p.global_bytes_requested,
+            p.unique_bytes_read
+        );
+        assert!(reuse >= group as f64, "group {group}: a K/V tile serves {reuse} row pairs < the group's heads");
+        assert!(p.global_bytes_requested as usize >= kv_bytes + len * group * dk * 2);
+        assert!(p.unique_bytes_read as usize <= len * group * dk * 2 + len * dk * 2 + sched.ints.len() * 4);
+    }
+}

@@ -173,18 +173,20 @@ __device__ __forceinline__ void ns_scores(float (&s)[BN / 8][4], const unsigned 
 }
 
 // acc += P V for a warp's 16 rows (P from score fragments, V a swizzled [BN, DV] tile).
-template <int DV, int BN, bool F16>
-__device__ __forceinline__ void ns_pv(float (&acc)[DV / 8][4], const float (&p)[BN / 8][4], unsigned v_tile,
-                                      int lane) {
+// With W < DV: only columns col0..col0 + W of the [BN, DV] tile (acc holds W / 8 tiles).
+template <int DV, int BN, bool F16, int W = DV>
+__device__ __forceinline__ void ns_pv(float (&acc)[W / 8][4], const float (&p)[BN / 8][4], unsigned v_tile,
+                                      int lane, int col0 = 0) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         const unsigned a[4] = {ns_pack<F16>(p[2 * kk][0], p[2 * kk][1]), ns_pack<F16>(p[2 * kk][2], p[2 * kk][3]),
                                ns_pack<F16>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                                ns_pack<F16>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-        for (int dp = 0; dp < DV / 16; ++dp) {
+        for (int dp = 0; dp < W / 16; ++dp) {
             unsigned b[4];
-            ns_ldsm_x4_t(b, ns_at<DV>(v_tile, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
+            ns_ldsm_x4_t(b, ns_at<DV>(v_tile, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                      col0 + dp * 16 + (lane >> 4) * 8));
             ns_mma<F16>(acc[2 * dp], a, b[0], b[1]);
             ns_mma<F16>(acc[2 * dp + 1], a, b[2], b[3]);
         }
@@ -492,7 +494,11 @@ __device__ __forceinline__ void ns_gate_bwd(const unsigned short* __restrict__ o
     }
 }
 
-// dQ of the selected branch over the forward's schedule (f32 out, scale applied).
+// dQ of the selected branch over the forward's schedule (f32 out, scale applied). Q is held in
+// registers; dO too up to Dk = 128, while for Dk = 192 it stays in shared memory (read by
+// ldmatrix for each key tile) and the dQ columns are split over two CTAs (grid z: columns
+// z * DK / 2 ..), each recomputing P and dS, so the Q fragments and the accumulators fit the
+// registers.
 template <int DK, int DV, int BN, bool F16>
 __device__ __forceinline__ void ns_slc_bwd_dq(const unsigned short* __restrict__ q,
                                               const unsigned short* __restrict__ k,
@@ -500,10 +506,15 @@ __device__ __forceinline__ void ns_slc_bwd_dq(const unsigned short* __restrict__
                                               const unsigned short* __restrict__ d_o, const float* __restrict__ lse,
                                               const float* __restrict__ delta, float* __restrict__ dq,
                                               const int* __restrict__ sched, float scale_log2, float scale) {
+    constexpr bool DO_SMEM = DK > 128;
     constexpr int STAGE = BN * (DK + DV);
-    constexpr int ELEMS = (NS_BM * (DK + DV) > 2 * STAGE) ? NS_BM * (DK + DV) : 2 * STAGE;
+    // Registers: Q (and dO) staged at the start, then the K/V stages; DO_SMEM: dO after them.
+    constexpr int REUSED = DO_SMEM ? ((NS_BM * DK > 2 * STAGE) ? NS_BM * DK : 2 * STAGE)
+                                   : ((NS_BM * (DK + DV) > 2 * STAGE) ? NS_BM * (DK + DV) : 2 * STAGE);
+    constexpr int ELEMS = REUSED + (DO_SMEM ? NS_BM * DV : 0);
     __shared__ __align__(128) unsigned short smem[ELEMS];
     const unsigned base = ns_smem(smem);
+    const unsigned do_base = base + (DO_SMEM ? REUSED : NS_BM * DK) * 2;
 
     const int total = sched[0], hq = sched[1], hkv = sched[2], hc = sched[3];
     const int* tiles = sched + sched[5];
@@ -515,27 +526,31 @@ __device__ __forceinline__ void ns_slc_bwd_dq(const unsigned short* __restrict__
     const long long k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
 
     ns_load_rows<DK>(base, q, (long long)q_base + t0, ntok, hc, head0, heads_left, hq);
-    ns_load_rows<DV>(base + NS_BM * DK * 2, d_o, (long long)q_base + t0, ntok, hc, head0, heads_left, hq);
+    ns_load_rows<DV>(do_base, d_o, (long long)q_base + t0, ntok, hc, head0, heads_left, hq);
     ns_commit();
     ns_wait<0>();
     __syncthreads();
-    unsigned qf[DK / 16][4], df[DV / 16][4];
+    constexpr int DF = DO_SMEM ? 1 : DV / 16;
+    unsigned qf[DK / 16][4], df[DF][4];
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) ns_ldsm_x4(qf[kk], ns_at<DK>(base, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    if constexpr (!DO_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk)
-        ns_ldsm_x4(df[kk], ns_at<DV>(base + NS_BM * DK * 2, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+        for (int kk = 0; kk < DF; ++kk)
+            ns_ldsm_x4(df[kk], ns_at<DV>(do_base, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
     __syncthreads();
 
-    int tok[2], pos[2];
+    // Per row: its token index in the CTA (positions t0 + tok), and lse (log2, +inf for a row
+    // past the CTA's rows, so its P is 0) and delta.
+    int tok[2];
     float l2[2], dl[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         const int local = warp * 16 + (lane >> 2) + e * 8;
         const bool valid = local / hc < ntok && local % hc < heads_left;
-        tok[e] = valid ? local / hc : -1;
-        pos[e] = t0 + local / hc;
-        const long long at = (long long)(head0 + local % hc) * total + q_base + pos[e];
+        tok[e] = local / hc;
+        const long long at = (long long)(head0 + local % hc) * total + q_base + t0 + tok[e];
         const float l = valid ? lse[at] : -INFINITY;
         l2[e] = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
         dl[e] = valid ? delta[at] : 0.0f;
@@ -550,9 +565,11 @@ __device__ __forceinline__ void ns_slc_bwd_dq(const unsigned short* __restrict__
         ns_load_tile<BN, DK>(st, kg + n0 * k_stride, k_stride, keys, k);
         ns_load_tile<BN, DV>(st + BN * DK * 2, vg + n0 * v_stride, v_stride, keys, v);
     };
-    float acc[DK / 8][4];
+    constexpr int DQ = DO_SMEM ? DK / 2 : DK;
+    const int col0 = DO_SMEM ? (int)blockIdx.z * DQ : 0;
+    float acc[DQ / 8][4];
 #pragma unroll
-    for (int i = 0; i < DK / 8; ++i)
+    for (int i = 0; i < DQ / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
 
@@ -579,32 +596,36 @@ __device__ __forceinline__ void ns_slc_bwd_dq(const unsigned short* __restrict__
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             const int t = tok[e];
-            chose[e] = t >= 0 && (((t < 32 ? mask_lo : mask_hi) >> (t & 31)) & 1u);
+            chose[e] = ((t < 32 ? mask_lo : mask_hi) >> (t & 31)) & 1u;
         }
         float s[BN / 8][4], dp[BN / 8][4];
         ns_scores<DK, BN, F16>(s, qf, k_tile, lane);
-        ns_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        if constexpr (DO_SMEM) {
+            ns_abt_smem<DV, BN, F16>(dp, do_base, warp * 16, v_tile, lane);
+        } else {
+            ns_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        }
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int key = n0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-                const bool seen = chose[e >> 1] && key < n1 && key <= pos[e >> 1];
+                const bool seen = chose[e >> 1] && key < n1 && key <= t0 + tok[e >> 1];
                 const float p = seen ? ns_exp2(s[nt][e] * scale_log2 - l2[e >> 1]) : 0.0f;
                 s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);
             }
-        ns_pv<DK, BN, F16>(acc, s, k_tile, lane);
+        ns_pv<DK, BN, F16, DQ>(acc, s, k_tile, lane, col0);
         __syncthreads();
     }
 
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        if (tok[e] < 0) continue;
         const int local = warp * 16 + (lane >> 2) + e * 8;
-        const long long row = (long long)q_base + pos[e];
-        float2* out = reinterpret_cast<float2*>(dq + (row * hq + head0 + local % hc) * DK + (lane & 3) * 2);
+        if (tok[e] >= ntok || local % hc >= heads_left) continue;
+        const long long row = (long long)q_base + t0 + tok[e];
+        float2* out = reinterpret_cast<float2*>(dq + (row * hq + head0 + local % hc) * DK + col0 + (lane & 3) * 2);
 #pragma unroll
-        for (int i = 0; i < DK / 8; ++i) out[i * 4] = make_float2(acc[i][2 * e] * scale, acc[i][2 * e + 1] * scale);
+        for (int i = 0; i < DQ / 8; ++i) out[i * 4] = make_float2(acc[i][2 * e] * scale, acc[i][2 * e + 1] * scale);
     }
 }
 
@@ -769,12 +790,13 @@ __device__ __forceinline__ void ns_slc_bwd_dkdv(const unsigned short* __restrict
         ns_slc_bwd_dq<DK, DV, BN, F16>(q, k, v, d_o, lse, delta, dq, sched, scale_log2, scale);                    \
     }
 
-// As the dense backward: dK/dV four warps (64 keys) for Dk 64 and 96, two (32 keys) above, Dk = 192
-// split into a dV and a dK CTA; dQ key tiles of 64 / 32 / 32 / 16 keys. Head dim 256 has none.
+// dK/dV four warps (64 keys) for Dk 64, two (32 keys) above (96 included: with four it spills at
+// sm_80), Dk = 192 split into a dV and a dK CTA (grid z = 2); dQ key tiles of 64 / 32 / 32 / 16
+// keys, Dk = 192's dQ split by columns (grid z = 2). Head dim 256 has no backward.
 NS_BWD_ENTRIES(64, 64, 4, 64, false, bf16, false)
 NS_BWD_ENTRIES(64, 64, 4, 64, false, f16, true)
-NS_BWD_ENTRIES(96, 96, 4, 32, false, bf16, false)
-NS_BWD_ENTRIES(96, 96, 4, 32, false, f16, true)
+NS_BWD_ENTRIES(96, 96, 2, 32, false, bf16, false)
+NS_BWD_ENTRIES(96, 96, 2, 32, false, f16, true)
 NS_BWD_ENTRIES(128, 128, 2, 32, false, bf16, false)
 NS_BWD_ENTRIES(128, 128, 2, 32, false, f16, true)
 NS_BWD_ENTRIES(192, 128, 2, 16, true, bf16, false)
