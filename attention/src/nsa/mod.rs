@@ -30,12 +30,59 @@ use crate::layout::{check_finite, expect_len, numel, rows_of, seq_lens, try_zero
 use crate::{Error, Heads};
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda_selected;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_selected_tests;
 mod decode;
 pub mod naive;
 #[cfg(test)]
 mod tests;
 
 pub use decode::{NsaCache, NsaDecodeOutput};
+
+/// The CUDA source of NSA's selected-block branch and gated combine (launchers in
+/// `cuda_selected`, feature `cuda`): forward and backward per GQA group, bf16 and f16, the dense
+/// kernels' head-dim pairs.
+pub const SELECTED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "attention_nsa_selected",
+    "src/nsa/selected.cu",
+    [
+        "squid_nsa_slc_fwd_dk64_dv64_bf16",
+        "squid_nsa_slc_fwd_dk64_dv64_f16",
+        "squid_nsa_slc_fwd_dk96_dv96_bf16",
+        "squid_nsa_slc_fwd_dk96_dv96_f16",
+        "squid_nsa_slc_fwd_dk128_dv128_bf16",
+        "squid_nsa_slc_fwd_dk128_dv128_f16",
+        "squid_nsa_slc_fwd_dk192_dv128_bf16",
+        "squid_nsa_slc_fwd_dk192_dv128_f16",
+        "squid_nsa_slc_fwd_dk256_dv256_bf16",
+        "squid_nsa_slc_fwd_dk256_dv256_f16",
+        "squid_nsa_combine_bf16",
+        "squid_nsa_combine_f16",
+        "squid_nsa_slc_bwd_dq_dk64_dv64_bf16",
+        "squid_nsa_slc_bwd_dq_dk64_dv64_f16",
+        "squid_nsa_slc_bwd_dq_dk96_dv96_bf16",
+        "squid_nsa_slc_bwd_dq_dk96_dv96_f16",
+        "squid_nsa_slc_bwd_dq_dk128_dv128_bf16",
+        "squid_nsa_slc_bwd_dq_dk128_dv128_f16",
+        "squid_nsa_slc_bwd_dq_dk192_dv128_bf16",
+        "squid_nsa_slc_bwd_dq_dk192_dv128_f16",
+        "squid_nsa_slc_bwd_dkdv_dk64_dv64_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk64_dv64_f16",
+        "squid_nsa_slc_bwd_dkdv_dk96_dv96_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk96_dv96_f16",
+        "squid_nsa_slc_bwd_dkdv_dk128_dv128_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk128_dv128_f16",
+        "squid_nsa_slc_bwd_dkdv_dk192_dv128_bf16",
+        "squid_nsa_slc_bwd_dkdv_dk192_dv128_f16",
+        "squid_nsa_gate_bwd_bf16",
+        "squid_nsa_gate_bwd_f16",
+        "squid_nsa_add_bf16",
+        "squid_nsa_add_f16",
+    ],
+    fast_math = false
+);
 
 /// Marks an unused slot of the chosen-block list.
 pub const NO_BLOCK: u32 = u32::MAX;
