@@ -331,6 +331,11 @@ __device__ __forceinline__ void squid_decode_split(const int* __restrict__ meta,
     }
 }
 
+// The combine entries say "at least one CTA an SM" explicitly: with only the thread bound, ptxas
+// 13 at sm_90 held them to 40 registers and spilled 8 bytes (issue 15); with it every toolchain
+// and arch assembles them without spills (66-96 registers; the kernel is bound by reading the
+// partial results, not by occupancy).
+//
 // Merges the splits of one (sequence, kv head, row chunk) in split order: o = sum_s o_s 2^(m_s - M)
 // / sum_s l_s 2^(m_s - M), lse = (M + log2 L) ln 2. One CTA of 128 threads per combine item; per
 // row, warp 0 finds M and the splits' weights 2^(m_s - M) once (in shared memory), then every
@@ -418,14 +423,14 @@ extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BL
     squid_decode_split<squid_f16, true>(meta, q, k, v, page_table, o, lse, part_o, part_ml, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, 1)
     squid_decode_combine_bf16(const int* __restrict__ meta, const float* __restrict__ part_o,
                               const float* __restrict__ part_ml, squid_bf16* __restrict__ o,
                               float* __restrict__ lse) {
     squid_decode_combine<squid_bf16>(meta, part_o, part_ml, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, 1)
     squid_decode_combine_f16(const int* __restrict__ meta, const float* __restrict__ part_o,
                              const float* __restrict__ part_ml, squid_f16* __restrict__ o, float* __restrict__ lse) {
     squid_decode_combine<squid_f16>(meta, part_o, part_ml, o, lse);
