@@ -95,6 +95,22 @@ pub(crate) fn check_finite_device<T: Element + DeviceCopy>(
     check_finite(name, &gpu.download_view(x).map_err(device_err)?)
 }
 
+/// The alignment the tensor-core kernels' 16-byte loads and stores need of every 16-bit tensor.
+pub(crate) const TILE_ALIGN: u64 = 16;
+
+/// Fails unless `aligned` (a view's start is a multiple of `bytes`): a typed error rather than a
+/// misaligned access on the device.
+pub(crate) fn expect_aligned(name: &'static str, aligned: bool, bytes: u64) -> Result<(), Error> {
+    if aligned {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "{name} starts at a device address that is not a multiple of {bytes} bytes (the kernels load it in \
+             {bytes}-byte pieces): slice it at a multiple of {bytes} bytes"
+        )))
+    }
+}
+
 /// Validation shared by the device calls: lengths, dtype, head dims, finiteness.
 pub(crate) fn validate_device<T: Element + DeviceCopy>(
     gpu: &Gpu,
@@ -108,6 +124,9 @@ pub(crate) fn validate_device<T: Element + DeviceCopy>(
     let dims = validate_lens(cfg, q.len(), k.len(), v.len(), cu_q, cu_k)?;
     dtype_suffix::<T>()?;
     flash::check_head_dims(cfg.heads.head_dim_k, cfg.heads.head_dim_v)?;
+    expect_aligned("q", q.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("k", k.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("v", v.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
     if cfg.check_finite {
         check_finite_device(gpu, "q", q)?;
         check_finite_device(gpu, "k", k)?;
@@ -148,6 +167,13 @@ pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
 ) -> Result<(), Error> {
     let h = cfg.heads;
     expect_outputs(cfg, dims.total_q, o.len(), lse.len())?;
+    for (name, aligned) in
+        [("q", q.is_aligned(TILE_ALIGN)), ("k", k.is_aligned(TILE_ALIGN)), ("v", v.is_aligned(TILE_ALIGN))]
+    {
+        expect_aligned(name, aligned, TILE_ALIGN)?;
+    }
+    expect_aligned("o", o.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("lse", lse.is_aligned(4), 4)?;
     if covered_rows(sched) < dims.total_q {
         zero_b16(gpu, o.reborrow())?;
         fill_f32(gpu, lse.reborrow(), f32::NEG_INFINITY)?;
@@ -324,6 +350,16 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     expect_len("dq", dq.len(), dims.total_q * hq * dk, "[total_q, HQ, Dk]")?;
     expect_len("dk", dkb.len(), dims.total_k * hkv * dk, "[total_k, HKV, Dk]")?;
     expect_len("dv", dvb.len(), dims.total_k * hkv * dv, "[total_k, HKV, Dv]")?;
+    for (name, aligned) in [
+        ("o", x.o.is_aligned(TILE_ALIGN)),
+        ("d_o", x.d_o.is_aligned(TILE_ALIGN)),
+        ("dq", dq.is_aligned(TILE_ALIGN)),
+        ("dk", dkb.is_aligned(TILE_ALIGN)),
+        ("dv", dvb.is_aligned(TILE_ALIGN)),
+    ] {
+        expect_aligned(name, aligned, TILE_ALIGN)?;
+    }
+    expect_aligned("lse", x.lse.is_aligned(4), 4)?;
     // Keys no query sees keep dK = dV = 0; so do queries that see no key in the deterministic
     // mode (the atomic mode's conversion writes every dQ element).
     zero_b16(gpu, dkb.reborrow())?;

@@ -15,7 +15,9 @@ use half::{bf16, f16};
 use squid_cuda::launch::{DeviceBuffer, DeviceCopy, DeviceView, DeviceViewMut, Gpu, LaunchDims};
 use squid_cuda::Element;
 
-use super::cuda::{alloc_outputs, check_finite_device, dense_schedule, expect_outputs, fill_f32, zero_b16};
+use super::cuda::{
+    alloc_outputs, check_finite_device, dense_schedule, expect_aligned, expect_outputs, fill_f32, zero_b16,
+};
 use super::{flash, validate_lens, DenseConfig, Dims, DECODE_KERNEL};
 use crate::layout::rows_of;
 use crate::{validate_cu_seqlens, Error};
@@ -289,6 +291,12 @@ fn run<T: DecodeElement>(
     let h = cfg.heads;
     let Tensors { q, k, v, mut o, mut lse } = x;
     expect_outputs(cfg, total_q, o.len(), lse.len())?;
+    // The split kernel reads Q, K and V rows in 4-byte words when their dims are even.
+    let word = |d: usize| if d % 2 == 0 { 4 } else { 2 };
+    expect_aligned("q", q.is_aligned(word(h.head_dim_k)), word(h.head_dim_k))?;
+    expect_aligned("k", k.is_aligned(word(h.head_dim_k)), word(h.head_dim_k))?;
+    expect_aligned("v", v.is_aligned(word(h.head_dim_v)), word(h.head_dim_v))?;
+    expect_aligned("lse", lse.is_aligned(4), 4)?;
     let p = plan(cfg, opts, seqs, total_q, page_size, gpu.info().multiprocessors as usize)?;
     if p.covered < total_q * h.num_q_heads {
         zero_b16(gpu, o.reborrow())?;

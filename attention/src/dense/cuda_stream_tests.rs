@@ -101,6 +101,19 @@ fn caller_stream_views_at_offsets_match_the_cpu_path() {
     let (o, lse) = (window(&stream, &os, sent, "o"), window(&stream, &ls, SENTINEL, "lse"));
     assert_near("forward o", &o, &want.o, 4.0);
     assert_lse_near("forward lse", &lse, &want.lse);
+    // A view that starts 2 bytes into a row cannot feed the 16-byte tile loads: a typed error,
+    // not a misaligned access on the device.
+    let (mut o2, mut l2) = (out(&stream, o_len, sent), out(&stream, lse_len, SENTINEL));
+    let shifted = DeviceView::from(&qs).slice(PAD + 1..PAD + 1 + q.len()).unwrap();
+    let (mut o_all, mut l_all) = (DeviceViewMut::from(&mut o2), DeviceViewMut::from(&mut l2));
+    let (o_bad, l_bad) = (o_all.slice_mut(PAD..PAD + o_len).unwrap(), l_all.slice_mut(PAD..PAD + lse_len).unwrap());
+    let e = dev::forward_into(&gpu, &cfg, shifted, inner(&ks), inner(&vs), &cu, &cu, o_bad, l_bad).unwrap_err();
+    assert!(matches!(&e, crate::Error::Shape(m) if m.contains("multiple of 16 bytes")), "{e}");
+    let (o_bad, l_bad) =
+        (o_all.slice_mut(PAD + 1..PAD + 1 + o_len).unwrap(), l_all.slice_mut(PAD..PAD + lse_len).unwrap());
+    let e = dev::forward_into(&gpu, &cfg, inner(&qs), inner(&ks), inner(&vs), &cu, &cu, o_bad, l_bad).unwrap_err();
+    assert!(matches!(&e, crate::Error::Shape(m) if m.starts_with("o starts")), "{e}");
+    assert_eq!(window(&stream, &o2, sent, "refused o"), vec![sent; o_len], "a refused call wrote nothing");
     let own = dev::forward(
         &gpu,
         &cfg,

@@ -756,6 +756,23 @@ impl<'a, T> DeviceView<'a, T> {
         Ok(DeviceView { mem })
     }
 
+    /// Whether the first element's device address is a multiple of `bytes` (a kernel that
+    /// loads 16-byte chunks needs 16; a sub-slice at an odd offset may not have it). For a
+    /// cudarc view, asking orders the view's stream after its last write (cudarc's event
+    /// tracking), which a launch over it does anyway.
+    pub fn is_aligned(&self, bytes: u64) -> bool {
+        let bytes = bytes.max(1);
+        match &self.mem {
+            ViewMem::Cuda(v) => {
+                use cudarc::driver::DevicePtr;
+                let (ptr, _record) = v.device_ptr(v.stream());
+                ptr % bytes == 0
+            }
+            // Simulated allocations start 256-byte aligned.
+            ViewMem::Raw { ptr: addr, .. } | ViewMem::Sim { offset: addr, .. } => addr % bytes == 0,
+        }
+    }
+
     fn domain(&self) -> Domain {
         match &self.mem {
             ViewMem::Cuda(v) => cuda_domain(v.stream().context()),
@@ -833,6 +850,20 @@ impl<'a, T> DeviceViewMut<'a, T> {
             },
         };
         Ok(DeviceViewMut { mem })
+    }
+
+    /// Whether the first element's device address is a multiple of `bytes` (see
+    /// [`DeviceView::is_aligned`]).
+    pub fn is_aligned(&self, bytes: u64) -> bool {
+        let bytes = bytes.max(1);
+        match &self.mem {
+            ViewMemMut::Cuda(v) => {
+                use cudarc::driver::DevicePtr;
+                let (ptr, _record) = v.device_ptr(v.stream());
+                ptr % bytes == 0
+            }
+            ViewMemMut::Raw { ptr: addr, .. } | ViewMemMut::Sim { offset: addr, .. } => addr % bytes == 0,
+        }
     }
 
     fn domain(&self) -> Domain {
