@@ -98,7 +98,142 @@ pub const PROFILED_KERNELS: &[(&str, &str, &[usize])] = &[
     ("optim_logprob_bwd", "TOKENS,VOCAB (bf16 logits and gradients)", &[16, 32768]),
     ("optim_policy_loss", "SEQS,LEN (f32, verl config with k3 KL)", &[64, 256]),
     ("optim_adamw", "N (bf16 parameters, f32 gradients, the update)", &[1 << 18]),
+    ("flash_fwd", "T,HEADS,D (one causal sequence of T tokens, bf16, Dk = Dv = D)", &[128, 1, 128]),
+    ("flash_bwd_dq", "T,HEADS,D (deterministic dQ of a causal sequence, bf16)", &[128, 1, 128]),
+    ("flash_bwd_dkdv", "T,HEADS,D (dK/dV of a causal sequence, atomic dQ, bf16)", &[128, 1, 128]),
+    ("segments_fwd", "DOCS,DOC_LEN,TAIL,D (DOCS documents then a global tail, prefill, bf16)", &[2, 64, 32, 128]),
+    ("decode_split", "BATCH,KEYS,GROUP,D (one new token a sequence, one kv head, 4 splits, bf16)", &[2, 512, 4, 128]),
+    ("decode_combine", "BATCH,KEYS,GROUP,D (the combine of decode_split's 4 splits)", &[2, 512, 4, 128]),
+    ("decode_paged", "BATCH,KEYS,GROUP,D (decode_split over 16-token pages)", &[2, 512, 4, 128]),
+    ("rope_fwd", "TOKENS,HEADS,D (rotate-half, bf16)", &[1024, 8, 128]),
+    ("rope_bwd", "TOKENS,HEADS,D (rotate-half, bf16)", &[1024, 8, 128]),
+    ("rope_reposition", "TOKENS,HEADS,D (rotate-half, bf16)", &[1024, 8, 128]),
 ];
+
+/// Inputs in [-1, 1) from a fixed xorshift stream (profiles do not depend on the values, but
+/// typical values keep every branch typical).
+#[cfg(feature = "cuda")]
+fn profile_values(n: usize, seed: u64) -> Vec<half::bf16> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            half::bf16::from_f32((x >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+/// Launches the attention or RoPE op `name` on `gpu` at `shape` and says which kernel entry
+/// to profile. `None` for a name it does not know.
+#[cfg(feature = "cuda")]
+fn launch_attention_case(
+    gpu: &squid_cuda::launch::Gpu,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<(&'static squid_cuda::KernelSource, String)>, Error> {
+    use squid_attention::dense::cuda_decode::{self, DecodeOptions, DevicePagedKv, PagedSeq};
+    use squid_attention::dense::{cuda as dense_cuda, flash, DenseConfig, DECODE_KERNEL};
+    use squid_attention::segments::{self, Segment, SegmentConfig, SegmentLayout};
+    use squid_attention::Heads;
+    use squid_kvcache::rope::{self, Rope, RopeConfig};
+
+    let attn = |e: squid_attention::Error| Error::Config(format!("{name}: {e}"));
+    let up = |n: usize, seed: u64| gpu.upload(&profile_values(n, seed));
+    Ok(Some(match name {
+        "flash_fwd" | "flash_bwd_dq" | "flash_bwd_dkdv" => {
+            let (t, heads, d) = (shape[0], shape[1], shape[2]);
+            let cfg = DenseConfig::causal(Heads::new(heads, heads, d, d));
+            let cu = [0, t as u32];
+            let (q, k, v) = (up(t * heads * d, 1)?, up(t * heads * d, 2)?, up(t * heads * d, 3)?);
+            let out = dense_cuda::forward(gpu, &cfg, &q, &k, &v, &cu, &cu).map_err(attn)?;
+            let entry = match name {
+                "flash_fwd" => format!("squid_flash_fwd_dk{d}_dv{d}_bf16"),
+                _ => {
+                    let d_o = up(t * heads * d, 4)?;
+                    let x = dense_cuda::BackwardInputs {
+                        q: q.view(),
+                        k: k.view(),
+                        v: v.view(),
+                        o: out.o.view(),
+                        lse: out.lse.view(),
+                        d_o: d_o.view(),
+                    };
+                    let (mode, kind) = if name == "flash_bwd_dq" {
+                        (dense_cuda::DqMode::Deterministic, "dq")
+                    } else {
+                        (dense_cuda::DqMode::Atomic, "dkdv")
+                    };
+                    dense_cuda::backward(gpu, &cfg, x, &cu, &cu, mode).map_err(attn)?;
+                    format!("squid_flash_bwd_{kind}_dk{d}_dv{d}_bf16")
+                }
+            };
+            (&flash::KERNEL, entry)
+        }
+        "segments_fwd" => {
+            let (docs, doc_len, tail, d) = (shape[0], shape[1], shape[2], shape[3]);
+            let mut context = vec![Segment::document(doc_len); docs];
+            context.push(Segment::global(tail));
+            let t = docs * doc_len + tail;
+            let cu = [0, t as u32];
+            let layout = SegmentLayout::new(&[context], &cu).map_err(attn)?;
+            let cfg = SegmentConfig::new(Heads::new(1, 1, d, d));
+            let (q, k, v) = (up(t * d, 1)?, up(t * d, 2)?, up(t * d, 3)?);
+            segments::cuda::forward(gpu, &cfg, &layout, &q, &k, &v, &cu, &cu).map_err(attn)?;
+            (&flash::KERNEL, format!("squid_flash_fwd_dk{d}_dv{d}_bf16"))
+        }
+        "decode_split" | "decode_combine" | "decode_paged" => {
+            let (batch, keys, group, d) = (shape[0], shape[1], shape[2], shape[3]);
+            let cfg = DenseConfig::causal(Heads::new(group, 1, d, d));
+            let opts = DecodeOptions { num_splits: Some(4), batch_invariant: false };
+            let cu_q: Vec<u32> = (0..=batch as u32).collect();
+            let cu_k: Vec<u32> = (0..=batch).map(|s| (s * keys) as u32).collect();
+            let q = up(batch * group * d, 1)?;
+            let (k, v) = (up(batch * keys * d, 2)?, up(batch * keys * d, 3)?);
+            if name == "decode_paged" {
+                let page = 16;
+                let pages = keys.div_ceil(page);
+                // The pool holds the packed keys page after page; each sequence's pages in reverse.
+                let tables: Vec<Vec<u32>> =
+                    (0..batch).map(|s| (0..pages).rev().map(|p| (s * pages + p) as u32).collect()).collect();
+                let (kp, vp) = (up(batch * pages * page * d, 2)?, up(batch * pages * page * d, 3)?);
+                let kv =
+                    DevicePagedKv { page_size: page, kv_heads: 1, head_dim: d, k_pages: kp.view(), v_pages: vp.view() };
+                let seqs: Vec<PagedSeq<'_>> = tables.iter().map(|t| PagedSeq { len: keys, page_table: t }).collect();
+                cuda_decode::decode_paged(gpu, &cfg, &opts, &q, &kv, &seqs, &cu_q).map_err(attn)?;
+                (&DECODE_KERNEL, "squid_decode_paged_bf16".to_string())
+            } else {
+                cuda_decode::decode(gpu, &cfg, &opts, &q, &k, &v, &cu_q, &cu_k).map_err(attn)?;
+                let entry = if name == "decode_split" { "squid_decode_bf16" } else { "squid_decode_combine_bf16" };
+                (&DECODE_KERNEL, entry.to_string())
+            }
+        }
+        "rope_fwd" | "rope_bwd" | "rope_reposition" => {
+            let (tokens, heads, d) = (shape[0], shape[1], shape[2]);
+            let r = Rope::new(RopeConfig::new(d)).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+            let kv = |e: squid_kvcache::Error| Error::Config(format!("{name}: {e}"));
+            let mut x = up(tokens * heads * d, 5)?;
+            let positions: Vec<u64> = (0..tokens as u64).collect();
+            match name {
+                "rope_reposition" => {
+                    rope::cuda::reposition(gpu, &r, &mut x, heads, 0, 4096).map_err(kv)?;
+                    (&rope::KERNEL, "squid_rope_shift_bf16".to_string())
+                }
+                _ => {
+                    let table = rope::cuda::DeviceRope::new(gpu, &r, tokens).map_err(kv)?;
+                    if name == "rope_fwd" {
+                        table.forward(gpu, &mut x, heads, &positions).map_err(kv)?;
+                    } else {
+                        table.backward(gpu, &mut x, heads, &positions).map_err(kv)?;
+                    }
+                    (&rope::KERNEL, "squid_rope_bf16".to_string())
+                }
+            }
+        }
+        _ => return Ok(None),
+    }))
+}
 
 /// Runs kernel `name` once on the profiling simulator with inputs of `shape` (empty: the
 /// default) and models it on A100 and H100 SXM with ptxas's registers (when `ptxas` is given).
@@ -107,7 +242,7 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
     use half::bf16;
     use squid_cuda::launch::Gpu;
     use squid_cuda::ops::{axpy, gemm, logsumexp, softmax};
-    use squid_cuda::ptxsim::{occupancy, Options, A100, H100_SXM};
+    use squid_cuda::ptxsim::Options;
 
     let (_, meaning, default) = PROFILED_KERNELS.iter().find(|k| k.0 == name).ok_or_else(|| {
         let known: Vec<&str> = PROFILED_KERNELS.iter().map(|k| k.0).collect();
@@ -118,6 +253,18 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
         return Err(Error::Config(format!("--shape for {name} is {meaning}, positive, got {shape:?}")));
     }
     let gpu = Gpu::simulator_with(Options { profile: true, ..Options::default() })?;
+    if let Some((source, entry)) = launch_attention_case(&gpu, name, shape)? {
+        // The op may run several kernels (fills, preprocessing, a combine): the profile is the
+        // last launch of the entry asked for.
+        let profile = gpu
+            .take_profiles()
+            .into_iter()
+            .rev()
+            .find(|(e, _)| *e == entry)
+            .map(|(_, p)| p)
+            .ok_or_else(|| Error::Config(format!("{name}: no launch of {entry} was profiled")))?;
+        return model_profile(profile, source, &entry, ptxas);
+    }
     let (source, entry) = match name {
         "gemm" => {
             let (m, n, k) = (shape[0], shape[1], shape[2]);
@@ -150,6 +297,18 @@ pub fn profile_kernel(name: &str, shape: &[usize], ptxas: Option<&std::path::Pat
         }
     };
     let profile = gpu.last_profile().ok_or_else(|| Error::Config("the simulator returned no profile".into()))?;
+    model_profile(profile, source, entry, ptxas)
+}
+
+/// The occupancy and roofline model of a profiled launch of `entry` on A100 and H100 SXM.
+#[cfg(feature = "cuda")]
+fn model_profile(
+    profile: squid_cuda::ptxsim::Profile,
+    source: &'static squid_cuda::KernelSource,
+    entry: &str,
+    ptxas: Option<&std::path::Path>,
+) -> Result<KernelProfile, Error> {
+    use squid_cuda::ptxsim::{occupancy, A100, H100_SXM};
     let mut targets = Vec::new();
     for (model, arch) in [(A100, Arch::SM80), (H100_SXM, Arch::SM90)] {
         let registers = match ptxas {
@@ -338,5 +497,26 @@ mod tests {
         assert!(matches!(profile_kernel("nope", &[], None), Err(Error::Config(_))));
         assert!(matches!(profile_kernel("gemm", &[64, 64], None), Err(Error::Config(_))));
         assert!(matches!(profile_kernel("axpy", &[0], None), Err(Error::Config(_))));
+    }
+
+    /// The attention and RoPE cases profile the entry they name (not a fill or a combine that
+    /// ran after it), at tiny shapes.
+    #[test]
+    fn attention_and_rope_profiles_pick_their_entry() {
+        if !squid_cuda::testing::nvrtc_available() {
+            return;
+        }
+        use squid_cuda::ptxsim::InstClass;
+        let fwd = profile_kernel("flash_fwd", &[16, 1, 64], None).unwrap();
+        // One 64-row query tile, one 64-key tile: Q K^T and P V are 4 x 8 x 4 m16n8k16 each.
+        assert_eq!(fwd.profile.warp_instructions_of(InstClass::Mma), 2 * 4 * 8 * 4);
+        let split = profile_kernel("decode_split", &[1, 64, 2, 64], None).unwrap();
+        let combine = profile_kernel("decode_combine", &[1, 64, 2, 64], None).unwrap();
+        assert_eq!(split.profile.warp_instructions_of(InstClass::Mma), 0);
+        // Two splits (64 keys are two tiles) of one item, then one combine CTA.
+        assert_eq!((split.profile.grid[0], combine.profile.grid[0]), (2, 1));
+        let rope = profile_kernel("rope_reposition", &[4, 1, 8], None).unwrap();
+        assert!(rope.profile.warp_instructions.iter().sum::<u64>() > 0);
+        assert!(matches!(profile_kernel("decode_paged", &[1, 64, 2], None), Err(Error::Config(_))));
     }
 }

@@ -433,9 +433,13 @@ enum KernelsAction {
     /// Needs NVRTC (and ptxas for the occupancy's registers); the counts are of the simulated
     /// run, the times a model, never a measurement.
     Profile {
-        /// The kernel: gemm, softmax, logsumexp or axpy.
+        /// The kernel: gemm, softmax, logsumexp, axpy, flash_fwd, flash_bwd_dq, flash_bwd_dkdv,
+        /// segments_fwd, decode_split, decode_combine, decode_paged, rope_fwd, rope_bwd or
+        /// rope_reposition.
         name: String,
-        /// Comma-separated sizes: gemm M,N,K; softmax and logsumexp ROWS,COLS; axpy N.
+        /// Comma-separated sizes: gemm M,N,K; softmax and logsumexp ROWS,COLS; axpy N; flash_*
+        /// T,HEADS,D; segments_fwd DOCS,DOC_LEN,TAIL,D; decode_* BATCH,KEYS,GROUP,D; rope_*
+        /// TOKENS,HEADS,D.
         #[arg(long, value_delimiter = ',')]
         shape: Vec<usize>,
         /// Print only the JSON.

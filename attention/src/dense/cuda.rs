@@ -1,16 +1,22 @@
-//! Dense attention on a device (a GPU, or squid-cuda's simulator): the CPU API over
-//! [`DeviceBuffer`]s, with the same configs, validation and typed errors.
+//! Dense attention on a device (a GPU, or squid-cuda's simulator): the CPU API over device
+//! memory, with the same configs, validation and typed errors.
+//!
+//! Every entry point reads its inputs through [`DeviceView`]s and writes through
+//! [`DeviceViewMut`]s, so a caller holding cudarc `CudaSlice`s (or views of them, or raw device
+//! pointers) on its own stream ([`Gpu::from_stream`]) launches there with no copy; a
+//! `&DeviceBuffer` converts too. The `*_into` forms write into the caller's outputs; the plain
+//! forms allocate them on the `Gpu`'s stream and return them.
 //!
 //! Storage is bf16 or f16 (the tensor cores' inputs); f32 tensors are refused with
 //! [`Error::Unsupported`]: convert them on the host (`half::bf16::from_f32`) before uploading.
 //! Head dims are the compiled pairs [`super::flash::HEAD_DIMS`]. `cu_seqlens` stay on the host:
 //! the tile schedule is built from them there and uploaded with each call.
 
-use squid_cuda::launch::{DeviceBuffer, DeviceCopy, Gpu, LaunchDims};
+use squid_cuda::launch::{DeviceBuffer, DeviceCopy, DeviceView, DeviceViewMut, Gpu, LaunchDims};
 use squid_cuda::{DType, Element};
 
 use super::flash::{self, KernelMask, Schedule, KERNEL};
-use super::{validate_lens, DenseConfig, Dims};
+use super::{validate_lens, DenseConfig, Dims, DECODE_KERNEL};
 use crate::layout::{check_finite, expect_len};
 use crate::Error;
 
@@ -49,28 +55,78 @@ pub(crate) fn entry(name: &str) -> Result<&'static str, Error> {
         .ok_or_else(|| Error::Unsupported(format!("no kernel entry {name}")))
 }
 
+fn fill_dims(n: usize) -> LaunchDims {
+    LaunchDims::linear(n, 256, 4096)
+}
+
+/// Sets every element of a 16-bit tensor (bf16 or f16) to zero on the device.
+pub(crate) fn zero_b16<T: Element + DeviceCopy>(gpu: &Gpu, x: DeviceViewMut<'_, T>) -> Result<(), Error> {
+    dtype_suffix::<T>()?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = x.len();
+    // SAFETY: the entry is (unsigned short* x, long long n, unsigned bits); T is a 16-bit storage
+    // type (checked above) and the kernel writes x[0..n), n = the view's length.
+    let kernel = unsafe { gpu.typed_kernel::<(DeviceViewMut<'_, T>, i64, u32)>(&DECODE_KERNEL, "squid_attn_fill_b16") }
+        .map_err(device_err)?;
+    kernel.launch(gpu, fill_dims(n), (x, n as i64, 0)).map_err(device_err)
+}
+
+/// Sets every element of an f32 tensor to `value` on the device.
+pub(crate) fn fill_f32(gpu: &Gpu, x: DeviceViewMut<'_, f32>, value: f32) -> Result<(), Error> {
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = x.len();
+    // SAFETY: the entry is (float* x, long long n, float value); it writes x[0..n).
+    let kernel =
+        unsafe { gpu.typed_kernel::<(DeviceViewMut<'_, f32>, i64, f32)>(&DECODE_KERNEL, "squid_attn_fill_f32") }
+            .map_err(device_err)?;
+    kernel.launch(gpu, fill_dims(n), (x, n as i64, value)).map_err(device_err)
+}
+
 /// The check `check_finite` asks for, on a downloaded copy (one device-to-host copy per tensor).
 pub(crate) fn check_finite_device<T: Element + DeviceCopy>(
     gpu: &Gpu,
     name: &'static str,
-    x: &DeviceBuffer<T>,
+    x: &DeviceView<'_, T>,
 ) -> Result<(), Error> {
-    check_finite(name, &gpu.download(x).map_err(device_err)?)
+    check_finite(name, &gpu.download_view(x).map_err(device_err)?)
+}
+
+/// The alignment the tensor-core kernels' 16-byte loads and stores need of every 16-bit tensor.
+pub(crate) const TILE_ALIGN: u64 = 16;
+
+/// Fails unless `aligned` (a view's start is a multiple of `bytes`): a typed error rather than a
+/// misaligned access on the device.
+pub(crate) fn expect_aligned(name: &'static str, aligned: bool, bytes: u64) -> Result<(), Error> {
+    if aligned {
+        Ok(())
+    } else {
+        Err(Error::Shape(format!(
+            "{name} starts at a device address that is not a multiple of {bytes} bytes (the kernels load it in \
+             {bytes}-byte pieces): slice it at a multiple of {bytes} bytes"
+        )))
+    }
 }
 
 /// Validation shared by the device calls: lengths, dtype, head dims, finiteness.
 pub(crate) fn validate_device<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
+    q: &DeviceView<'_, T>,
+    k: &DeviceView<'_, T>,
+    v: &DeviceView<'_, T>,
     cu_q: &[u32],
     cu_k: &[u32],
 ) -> Result<Dims, Error> {
     let dims = validate_lens(cfg, q.len(), k.len(), v.len(), cu_q, cu_k)?;
     dtype_suffix::<T>()?;
     flash::check_head_dims(cfg.heads.head_dim_k, cfg.heads.head_dim_v)?;
+    expect_aligned("q", q.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("k", k.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("v", v.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
     if cfg.check_finite {
         check_finite_device(gpu, "q", q)?;
         check_finite_device(gpu, "k", k)?;
@@ -79,22 +135,51 @@ pub(crate) fn validate_device<T: Element + DeviceCopy>(
     Ok(dims)
 }
 
-/// Runs the forward kernel over a schedule (shared by dense and segment attention).
+/// Checks the lengths of a forward's outputs.
+pub(crate) fn expect_outputs(cfg: &DenseConfig, total_q: usize, o: usize, lse: usize) -> Result<(), Error> {
+    let h = cfg.heads;
+    expect_len("o", o, total_q * h.num_q_heads * h.head_dim_v, "[total_q, HQ, Dv]")?;
+    expect_len("lse", lse, h.num_q_heads * total_q, "[HQ, total_q]")
+}
+
+/// Query rows (per head) the schedule's items cover.
+fn covered_rows(sched: &Schedule) -> usize {
+    if sched.items == 0 {
+        return 0;
+    }
+    sched.ints[flash::HEADER..][..sched.items * flash::ITEM].chunks(flash::ITEM).map(|it| it[5] as usize).sum()
+}
+
+/// Runs the forward kernel over a schedule into `o` and `lse` (shared by dense and segment
+/// attention and the batch-invariant decode). Rows no item covers (they see no key) get
+/// `o = 0`, `lse = -inf` here; the kernel writes every row of its items.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
     dims: Dims,
     sched: &Schedule,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
-) -> Result<DeviceOutput<T>, Error> {
+    q: DeviceView<'_, T>,
+    k: DeviceView<'_, T>,
+    v: DeviceView<'_, T>,
+    mut o: DeviceViewMut<'_, T>,
+    mut lse: DeviceViewMut<'_, f32>,
+) -> Result<(), Error> {
     let h = cfg.heads;
-    let mut o = gpu.zeros::<T>(dims.total_q * h.num_q_heads * h.head_dim_v).map_err(device_err)?;
-    let mut lse = gpu.upload(&vec![f32::NEG_INFINITY; dims.total_q * h.num_q_heads]).map_err(device_err)?;
+    expect_outputs(cfg, dims.total_q, o.len(), lse.len())?;
+    for (name, aligned) in
+        [("q", q.is_aligned(TILE_ALIGN)), ("k", k.is_aligned(TILE_ALIGN)), ("v", v.is_aligned(TILE_ALIGN))]
+    {
+        expect_aligned(name, aligned, TILE_ALIGN)?;
+    }
+    expect_aligned("o", o.is_aligned(TILE_ALIGN), TILE_ALIGN)?;
+    expect_aligned("lse", lse.is_aligned(4), 4)?;
+    if covered_rows(sched) < dims.total_q {
+        zero_b16(gpu, o.reborrow())?;
+        fill_f32(gpu, lse.reborrow(), f32::NEG_INFINITY)?;
+    }
     if sched.items == 0 {
-        return Ok(DeviceOutput { o, lse });
+        return Ok(());
     }
     let name = format!("squid_flash_fwd_dk{}_dv{}_{}", h.head_dim_k, h.head_dim_v, dtype_suffix::<T>()?);
     let ints = gpu.upload(&sched.ints).map_err(device_err)?;
@@ -103,42 +188,93 @@ pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     let launch = LaunchDims { grid, block: (128, 1, 1), shared_bytes: 0 };
     // SAFETY: the entry is (const T* q, const T* k, const T* v, T* o, float* lse, const int*
     // sched, float scale_log2) with T a 16-bit storage type; the schedule was built from the
-    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse.
+    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse (whose
+    // lengths were checked).
     let kernel = unsafe {
         gpu.typed_kernel::<(
-            &DeviceBuffer<T>,
-            &DeviceBuffer<T>,
-            &DeviceBuffer<T>,
-            &mut DeviceBuffer<T>,
-            &mut DeviceBuffer<f32>,
+            DeviceView<'_, T>,
+            DeviceView<'_, T>,
+            DeviceView<'_, T>,
+            DeviceViewMut<'_, T>,
+            DeviceViewMut<'_, f32>,
             &DeviceBuffer<i32>,
             f32,
         )>(&KERNEL, entry(&name)?)
     }
     .map_err(device_err)?;
-    kernel.launch(gpu, launch, (q, k, v, &mut o, &mut lse, &ints, scale_log2)).map_err(device_err)?;
-    Ok(DeviceOutput { o, lse })
+    kernel.launch(gpu, launch, (q, k, v, o, lse, &ints, scale_log2)).map_err(device_err)
 }
+
+/// Key starts of the dense schedule's items are rounded down to a multiple of this: a multiple
+/// of every forward key tile (64, 32, 16 keys), so each row's keys are visited in tiles aligned
+/// at key 0 of its sequence whatever rows share its query tile. A row's arithmetic then depends
+/// only on its own query and keys (a key tile it does not see changes none of its bits), which
+/// is what makes one decoded token's row equal the prefill's bit for bit (also with windows).
+pub(crate) const KEY_ALIGN: usize = 64;
 
 pub(crate) fn dense_schedule(cfg: &DenseConfig, cu_q: &[u32], cu_k: &[u32], tile_m: usize) -> Result<Schedule, Error> {
     let kmask = KernelMask { causal: cfg.causal, window: cfg.window, row_lo: false };
-    flash::schedule(cfg, kmask, cfg.heads.num_q_heads, cfg.heads.num_kv_heads, tile_m, cu_q, cu_k, |_, _, _| Vec::new())
+    let mut sched =
+        flash::schedule(cfg, kmask, cfg.heads.num_q_heads, cfg.heads.num_kv_heads, tile_m, cu_q, cu_k, |_, _, _| {
+            Vec::new()
+        })?;
+    let items = sched.items;
+    for it in sched.ints[flash::HEADER..][..items * flash::ITEM].chunks_mut(flash::ITEM) {
+        it[6] -= it[6] % KEY_ALIGN as i32;
+    }
+    Ok(sched)
 }
 
-/// Attention forward on the device, as [`super::forward`]: `q [total_q, HQ, Dk]`,
-/// `k [total_k, HKV, Dk]`, `v [total_k, HKV, Dv]` in bf16 or f16.
-pub fn forward<T: Element + DeviceCopy>(
+/// Attention forward on the device into the caller's `o [total_q, HQ, Dv]` and
+/// `lse [HQ, total_q]`, as [`super::forward`]: `q [total_q, HQ, Dk]`, `k [total_k, HKV, Dk]`,
+/// `v [total_k, HKV, Dv]` in bf16 or f16. Launched on `gpu`'s stream, asynchronously on a GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into<'a, 'b, T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
+    q: impl Into<DeviceView<'a, T>>,
+    k: impl Into<DeviceView<'a, T>>,
+    v: impl Into<DeviceView<'a, T>>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    o: impl Into<DeviceViewMut<'b, T>>,
+    lse: impl Into<DeviceViewMut<'b, f32>>,
+) -> Result<(), Error> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let dims = validate_device(gpu, cfg, &q, &k, &v, cu_seqlens_q, cu_seqlens_k)?;
+    let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
+    forward_scheduled(gpu, cfg, dims, &sched, q, k, v, o.into(), lse.into())
+}
+
+/// Attention forward on the device, as [`super::forward`], with `o` and `lse` allocated on
+/// `gpu`'s stream (see [`forward_into`]).
+pub fn forward<'a, T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    q: impl Into<DeviceView<'a, T>>,
+    k: impl Into<DeviceView<'a, T>>,
+    v: impl Into<DeviceView<'a, T>>,
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
 ) -> Result<DeviceOutput<T>, Error> {
-    let dims = validate_device(gpu, cfg, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
-    forward_scheduled(gpu, cfg, dims, &sched, q, k, v)
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let dims = validate_lens(cfg, q.len(), k.len(), v.len(), cu_seqlens_q, cu_seqlens_k)?;
+    let (mut o, mut lse) = alloc_outputs::<T>(gpu, cfg, dims.total_q)?;
+    forward_into(gpu, cfg, q, k, v, cu_seqlens_q, cu_seqlens_k, &mut o, &mut lse)?;
+    Ok(DeviceOutput { o, lse })
+}
+
+/// Uninitialised-by-contract outputs of a forward or decode (zeroed by the allocation; every
+/// element is written by the launch).
+pub(crate) fn alloc_outputs<T: DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    total_q: usize,
+) -> Result<(DeviceBuffer<T>, DeviceBuffer<f32>), Error> {
+    let h = cfg.heads;
+    let o = gpu.zeros::<T>(total_q * h.num_q_heads * h.head_dim_v).map_err(device_err)?;
+    let lse = gpu.zeros::<f32>(total_q * h.num_q_heads).map_err(device_err)?;
+    Ok((o, lse))
 }
 
 /// Backward result on the device.
@@ -150,6 +286,17 @@ pub struct DeviceGrads<T> {
     pub dk: DeviceBuffer<T>,
     /// `[total_k, HKV, Dv]`, summed over each GQA group.
     pub dv: DeviceBuffer<T>,
+}
+
+/// The caller's gradient outputs of a backward ([`backward_into`]); every element is written.
+#[derive(Debug)]
+pub struct DeviceGradsMut<'a, T> {
+    /// `[total_q, HQ, Dk]`.
+    pub dq: DeviceViewMut<'a, T>,
+    /// `[total_k, HKV, Dk]`, summed over each GQA group.
+    pub dk: DeviceViewMut<'a, T>,
+    /// `[total_k, HKV, Dv]`, summed over each GQA group.
+    pub dv: DeviceViewMut<'a, T>,
 }
 
 /// How the backward computes dQ.
@@ -164,24 +311,27 @@ pub enum DqMode {
     Deterministic,
 }
 
-/// The forward's tensors and the output gradient a backward takes, all on the device.
-#[derive(Debug, Clone, Copy)]
+/// The forward's tensors and the output gradient a backward takes, all on the device (views of
+/// squid's buffers or the caller's memory: `buffer.view()`, `(&cuda_slice).into()`).
+#[derive(Debug, Clone)]
 pub struct BackwardInputs<'a, T> {
     /// `[total_q, HQ, Dk]`.
-    pub q: &'a DeviceBuffer<T>,
+    pub q: DeviceView<'a, T>,
     /// `[total_k, HKV, Dk]`.
-    pub k: &'a DeviceBuffer<T>,
+    pub k: DeviceView<'a, T>,
     /// `[total_k, HKV, Dv]`.
-    pub v: &'a DeviceBuffer<T>,
+    pub v: DeviceView<'a, T>,
     /// The forward's output `[total_q, HQ, Dv]`.
-    pub o: &'a DeviceBuffer<T>,
+    pub o: DeviceView<'a, T>,
     /// The forward's `[HQ, total_q]` log-sum-exp.
-    pub lse: &'a DeviceBuffer<f32>,
+    pub lse: DeviceView<'a, f32>,
     /// The output gradient `[total_q, HQ, Dv]`.
-    pub d_o: &'a DeviceBuffer<T>,
+    pub d_o: DeviceView<'a, T>,
 }
 
-/// Runs the backward kernels over a forward (query-tile) schedule and a key-tile schedule.
+/// Runs the backward kernels over a forward (query-tile) schedule and a key-tile schedule into
+/// the caller's gradients (lengths checked here).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
@@ -190,16 +340,36 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     key_sched: &Schedule,
     x: BackwardInputs<'_, T>,
     mode: DqMode,
-) -> Result<DeviceGrads<T>, Error> {
+    grads: DeviceGradsMut<'_, T>,
+) -> Result<(), Error> {
     let h = cfg.heads;
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let sfx = dtype_suffix::<T>()?;
     let key_tile = flash::backward_key_tile(dk, dv)?;
-    let mut dq = gpu.zeros::<T>(dims.total_q * hq * dk).map_err(device_err)?;
-    let mut dkb = gpu.zeros::<T>(dims.total_k * hkv * dk).map_err(device_err)?;
-    let mut dvb = gpu.zeros::<T>(dims.total_k * hkv * dv).map_err(device_err)?;
+    let DeviceGradsMut { mut dq, dk: mut dkb, dv: mut dvb } = grads;
+    expect_len("dq", dq.len(), dims.total_q * hq * dk, "[total_q, HQ, Dk]")?;
+    expect_len("dk", dkb.len(), dims.total_k * hkv * dk, "[total_k, HKV, Dk]")?;
+    expect_len("dv", dvb.len(), dims.total_k * hkv * dv, "[total_k, HKV, Dv]")?;
+    for (name, aligned) in [
+        ("o", x.o.is_aligned(TILE_ALIGN)),
+        ("d_o", x.d_o.is_aligned(TILE_ALIGN)),
+        ("dq", dq.is_aligned(TILE_ALIGN)),
+        ("dk", dkb.is_aligned(TILE_ALIGN)),
+        ("dv", dvb.is_aligned(TILE_ALIGN)),
+    ] {
+        expect_aligned(name, aligned, TILE_ALIGN)?;
+    }
+    expect_aligned("lse", x.lse.is_aligned(4), 4)?;
+    // Keys no query sees keep dK = dV = 0; so do queries that see no key in the deterministic
+    // mode (the atomic mode's conversion writes every dQ element).
+    zero_b16(gpu, dkb.reborrow())?;
+    zero_b16(gpu, dvb.reborrow())?;
+    let atomic = mode == DqMode::Atomic;
+    if key_sched.items == 0 || !atomic {
+        zero_b16(gpu, dq.reborrow())?;
+    }
     if key_sched.items == 0 {
-        return Ok(DeviceGrads { dq, dk: dkb, dv: dvb });
+        return Ok(());
     }
     let scale = cfg.softmax_scale();
     let scale_log2 = scale * std::f32::consts::LOG2_E;
@@ -210,16 +380,16 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     // SAFETY: (const T* o, const T* d_o, float* delta, int total_q, int hq, int dv): one warp per
     // (row, head) < total_q * hq, reading dv elements of each; lengths validated by the caller.
     let pre = unsafe {
-        gpu.typed_kernel::<(&DeviceBuffer<T>, &DeviceBuffer<T>, &mut DeviceBuffer<f32>, i32, i32, i32)>(
+        gpu.typed_kernel::<(DeviceView<'_, T>, DeviceView<'_, T>, &mut DeviceBuffer<f32>, i32, i32, i32)>(
             &KERNEL,
             entry(&format!("squid_flash_bwd_pre_{sfx}"))?,
         )
     }
     .map_err(device_err)?;
     let warps = LaunchDims::linear(dims.total_q * hq * 32, 128, 4096);
-    pre.launch(gpu, warps, (x.o, x.d_o, &mut delta, total_q, hq as i32, dv as i32)).map_err(device_err)?;
+    pre.launch(gpu, warps, (x.o.clone(), x.d_o.clone(), &mut delta, total_q, hq as i32, dv as i32))
+        .map_err(device_err)?;
 
-    let atomic = mode == DqMode::Atomic;
     let mut dq_acc = gpu.zeros::<f32>(if atomic { dims.total_q * hq * dk } else { 1 }).map_err(device_err)?;
     let key_ints = gpu.upload(&key_sched.ints).map_err(device_err)?;
     // SAFETY: (q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched, scale_log2, scale) as declared in
@@ -228,14 +398,14 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     // then it has total_q * HQ * Dk elements.
     let dkdv = unsafe {
         gpu.typed_kernel::<(
-            &DeviceBuffer<T>,
-            &DeviceBuffer<T>,
-            &DeviceBuffer<T>,
-            &DeviceBuffer<T>,
+            DeviceView<'_, T>,
+            DeviceView<'_, T>,
+            DeviceView<'_, T>,
+            DeviceView<'_, T>,
+            DeviceView<'_, f32>,
             &DeviceBuffer<f32>,
-            &DeviceBuffer<f32>,
-            &mut DeviceBuffer<T>,
-            &mut DeviceBuffer<T>,
+            DeviceViewMut<'_, T>,
+            DeviceViewMut<'_, T>,
             &mut DeviceBuffer<f32>,
             &DeviceBuffer<i32>,
             f32,
@@ -248,39 +418,46 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
         block: (2 * key_tile as u32, 1, 1),
         shared_bytes: 0,
     };
-    dkdv.launch(
-        gpu,
-        launch,
-        (x.q, x.k, x.v, x.d_o, x.lse, &delta, &mut dkb, &mut dvb, &mut dq_acc, &key_ints, scale_log2, scale),
-    )
-    .map_err(device_err)?;
+    let args = (
+        x.q.clone(),
+        x.k.clone(),
+        x.v.clone(),
+        x.d_o.clone(),
+        x.lse.clone(),
+        &delta,
+        dkb,
+        dvb,
+        &mut dq_acc,
+        &key_ints,
+        scale_log2,
+        scale,
+    );
+    dkdv.launch(gpu, launch, args).map_err(device_err)?;
 
     if atomic {
         // SAFETY: (const float* acc, T* dq, long long n, float scale), n = both lengths.
         let convert = unsafe {
-            gpu.typed_kernel::<(&DeviceBuffer<f32>, &mut DeviceBuffer<T>, i64, f32)>(
+            gpu.typed_kernel::<(&DeviceBuffer<f32>, DeviceViewMut<'_, T>, i64, f32)>(
                 &KERNEL,
                 entry(&format!("squid_flash_bwd_dq_convert_{sfx}"))?,
             )
         }
         .map_err(device_err)?;
         let n = dq.len();
-        convert
-            .launch(gpu, LaunchDims::linear(n, 256, 4096), (&dq_acc, &mut dq, n as i64, scale))
-            .map_err(device_err)?;
+        convert.launch(gpu, LaunchDims::linear(n, 256, 4096), (&dq_acc, dq, n as i64, scale)).map_err(device_err)?;
     } else if fwd_sched.items > 0 {
         let ints = gpu.upload(&fwd_sched.ints).map_err(device_err)?;
         // SAFETY: (q, k, v, d_o, lse, delta, dq, sched, scale_log2, scale) as declared; the
         // forward schedule bounds every row as in the forward.
         let dq_kernel = unsafe {
             gpu.typed_kernel::<(
-                &DeviceBuffer<T>,
-                &DeviceBuffer<T>,
-                &DeviceBuffer<T>,
-                &DeviceBuffer<T>,
+                DeviceView<'_, T>,
+                DeviceView<'_, T>,
+                DeviceView<'_, T>,
+                DeviceView<'_, T>,
+                DeviceView<'_, f32>,
                 &DeviceBuffer<f32>,
-                &DeviceBuffer<f32>,
-                &mut DeviceBuffer<T>,
+                DeviceViewMut<'_, T>,
                 &DeviceBuffer<i32>,
                 f32,
                 f32,
@@ -289,10 +466,10 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
         .map_err(device_err)?;
         let launch = LaunchDims { grid: (fwd_sched.items as u32, hq as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
         dq_kernel
-            .launch(gpu, launch, (x.q, x.k, x.v, x.d_o, x.lse, &delta, &mut dq, &ints, scale_log2, scale))
+            .launch(gpu, launch, (x.q, x.k, x.v, x.d_o, x.lse, &delta, dq, &ints, scale_log2, scale))
             .map_err(device_err)?;
     }
-    Ok(DeviceGrads { dq, dk: dkb, dv: dvb })
+    Ok(())
 }
 
 /// Checks the lengths (and, with `check_finite`, the values) of a backward's extra inputs.
@@ -309,24 +486,40 @@ pub(crate) fn validate_backward_device<T: Element + DeviceCopy>(
     expect_len("lse", x.lse.len(), dims.total_q * h.num_q_heads, "[HQ, total_q]")?;
     flash::backward_key_tile(h.head_dim_k, h.head_dim_v)?;
     if cfg.check_finite {
-        check_finite_device(gpu, "d_o", x.d_o)?;
-        check_finite_device(gpu, "o", x.o)?;
+        check_finite_device(gpu, "d_o", &x.d_o)?;
+        check_finite_device(gpu, "o", &x.o)?;
     }
     Ok(())
 }
 
-/// Attention backward on the device, as [`super::backward`]: recomputes the probabilities from
-/// `lse` and returns `dq, dk, dv` (dK/dV summed over each GQA group). `mode` picks how dQ is
-/// summed.
-pub fn backward<T: Element + DeviceCopy>(
+/// Allocates the gradients of a backward on `gpu`'s stream and runs `run` into them.
+pub(crate) fn alloc_grads<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    dims: Dims,
+    run: impl FnOnce(DeviceGradsMut<'_, T>) -> Result<(), Error>,
+) -> Result<DeviceGrads<T>, Error> {
+    let h = cfg.heads;
+    let mut dq = gpu.zeros::<T>(dims.total_q * h.num_q_heads * h.head_dim_k).map_err(device_err)?;
+    let mut dk = gpu.zeros::<T>(dims.total_k * h.num_kv_heads * h.head_dim_k).map_err(device_err)?;
+    let mut dv = gpu.zeros::<T>(dims.total_k * h.num_kv_heads * h.head_dim_v).map_err(device_err)?;
+    run(DeviceGradsMut { dq: dq.view_mut(), dk: dk.view_mut(), dv: dv.view_mut() })?;
+    Ok(DeviceGrads { dq, dk, dv })
+}
+
+/// Attention backward on the device into the caller's gradients, as [`super::backward`]:
+/// recomputes the probabilities from `lse` and writes `dq, dk, dv` (dK/dV summed over each GQA
+/// group). `mode` picks how dQ is summed.
+pub fn backward_into<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
     x: BackwardInputs<'_, T>,
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
     mode: DqMode,
-) -> Result<DeviceGrads<T>, Error> {
-    let dims = validate_device(gpu, cfg, x.q, x.k, x.v, cu_seqlens_q, cu_seqlens_k)?;
+    grads: DeviceGradsMut<'_, T>,
+) -> Result<(), Error> {
+    let dims = validate_device(gpu, cfg, &x.q, &x.k, &x.v, cu_seqlens_q, cu_seqlens_k)?;
     validate_backward_device(gpu, cfg, dims, &x)?;
     let h = cfg.heads;
     let kmask = KernelMask { causal: cfg.causal, window: cfg.window, row_lo: false };
@@ -335,7 +528,21 @@ pub fn backward<T: Element + DeviceCopy>(
     let keys =
         flash::key_schedule(cfg, kmask, h.num_q_heads, h.num_kv_heads, tile_n, cu_seqlens_q, cu_seqlens_k, atomic)?;
     let fwd = if atomic { Schedule::empty() } else { dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)? };
-    backward_scheduled(gpu, cfg, dims, &fwd, &keys, x, mode)
+    backward_scheduled(gpu, cfg, dims, &fwd, &keys, x, mode, grads)
+}
+
+/// Attention backward on the device, as [`backward_into`] with the gradients allocated on
+/// `gpu`'s stream.
+pub fn backward<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    x: BackwardInputs<'_, T>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    mode: DqMode,
+) -> Result<DeviceGrads<T>, Error> {
+    let dims = validate_lens(cfg, x.q.len(), x.k.len(), x.v.len(), cu_seqlens_q, cu_seqlens_k)?;
+    alloc_grads(gpu, cfg, dims, |g| backward_into(gpu, cfg, x, cu_seqlens_q, cu_seqlens_k, mode, g))
 }
 
 /// Whether the mask `m` and the kernel's own row ranges agree on every row (a debug check of

@@ -109,8 +109,13 @@ fn run_paged<T: DecodeElement>(
     let (kp, vp, tables) = paginate::<T>(c, page, 3, seed);
     let (kp, vp) = (gpu.upload(&kp).unwrap(), gpu.upload(&vp).unwrap());
     let h = c.cfg.heads;
-    let kv =
-        DevicePagedKv { page_size: page, kv_heads: h.num_kv_heads, head_dim: h.head_dim_k, k_pages: &kp, v_pages: &vp };
+    let kv = DevicePagedKv {
+        page_size: page,
+        kv_heads: h.num_kv_heads,
+        head_dim: h.head_dim_k,
+        k_pages: kp.view(),
+        v_pages: vp.view(),
+    };
     let seqs: Vec<PagedSeq<'_>> = tables
         .iter()
         .zip(c.cu_k.windows(2))
@@ -234,13 +239,92 @@ fn batch_invariant_decode_is_bit_for_bit() {
     }
 
     // The split path: close, and really split (some bits differ from the one-split result).
+    let one_split = run_packed::<bf16>(&gpu, &alone, &DecodeOptions { num_splits: Some(1), batch_invariant: false });
+    let lse_one = gpu.download(&one_split.lse).unwrap();
     let mut differs = false;
     for splits in [2, 3, 5] {
         let got = run_packed::<bf16>(&gpu, &alone, &DecodeOptions { num_splits: Some(splits), batch_invariant: false });
         assert_close(&format!("{splits} splits"), &got, &gpu, &reference::<bf16>(&alone));
-        differs |= gpu.download(&got.lse).unwrap() != lse_alone;
+        differs |= gpu.download(&got.lse).unwrap() != lse_one;
     }
     assert!(differs, "every split count gave the one-split bits: the splits did not run");
+}
+
+/// One configuration of [`batch_invariant_decode_equals_the_prefill_forward`]: the last `tq`
+/// tokens of every sequence decoded together (packed, and paged when Dk == Dv), and the longest
+/// sequence's tokens one at a time against the keys up to each, all equal to the prefill
+/// forward's rows bit for bit.
+fn check_decode_is_prefill<T: DecodeElement>(gpu: &Gpu, cfg: DenseConfig, lens: &[usize], tq: usize, seed: u64) {
+    let h = cfg.heads;
+    let full = case(cfg, lens, lens, seed);
+    let up = |x: &[f64]| gpu.upload(&to::<T>(x)).unwrap();
+    let prefill =
+        super::cuda::forward(gpu, &cfg, &up(&full.q), &up(&full.k), &up(&full.v), &full.cu_q, &full.cu_k).unwrap();
+    let (o_pre, lse_pre) = (gpu.download(&prefill.o).unwrap(), gpu.download(&prefill.lse).unwrap());
+    let total: usize = lens.iter().sum();
+    let (row_q, row_o) = (h.num_q_heads * h.head_dim_k, h.num_q_heads * h.head_dim_v);
+    // The decoded tokens' packed rows in the prefill.
+    let cu_k = &full.cu_k;
+    let rows: Vec<usize> =
+        lens.iter().enumerate().flat_map(|(s, &l)| (l - tq.min(l)..l).map(move |t| cu_k[s] as usize + t)).collect();
+    let lens_q: Vec<usize> = lens.iter().map(|&l| tq.min(l)).collect();
+    let mut dec = case(cfg, &lens_q, lens, seed);
+    dec.q = rows.iter().flat_map(|&r| full.q[r * row_q..(r + 1) * row_q].to_vec()).collect();
+    dec.k.clone_from(&full.k);
+    dec.v.clone_from(&full.v);
+    let inv = DecodeOptions { num_splits: Some(3), batch_invariant: true };
+    let what = format!("{:?} {cfg:?} lens {lens:?} tq {tq}", T::DTYPE);
+    let check = |got: &DeviceDenseOutput<T>, how: &str| {
+        let (o, lse) = (gpu.download(&got.o).unwrap(), gpu.download(&got.lse).unwrap());
+        for (i, &r) in rows.iter().enumerate() {
+            assert_eq!(o[i * row_o..(i + 1) * row_o], o_pre[r * row_o..(r + 1) * row_o], "{how} {what}: o of row {r}");
+            for head in 0..h.num_q_heads {
+                assert_eq!(lse[head * rows.len() + i], lse_pre[head * total + r], "{how} {what}: lse of row {r}");
+            }
+        }
+    };
+    check(&run_packed::<T>(gpu, &dec, &inv), "packed");
+    if h.head_dim_k == h.head_dim_v {
+        check(&run_paged::<T>(gpu, &dec, 8, &inv, seed), "paged");
+    }
+    // One token at a time: the longest sequence's last tq tokens, each against its keys so far
+    // (a causal row sees no later key, so these are its prefill keys).
+    if !cfg.causal {
+        return;
+    }
+    let s = (0..lens.len()).max_by_key(|&s| lens[s]).unwrap();
+    let row_k = |d: usize| h.num_kv_heads * d;
+    for t in lens[s] - tq.min(lens[s])..lens[s] {
+        let r = full.cu_k[s] as usize + t;
+        let mut one = case(cfg, &[1], &[t + 1], seed);
+        one.q = full.q[r * row_q..(r + 1) * row_q].to_vec();
+        let k0 = full.cu_k[s] as usize;
+        one.k = full.k[k0 * row_k(h.head_dim_k)..(r + 1) * row_k(h.head_dim_k)].to_vec();
+        one.v = full.v[k0 * row_k(h.head_dim_v)..(r + 1) * row_k(h.head_dim_v)].to_vec();
+        let got = run_packed::<T>(gpu, &one, &inv);
+        let (o, lse) = (gpu.download(&got.o).unwrap(), gpu.download(&got.lse).unwrap());
+        assert_eq!(o[..], o_pre[r * row_o..(r + 1) * row_o], "token {t} alone, {what}");
+        for head in 0..h.num_q_heads {
+            assert_eq!(lse[head], lse_pre[head * total + r], "token {t} alone, {what}: lse");
+        }
+    }
+}
+
+/// Issue 17's batch invariance: with `batch_invariant`, decoding a token gives the prefill
+/// forward's row for it bit for bit (o and lse), packed and paged, decoded together or one at a
+/// time, for every head-dim pair the forward is compiled for, bf16 and f16, GQA, windows whose
+/// first key is not a tile multiple, non-causal, and a sequence of length 1.
+#[test]
+fn batch_invariant_decode_equals_the_prefill_forward() {
+    let Some(gpu) = squid_cuda::testing::test_device() else { return };
+    let lens = [1usize, 40, 101];
+    let win = |w: usize, h: Heads| DenseConfig { window: Some(w), ..DenseConfig::causal(h) };
+    check_decode_is_prefill::<bf16>(&gpu, DenseConfig::causal(heads(2, 2, 64, 64)), &lens, 3, 1);
+    check_decode_is_prefill::<f16>(&gpu, win(45, heads(4, 1, 128, 128)), &lens, 2, 2);
+    check_decode_is_prefill::<bf16>(&gpu, win(70, heads(1, 2, 96, 96)), &lens, 2, 3);
+    let non_causal = DenseConfig { causal: false, ..DenseConfig::causal(heads(3, 1, 192, 128)) };
+    check_decode_is_prefill::<bf16>(&gpu, non_causal, &lens, 2, 4);
+    check_decode_is_prefill::<f16>(&gpu, win(33, heads(2, 1, 256, 256)), &[1, 70], 2, 5);
 }
 
 #[test]
@@ -265,7 +349,7 @@ fn bad_input_is_a_typed_error() {
     let e = cuda_decode::decode(&gpu, &finite, &opts, &nan, &kv, &kv, &[0, 1], &[0, 4]).unwrap_err();
     assert_eq!(e, Error::NonFinite { tensor: "q", index: 15 });
     // Paged: a page outside the pools, a table too short, a head-dim mismatch.
-    let pool = DevicePagedKv { page_size: 2, kv_heads: 1, head_dim: 8, k_pages: &kv, v_pages: &kv };
+    let pool = DevicePagedKv { page_size: 2, kv_heads: 1, head_dim: 8, k_pages: kv.view(), v_pages: kv.view() };
     let e =
         cuda_decode::decode_paged(&gpu, &cfg, &opts, &q, &pool, &[PagedSeq { len: 3, page_table: &[0, 2] }], &[0, 1])
             .unwrap_err();
@@ -273,7 +357,7 @@ fn bad_input_is_a_typed_error() {
     let e = cuda_decode::decode_paged(&gpu, &cfg, &opts, &q, &pool, &[PagedSeq { len: 3, page_table: &[1] }], &[0, 1])
         .unwrap_err();
     assert!(matches!(e, Error::Cache(_)), "{e}");
-    let wide = DevicePagedKv { head_dim: 4, ..pool };
+    let wide = DevicePagedKv { head_dim: 4, ..pool.clone() };
     let e =
         cuda_decode::decode_paged(&gpu, &cfg, &opts, &q, &wide, &[PagedSeq { len: 3, page_table: &[1, 0] }], &[0, 1])
             .unwrap_err();

@@ -125,7 +125,8 @@ fn check_backward<T: Element + DeviceCopy>(
     let up = |x: &[f64]| gpu.upload(&to::<T>(x)).unwrap();
     let (q, k, v, d_o) = (up(&c.q), up(&c.k), up(&c.v), up(&c.d_o));
     let out = dev::forward(gpu, cfg, &q, &k, &v, &c.cu_q, &c.cu_k).unwrap();
-    let x = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, d_o: &d_o };
+    let x =
+        BackwardInputs { q: q.view(), k: k.view(), v: v.view(), o: out.o.view(), lse: out.lse.view(), d_o: d_o.view() };
     let g = dev::backward(gpu, cfg, x, &c.cu_q, &c.cu_k, mode).unwrap();
     let got = [gpu.download(&g.dq).unwrap(), gpu.download(&g.dk).unwrap(), gpu.download(&g.dv).unwrap()];
     let what = format!("{:?} {mode:?} {cfg:?} q {lens_q:?} k {lens_k:?}", T::DTYPE);
@@ -201,8 +202,22 @@ fn forward_and_deterministic_backward_are_batch_invariant() {
     let d_o_alone = up(&packed.d_o[9 * row..86 * row]);
     let (q_all, k_all, v_all) = (up(&packed.q), up(&packed.k), up(&packed.v));
     let (q_one, k_one, v_one) = (up(&packed.q[q0..q1]), up(&packed.k[k0..k1]), up(&packed.v[k0..k1]));
-    let x_all = BackwardInputs { q: &q_all, k: &k_all, v: &v_all, o: &all.o, lse: &all.lse, d_o: &d_o_all };
-    let x_one = BackwardInputs { q: &q_one, k: &k_one, v: &v_one, o: &alone.o, lse: &alone.lse, d_o: &d_o_alone };
+    let x_all = BackwardInputs {
+        q: q_all.view(),
+        k: k_all.view(),
+        v: v_all.view(),
+        o: all.o.view(),
+        lse: all.lse.view(),
+        d_o: d_o_all.view(),
+    };
+    let x_one = BackwardInputs {
+        q: q_one.view(),
+        k: k_one.view(),
+        v: v_one.view(),
+        o: alone.o.view(),
+        lse: alone.lse.view(),
+        d_o: d_o_alone.view(),
+    };
     let g_all = dev::backward(gpu, &c, x_all, &packed.cu_q, &packed.cu_k, DqMode::Deterministic).unwrap();
     let g_one = dev::backward(gpu, &c, x_one, &[0, 77], &[0, 100], DqMode::Deterministic).unwrap();
     let krow = h.num_kv_heads * h.head_dim_k;
@@ -268,15 +283,16 @@ fn deterministic_backward_is_reproducible_and_head_dim_256_is_refused() {
     let up = |v: &[f64]| gpu.upload(&to::<bf16>(v)).unwrap();
     let (q, k, v, d_o) = (up(&x.q), up(&x.k), up(&x.v), up(&x.d_o));
     let out = dev::forward(gpu, &c, &q, &k, &v, &x.cu_q, &x.cu_k).unwrap();
-    let inputs = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, d_o: &d_o };
-    let a = dev::backward(gpu, &c, inputs, &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
+    let inputs =
+        BackwardInputs { q: q.view(), k: k.view(), v: v.view(), o: out.o.view(), lse: out.lse.view(), d_o: d_o.view() };
+    let a = dev::backward(gpu, &c, inputs.clone(), &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
     let b = dev::backward(gpu, &c, inputs, &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
     assert_eq!(gpu.download(&a.dq).unwrap(), gpu.download(&b.dq).unwrap());
     assert_eq!(gpu.download(&a.dk).unwrap(), gpu.download(&b.dk).unwrap());
     let wide = cfg(1, 1, 256, 256, true, None);
     let w = gpu.upload(&vec![bf16::ONE; 4 * 256]).unwrap();
     let lse = gpu.upload(&[0.0f32; 4]).unwrap();
-    let inputs = BackwardInputs { q: &w, k: &w, v: &w, o: &w, lse: &lse, d_o: &w };
+    let inputs = BackwardInputs { q: w.view(), k: w.view(), v: w.view(), o: w.view(), lse: lse.view(), d_o: w.view() };
     assert!(matches!(dev::backward(gpu, &wide, inputs, &[0, 4], &[0, 4], DqMode::Atomic), Err(Error::Unsupported(_))));
 }
 

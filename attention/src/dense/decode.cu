@@ -41,6 +41,8 @@
 #define SQUID_DEC_THREADS 128
 // At most 128 registers a thread, so four CTAs (16 warps) fit an SM's register file.
 #define SQUID_DEC_MIN_BLOCKS 4
+// Splits per combine item at most (the launcher caps the split count at this).
+#define SQUID_DEC_MAX_SPLITS 64
 
 // Header fields.
 #define SQUID_DEC_HQ 0
@@ -329,12 +331,22 @@ __device__ __forceinline__ void squid_decode_split(const int* __restrict__ meta,
     }
 }
 
+// The combine entries say "at least one CTA an SM" explicitly: with only the thread bound, ptxas
+// 13 at sm_90 held them to 40 registers and spilled 8 bytes (issue 15); with it every toolchain
+// and arch assembles them without spills (66-96 registers; the kernel is bound by reading the
+// partial results, not by occupancy).
+//
 // Merges the splits of one (sequence, kv head, row chunk) in split order: o = sum_s o_s 2^(m_s - M)
-// / sum_s l_s 2^(m_s - M), lse = (M + log2 L) ln 2. One CTA of 128 threads per combine item.
+// / sum_s l_s 2^(m_s - M), lse = (M + log2 L) ln 2. One CTA of 128 threads per combine item; per
+// row, warp 0 finds M and the splits' weights 2^(m_s - M) once (in shared memory), then every
+// thread sums its columns in split order. (Recomputing the weights per column, as an earlier
+// version did, made NVRTC 13 spill at sm_90.)
 template <typename T>
 __device__ __forceinline__ void squid_decode_combine(const int* __restrict__ meta, const float* __restrict__ part_o,
                                                      const float* __restrict__ part_ml, T* __restrict__ o,
                                                      float* __restrict__ lse) {
+    __shared__ float weight[SQUID_DEC_MAX_SPLITS];
+    __shared__ float total_s;
     const int hq = meta[SQUID_DEC_HQ], dv = meta[SQUID_DEC_DV], total_q = meta[SQUID_DEC_TOTAL_Q];
     const int group = meta[SQUID_DEC_GROUP];
     const int* item = meta + meta[SQUID_DEC_COMBINE_AT] + 8 * (long long)blockIdx.x;
@@ -342,28 +354,38 @@ __device__ __forceinline__ void squid_decode_combine(const int* __restrict__ met
     const int* sq = meta + meta[SQUID_DEC_SEQS_AT] + 4 * seq;
     const int q0 = sq[0], tq = sq[1];
     for (int r = 0; r < nrows; ++r) {
-        float mx = -INFINITY;
-        for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, part_ml[2 * ((long long)(slot0 + s) * SQUID_DEC_RB + r)]);
-        const int row = row0 + r, hh = row / tq, i = row - hh * tq;
-        const int head = g * group + hh;
-        const long long orow = ((long long)(q0 + i) * hq + head) * dv;
-        float total = 0.0f;
-        for (int s = 0; s < nsplit; ++s) {
-            const long long prow = (long long)(slot0 + s) * SQUID_DEC_RB + r;
-            const float ms = part_ml[2 * prow];
-            if (ms != -INFINITY) total = fmaf(part_ml[2 * prow + 1], exp2f(ms - mx), total);
+        if (threadIdx.x < 32) {
+            float mx = -INFINITY;
+            for (int s = threadIdx.x; s < nsplit; s += 32)
+                mx = fmaxf(mx, part_ml[2 * ((long long)(slot0 + s) * SQUID_DEC_RB + r)]);
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            for (int s = threadIdx.x; s < nsplit; s += 32) {
+                const float ms = part_ml[2 * ((long long)(slot0 + s) * SQUID_DEC_RB + r)];
+                weight[s] = ms != -INFINITY ? exp2f(ms - mx) : 0.0f;
+            }
+            __syncwarp();
+            if (threadIdx.x == 0) {
+                float total = 0.0f;
+                for (int s = 0; s < nsplit; ++s)
+                    total = fmaf(part_ml[2 * ((long long)(slot0 + s) * SQUID_DEC_RB + r) + 1], weight[s], total);
+                total_s = total;
+                const int row = row0 + r, hh = row / tq, i = row - hh * tq;
+                lse[(long long)(g * group + hh) * total_q + q0 + i] =
+                    total > 0.0f ? (mx + log2f(total)) * 0.69314718055994531f : -INFINITY;
+            }
         }
-        const bool seen = total > 0.0f;
+        __syncthreads();
+        const float total = total_s;
+        const int row = row0 + r, hh = row / tq, i = row - hh * tq;
+        const long long orow = ((long long)(q0 + i) * hq + g * group + hh) * dv;
+        const float* po = part_o + (long long)slot0 * SQUID_DEC_RB * dv + (long long)r * dv;
         for (int c = threadIdx.x; c < dv; c += blockDim.x) {
             float sum = 0.0f;
-            for (int s = 0; s < nsplit; ++s) {
-                const long long prow = (long long)(slot0 + s) * SQUID_DEC_RB + r;
-                const float ms = part_ml[2 * prow];
-                if (ms != -INFINITY) sum = fmaf(part_o[prow * dv + c], exp2f(ms - mx), sum);
-            }
-            o[orow + c] = squid_from_f32<T>(seen ? __fdiv_rn(sum, total) : 0.0f);
+            for (int s = 0; s < nsplit; ++s) sum = fmaf(po[(long long)s * SQUID_DEC_RB * dv + c], weight[s], sum);
+            o[orow + c] = squid_from_f32<T>(total > 0.0f ? __fdiv_rn(sum, total) : 0.0f);
         }
-        if (threadIdx.x == 0) lse[(long long)head * total_q + q0 + i] = seen ? (mx + log2f(total)) * 0.69314718055994531f : -INFINITY;
+        __syncthreads();  // weight and total_s are rewritten for the next row
     }
 }
 
@@ -401,15 +423,46 @@ extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, SQUID_DEC_MIN_BL
     squid_decode_split<squid_f16, true>(meta, q, k, v, page_table, o, lse, part_o, part_ml, scale_log2);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, 1)
     squid_decode_combine_bf16(const int* __restrict__ meta, const float* __restrict__ part_o,
                               const float* __restrict__ part_ml, squid_bf16* __restrict__ o,
                               float* __restrict__ lse) {
     squid_decode_combine<squid_bf16>(meta, part_o, part_ml, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS)
+extern "C" __global__ void __launch_bounds__(SQUID_DEC_THREADS, 1)
     squid_decode_combine_f16(const int* __restrict__ meta, const float* __restrict__ part_o,
                              const float* __restrict__ part_ml, squid_f16* __restrict__ o, float* __restrict__ lse) {
     squid_decode_combine<squid_f16>(meta, part_o, part_ml, o, lse);
+}
+
+// ---- helpers of the launchers that write into the caller's memory --------------------------
+//
+// Outputs are the caller's (views of its buffers), so the rows no work item writes (queries that
+// see no key: o = 0, lse = -inf) and the f32/16-bit accumulators that start at zero are filled
+// here rather than by an allocation. Grid-stride, one element a thread and step.
+
+extern "C" __global__ void __launch_bounds__(256) squid_attn_fill_b16(unsigned short* __restrict__ x, long long n,
+                                                                      unsigned bits) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = (unsigned short)bits;
+}
+
+extern "C" __global__ void __launch_bounds__(256) squid_attn_fill_f32(float* __restrict__ x, long long n, float value) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        x[i] = value;
+}
+
+// Packs paged K or V rows: dst row t (`row` 16-bit elements) = src row rows[t] (a pool row:
+// page * page_size + position in page). The batch-invariant paged decode reads its keys through
+// this copy so that it can run the prefill forward kernel (and get its bits).
+extern "C" __global__ void __launch_bounds__(256) squid_decode_gather_rows_b16(const unsigned short* __restrict__ src,
+                                                                               const unsigned* __restrict__ rows,
+                                                                               unsigned short* __restrict__ dst,
+                                                                               long long tokens, int row) {
+    const long long n = tokens * row;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / row, c = i - t * row;
+        dst[i] = src[(long long)rows[t] * row + c];
+    }
 }

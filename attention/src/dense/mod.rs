@@ -24,6 +24,8 @@ pub mod cuda_decode;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_decode_tests;
 #[cfg(all(test, feature = "cuda"))]
+mod cuda_stream_tests;
+#[cfg(all(test, feature = "cuda"))]
 pub(crate) mod cuda_tests;
 pub mod flash;
 pub mod naive;
@@ -41,7 +43,10 @@ pub const DECODE_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
         "squid_decode_paged_bf16",
         "squid_decode_paged_f16",
         "squid_decode_combine_bf16",
-        "squid_decode_combine_f16"
+        "squid_decode_combine_f16",
+        "squid_attn_fill_b16",
+        "squid_attn_fill_f32",
+        "squid_decode_gather_rows_b16"
     ],
     fast_math = false
 );

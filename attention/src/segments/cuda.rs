@@ -4,16 +4,16 @@
 //! document's tiles load only that document's keys, and key tiles no query of a tile sees are
 //! never visited. Same storage types, head dims and errors as [`crate::dense::cuda`].
 
-use squid_cuda::launch::{DeviceBuffer, DeviceCopy, Gpu};
+use squid_cuda::launch::{DeviceCopy, DeviceView, DeviceViewMut, Gpu};
 use squid_cuda::Element;
 
 use super::{SegmentConfig, SegmentLayout, SegmentMask};
 use crate::dense::cuda::{
-    backward_scheduled, forward_scheduled, validate_backward_device, validate_device, BackwardInputs, DeviceGrads,
-    DeviceOutput, DqMode,
+    alloc_grads, alloc_outputs, backward_scheduled, forward_scheduled, validate_backward_device, validate_device,
+    BackwardInputs, DeviceGrads, DeviceGradsMut, DeviceOutput, DqMode,
 };
 use crate::dense::flash::{self, KernelMask, Schedule};
-use crate::dense::Dims;
+use crate::dense::{validate_lens, Dims};
 use crate::Error;
 
 /// The kernel reads each row's lower bound from the schedule; causal gives the upper bound.
@@ -24,9 +24,9 @@ fn validate<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
+    q: &DeviceView<'_, T>,
+    k: &DeviceView<'_, T>,
+    v: &DeviceView<'_, T>,
     cu_q: &[u32],
     cu_k: &[u32],
 ) -> Result<Dims, Error> {
@@ -67,26 +67,52 @@ pub(crate) fn segment_schedule(
     )
 }
 
-/// Segment attention forward on the device, as [`super::forward`].
+/// Segment attention forward on the device into the caller's `o` and `lse`, as
+/// [`super::forward`].
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Element + DeviceCopy>(
+pub fn forward_into<'a, 'b, T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
-    q: &DeviceBuffer<T>,
-    k: &DeviceBuffer<T>,
-    v: &DeviceBuffer<T>,
+    q: impl Into<DeviceView<'a, T>>,
+    k: impl Into<DeviceView<'a, T>>,
+    v: impl Into<DeviceView<'a, T>>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    o: impl Into<DeviceViewMut<'b, T>>,
+    lse: impl Into<DeviceViewMut<'b, f32>>,
+) -> Result<(), Error> {
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let dims = validate(gpu, cfg, layout, &q, &k, &v, cu_seqlens_q, cu_seqlens_k)?;
+    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k)?;
+    forward_scheduled(gpu, &cfg.dense(), dims, &sched, q, k, v, o.into(), lse.into())
+}
+
+/// Segment attention forward on the device, as [`forward_into`] with `o` and `lse` allocated on
+/// `gpu`'s stream.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<'a, T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &SegmentConfig,
+    layout: &SegmentLayout,
+    q: impl Into<DeviceView<'a, T>>,
+    k: impl Into<DeviceView<'a, T>>,
+    v: impl Into<DeviceView<'a, T>>,
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
 ) -> Result<DeviceOutput<T>, Error> {
-    let dims = validate(gpu, cfg, layout, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k)?;
-    forward_scheduled(gpu, &cfg.dense(), dims, &sched, q, k, v)
+    let (q, k, v) = (q.into(), k.into(), v.into());
+    let dims = validate_lens(&cfg.dense(), q.len(), k.len(), v.len(), cu_seqlens_q, cu_seqlens_k)?;
+    let (mut o, mut lse) = alloc_outputs::<T>(gpu, &cfg.dense(), dims.total_q)?;
+    forward_into(gpu, cfg, layout, q, k, v, cu_seqlens_q, cu_seqlens_k, &mut o, &mut lse)?;
+    Ok(DeviceOutput { o, lse })
 }
 
-/// Segment attention backward on the device, as [`super::backward`]: `dq, dk, dv` from the
-/// forward's `o`, `lse` and `d_o`; `mode` picks how dQ is summed.
-pub fn backward<T: Element + DeviceCopy>(
+/// Segment attention backward on the device into the caller's gradients, as
+/// [`super::backward`]: `dq, dk, dv` from the forward's `o`, `lse` and `d_o`; `mode` picks how
+/// dQ is summed.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
@@ -94,8 +120,9 @@ pub fn backward<T: Element + DeviceCopy>(
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
     mode: DqMode,
-) -> Result<DeviceGrads<T>, Error> {
-    let dims = validate(gpu, cfg, layout, x.q, x.k, x.v, cu_seqlens_q, cu_seqlens_k)?;
+    grads: DeviceGradsMut<'_, T>,
+) -> Result<(), Error> {
+    let dims = validate(gpu, cfg, layout, &x.q, &x.k, &x.v, cu_seqlens_q, cu_seqlens_k)?;
     let dense = cfg.dense();
     validate_backward_device(gpu, &dense, dims, &x)?;
     let h = cfg.heads;
@@ -113,7 +140,23 @@ pub fn backward<T: Element + DeviceCopy>(
         atomic,
     )?;
     let fwd = if atomic { Schedule::empty() } else { segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k)? };
-    backward_scheduled(gpu, &dense, dims, &fwd, &keys, x, mode)
+    backward_scheduled(gpu, &dense, dims, &fwd, &keys, x, mode, grads)
+}
+
+/// Segment attention backward on the device, as [`backward_into`] with the gradients allocated
+/// on `gpu`'s stream.
+pub fn backward<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &SegmentConfig,
+    layout: &SegmentLayout,
+    x: BackwardInputs<'_, T>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+    mode: DqMode,
+) -> Result<DeviceGrads<T>, Error> {
+    let dense = cfg.dense();
+    let dims = validate_lens(&dense, x.q.len(), x.k.len(), x.v.len(), cu_seqlens_q, cu_seqlens_k)?;
+    alloc_grads(gpu, &dense, dims, |g| backward_into(gpu, cfg, layout, x, cu_seqlens_q, cu_seqlens_k, mode, g))
 }
 
 #[cfg(test)]
@@ -148,7 +191,14 @@ mod tests {
         let what = format!("{:?} {mode:?} {h:?} {contexts:?} q {lens_q:?}", T::DTYPE);
         let (o, lse) = (gpu.download(&out.o).unwrap(), gpu.download(&out.lse).unwrap());
         assert_forward(&what, &o, &lse, &o_ref, &lse_ref);
-        let inputs = BackwardInputs { q: &q, k: &k, v: &v, o: &out.o, lse: &out.lse, d_o: &d_o };
+        let inputs = BackwardInputs {
+            q: q.view(),
+            k: k.view(),
+            v: v.view(),
+            o: out.o.view(),
+            lse: out.lse.view(),
+            d_o: d_o.view(),
+        };
         let g = backward(gpu, &cfg, &layout, inputs, &x.cu_q, &x.cu_k, mode).unwrap();
         let got = [gpu.download(&g.dq).unwrap(), gpu.download(&g.dk).unwrap(), gpu.download(&g.dv).unwrap()];
         assert_grads(&what, [&got[0], &got[1], &got[2]], [&dq, &dk, &dv]);

@@ -4,26 +4,32 @@
 //! of the cached documents it holds (placed with squid-kvcache's device `reposition`, and shared
 //! between the sequences whose page tables name them) in place.
 
-use squid_cuda::launch::{DeviceBuffer, Gpu};
+use squid_cuda::launch::{DeviceView, DeviceViewMut, Gpu};
 
 use super::{check_global_tail, SegmentConfig, SegmentLayout};
+use crate::dense::cuda::alloc_outputs;
 use crate::dense::cuda_decode::{self, DecodeElement, DecodeOptions, DeviceDenseOutput, DevicePagedKv, PagedSeq};
 use crate::dense::validate_lens;
+use crate::layout::rows_of;
 use crate::Error;
 
-/// [`super::decode_global`] on the device against a packed cache.
+/// [`super::decode_global`] on the device against a packed cache, into the caller's `o` and
+/// `lse`.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_global<T: DecodeElement>(
+pub fn decode_global_into<'a, 'b, T: DecodeElement>(
     gpu: &Gpu,
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
     opts: &DecodeOptions,
-    q: &DeviceBuffer<T>,
-    k_cache: &DeviceBuffer<T>,
-    v_cache: &DeviceBuffer<T>,
+    q: impl Into<DeviceView<'a, T>>,
+    k_cache: impl Into<DeviceView<'a, T>>,
+    v_cache: impl Into<DeviceView<'a, T>>,
     cu_seqlens_q: &[u32],
     cu_seqlens_k: &[u32],
-) -> Result<DeviceDenseOutput<T>, Error> {
+    o: impl Into<DeviceViewMut<'b, T>>,
+    lse: impl Into<DeviceViewMut<'b, f32>>,
+) -> Result<(), Error> {
+    let (q, k_cache, v_cache) = (q.into(), k_cache.into(), v_cache.into());
     // Shapes here; the device decode checks finiteness itself when asked.
     let dims = validate_lens(&cfg.dense(), q.len(), k_cache.len(), v_cache.len(), cu_seqlens_q, cu_seqlens_k)?;
     if layout.num_contexts() != dims.num_seqs {
@@ -35,26 +41,50 @@ pub fn decode_global<T: DecodeElement>(
     }
     let key_lens: Vec<usize> = cu_seqlens_k.windows(2).map(|w| (w[1] - w[0]) as usize).collect();
     check_global_tail(layout, cu_seqlens_q, &key_lens[..dims.num_seqs])?;
-    cuda_decode::decode(gpu, &cfg.dense(), opts, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k)
+    cuda_decode::decode_into(gpu, &cfg.dense(), opts, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, o, lse)
 }
 
-/// [`super::decode_global`] on the device against paged K/V: `seqs[s]` is context `s`'s page
-/// table over `kv`'s pools, covering all its positions (documents and global tokens alike), and
-/// its length must be the layout's token count for that context.
+/// [`decode_global_into`] with `o` and `lse` allocated on `gpu`'s stream.
 #[allow(clippy::too_many_arguments)]
-pub fn decode_global_paged<T: DecodeElement>(
+pub fn decode_global<'a, T: DecodeElement>(
     gpu: &Gpu,
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
     opts: &DecodeOptions,
-    q: &DeviceBuffer<T>,
+    q: impl Into<DeviceView<'a, T>>,
+    k_cache: impl Into<DeviceView<'a, T>>,
+    v_cache: impl Into<DeviceView<'a, T>>,
+    cu_seqlens_q: &[u32],
+    cu_seqlens_k: &[u32],
+) -> Result<DeviceDenseOutput<T>, Error> {
+    let q = q.into();
+    let total_q = rows_of("q", q.len(), cfg.heads.num_q_heads, cfg.heads.head_dim_k)?;
+    let (mut o, mut lse) = alloc_outputs::<T>(gpu, &cfg.dense(), total_q)?;
+    decode_global_into(gpu, cfg, layout, opts, q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, &mut o, &mut lse)?;
+    Ok(DeviceDenseOutput { o, lse })
+}
+
+/// [`super::decode_global`] on the device against paged K/V, into the caller's `o` and `lse`:
+/// `seqs[s]` is context `s`'s page table over `kv`'s pools, covering all its positions
+/// (documents and global tokens alike), and its length must be the layout's token count for
+/// that context.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_global_paged_into<'a, 'b, T: DecodeElement>(
+    gpu: &Gpu,
+    cfg: &SegmentConfig,
+    layout: &SegmentLayout,
+    opts: &DecodeOptions,
+    q: impl Into<DeviceView<'a, T>>,
     kv: &DevicePagedKv<'_, T>,
     seqs: &[PagedSeq<'_>],
     cu_seqlens_q: &[u32],
-) -> Result<DeviceDenseOutput<T>, Error> {
+    o: impl Into<DeviceViewMut<'b, T>>,
+    lse: impl Into<DeviceViewMut<'b, f32>>,
+) -> Result<(), Error> {
+    let q = q.into();
     cfg.dense().validate()?;
     let h = cfg.heads;
-    let total_q = crate::layout::rows_of("q", q.len(), h.num_q_heads, h.head_dim_k)?;
+    let total_q = rows_of("q", q.len(), h.num_q_heads, h.head_dim_k)?;
     let num = crate::validate_cu_seqlens(cu_seqlens_q, total_q)?;
     if layout.num_contexts() != num || seqs.len() != num {
         return Err(Error::Shape(format!(
@@ -71,7 +101,26 @@ pub fn decode_global_paged<T: DecodeElement>(
     }
     let key_lens: Vec<usize> = seqs.iter().map(|seq| seq.len).collect();
     check_global_tail(layout, cu_seqlens_q, &key_lens)?;
-    cuda_decode::decode_paged(gpu, &cfg.dense(), opts, q, kv, seqs, cu_seqlens_q)
+    cuda_decode::decode_paged_into(gpu, &cfg.dense(), opts, q, kv, seqs, cu_seqlens_q, o, lse)
+}
+
+/// [`decode_global_paged_into`] with `o` and `lse` allocated on `gpu`'s stream.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_global_paged<'a, T: DecodeElement>(
+    gpu: &Gpu,
+    cfg: &SegmentConfig,
+    layout: &SegmentLayout,
+    opts: &DecodeOptions,
+    q: impl Into<DeviceView<'a, T>>,
+    kv: &DevicePagedKv<'_, T>,
+    seqs: &[PagedSeq<'_>],
+    cu_seqlens_q: &[u32],
+) -> Result<DeviceDenseOutput<T>, Error> {
+    let q = q.into();
+    let total_q = rows_of("q", q.len(), cfg.heads.num_q_heads, cfg.heads.head_dim_k)?;
+    let (mut o, mut lse) = alloc_outputs::<T>(gpu, &cfg.dense(), total_q)?;
+    decode_global_paged_into(gpu, cfg, layout, opts, q, kv, seqs, cu_seqlens_q, &mut o, &mut lse)?;
+    Ok(DeviceDenseOutput { o, lse })
 }
 
 #[cfg(test)]
@@ -140,8 +189,8 @@ mod tests {
             page_size: page,
             kv_heads: h.num_kv_heads,
             head_dim: h.head_dim_k,
-            k_pages: &kp,
-            v_pages: &vp,
+            k_pages: kp.view(),
+            v_pages: vp.view(),
         };
         let seqs: Vec<PagedSeq<'_>> = (0..2).map(|s| PagedSeq { len: lens_k[s], page_table: &tables[s] }).collect();
         let qd = gpu.upload(&to::<bf16>(&q)).unwrap();

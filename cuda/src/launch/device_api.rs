@@ -115,7 +115,14 @@ impl SimStream {
     pub fn with_options(options: SimOptions) -> Self {
         let mut sim = Simulator::empty();
         sim.options = options;
-        let state = SimState { sim, loaded: HashMap::new(), thread_instructions: 0, seconds: 0.0, last_profile: None };
+        let state = SimState {
+            sim,
+            loaded: HashMap::new(),
+            thread_instructions: 0,
+            seconds: 0.0,
+            last_profile: None,
+            profiles: Vec::new(),
+        };
         Self { device: Arc::new(SimDevice { state: Mutex::new(state) }) }
     }
 
@@ -172,6 +179,8 @@ struct SimState {
     seconds: f64,
     /// The profile of the last launch, when the simulator's options ask for one.
     last_profile: Option<squid_ptxsim::Profile>,
+    /// Every profiled launch since the last [`Gpu::take_profiles`]: entry name and profile.
+    profiles: Vec<(&'static str, squid_ptxsim::Profile)>,
 }
 
 impl SimDevice {
@@ -413,6 +422,44 @@ impl Gpu {
         match &self.backend {
             Backend::Cuda { .. } => None,
             Backend::Sim(dev) => dev.lock().last_profile.clone(),
+        }
+    }
+
+    /// For the simulator made with [`squid_ptxsim::Options::profile`] on: the entry name and
+    /// profile of every launch since the last call, in launch order (an op that runs several
+    /// kernels profiles each), and forgets them. Empty on a GPU or without the option.
+    pub fn take_profiles(&self) -> Vec<(&'static str, squid_ptxsim::Profile)> {
+        match &self.backend {
+            Backend::Cuda { .. } => Vec::new(),
+            Backend::Sim(dev) => std::mem::take(&mut dev.lock().profiles),
+        }
+    }
+
+    /// Copies the memory a view reads back to the host (waits for the stream): a caller's
+    /// slice, a sub-range of a buffer or a raw pointer alike.
+    pub fn download_view<T: DeviceCopy>(&self, view: &DeviceView<'_, T>) -> Result<Vec<T>, Error> {
+        self.check_owns(view.domain(), "download_view")?;
+        match (&self.backend, &view.mem) {
+            (Backend::Cuda { stream, .. }, ViewMem::Cuda(v)) => {
+                stream.clone_dtoh(v).map_err(driver_err("cuMemcpyDtoH"))
+            }
+            (Backend::Cuda { stream, .. }, &ViewMem::Raw { ptr, len, .. }) => {
+                stream.synchronize().map_err(driver_err("cuStreamSynchronize"))?;
+                let mut host = vec![T::zeroed(); len];
+                // SAFETY: `from_raw`'s contract: `ptr` addresses `len` initialised `T`s of this
+                // context's memory; the stream was synchronised above, so its writes are done.
+                unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut host, ptr) }
+                    .map_err(driver_err("cuMemcpyDtoH"))?;
+                Ok(host)
+            }
+            (Backend::Sim(dev), &ViewMem::Sim { buffer, offset, len, .. }) => {
+                let bytes = dev.lock().sim.read::<u8>(buffer)?;
+                let size = std::mem::size_of::<T>();
+                let start = offset as usize;
+                let piece = bytes.get(start..start + len * size).ok_or_else(|| other_device("download_view"))?;
+                Ok(piece.chunks_exact(size).map(bytemuck::pod_read_unaligned).collect())
+            }
+            _ => Err(other_device("download_view")),
         }
     }
 
@@ -709,6 +756,23 @@ impl<'a, T> DeviceView<'a, T> {
         Ok(DeviceView { mem })
     }
 
+    /// Whether the first element's device address is a multiple of `bytes` (a kernel that
+    /// loads 16-byte chunks needs 16; a sub-slice at an odd offset may not have it). For a
+    /// cudarc view, asking orders the view's stream after its last write (cudarc's event
+    /// tracking), which a launch over it does anyway.
+    pub fn is_aligned(&self, bytes: u64) -> bool {
+        let bytes = bytes.max(1);
+        match &self.mem {
+            ViewMem::Cuda(v) => {
+                use cudarc::driver::DevicePtr;
+                let (ptr, _record) = v.device_ptr(v.stream());
+                ptr % bytes == 0
+            }
+            // Simulated allocations start 256-byte aligned.
+            ViewMem::Raw { ptr: addr, .. } | ViewMem::Sim { offset: addr, .. } => addr % bytes == 0,
+        }
+    }
+
     fn domain(&self) -> Domain {
         match &self.mem {
             ViewMem::Cuda(v) => cuda_domain(v.stream().context()),
@@ -717,7 +781,32 @@ impl<'a, T> DeviceView<'a, T> {
     }
 }
 
+impl<T> Clone for DeviceView<'_, T> {
+    fn clone(&self) -> Self {
+        let mem = match &self.mem {
+            ViewMem::Cuda(v) => ViewMem::Cuda(v.slice(..)),
+            &ViewMem::Raw { ptr, len, domain, .. } => ViewMem::Raw { ptr, len, domain, _elem: PhantomData },
+            &ViewMem::Sim { buffer, offset, len, domain, .. } => {
+                ViewMem::Sim { buffer, offset, len, domain, _elem: PhantomData }
+            }
+        };
+        Self { mem }
+    }
+}
+
 impl<'a, T> DeviceViewMut<'a, T> {
+    /// The same memory borrowed for a shorter time (to pass to a launch and keep the view).
+    pub fn reborrow(&mut self) -> DeviceViewMut<'_, T> {
+        let mem = match &mut self.mem {
+            ViewMemMut::Cuda(v) => ViewMemMut::Cuda(v.slice_mut(..)),
+            &mut ViewMemMut::Raw { ptr, len, domain, .. } => ViewMemMut::Raw { ptr, len, domain, _elem: PhantomData },
+            &mut ViewMemMut::Sim { buffer, offset, len, domain, .. } => {
+                ViewMemMut::Sim { buffer, offset, len, domain, _elem: PhantomData }
+            }
+        };
+        DeviceViewMut { mem }
+    }
+
     /// Device memory that is not a cudarc allocation, for a kernel to write. Checked as
     /// [`DeviceView::from_raw`].
     ///
@@ -761,6 +850,20 @@ impl<'a, T> DeviceViewMut<'a, T> {
             },
         };
         Ok(DeviceViewMut { mem })
+    }
+
+    /// Whether the first element's device address is a multiple of `bytes` (see
+    /// [`DeviceView::is_aligned`]).
+    pub fn is_aligned(&self, bytes: u64) -> bool {
+        let bytes = bytes.max(1);
+        match &self.mem {
+            ViewMemMut::Cuda(v) => {
+                use cudarc::driver::DevicePtr;
+                let (ptr, _record) = v.device_ptr(v.stream());
+                ptr % bytes == 0
+            }
+            ViewMemMut::Raw { ptr: addr, .. } | ViewMemMut::Sim { offset: addr, .. } => addr % bytes == 0,
+        }
     }
 
     fn domain(&self) -> Domain {
@@ -1110,6 +1213,9 @@ impl<A: KernelArgs> TypedKernel<A> {
                 let report = state.sim.launch(self.entry, cfg, &sim_args);
                 if state.sim.options.profile {
                     state.last_profile = state.sim.last_profile();
+                    if let Some(p) = state.last_profile.clone() {
+                        state.profiles.push((self.entry, p));
+                    }
                 }
                 let report = report?;
                 state.thread_instructions += report.thread_instructions;

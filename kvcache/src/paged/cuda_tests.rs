@@ -85,7 +85,7 @@ fn documents_placed_on_the_device_decode_through_forked_pages() {
 
     let views: Vec<_> = samples.iter().map(|&id| kv.view(id, 1).unwrap()).collect();
     let (kp, vp) = (gpu.upload(views[0].k_pages).unwrap(), gpu.upload(views[0].v_pages).unwrap());
-    let pools = DevicePagedKv { page_size: page, kv_heads: hkv, head_dim: d, k_pages: &kp, v_pages: &vp };
+    let pools = DevicePagedKv { page_size: page, kv_heads: hkv, head_dim: d, k_pages: kp.view(), v_pages: vp.view() };
     let seqs: Vec<PagedSeq<'_>> = views.iter().map(PagedSeq::from).collect();
     let qd = gpu.upload(&q).unwrap();
     let got = segments::cuda_decode::decode_global_paged(

@@ -1,5 +1,7 @@
 //! RoPE on the device: [`DeviceRope`] (forward and backward against cos/sin tables held on the
-//! device) and [`reposition`], launching `rope.cu`.
+//! device) and [`reposition`], launching `rope.cu`. The tensors rotated in place are
+//! [`DeviceViewMut`]s: a `&mut DeviceBuffer`, or a caller's `CudaSlice` / `CudaViewMut` (or a
+//! sub-range of one) on the stream of the [`Gpu`] given, rotated there with no copy.
 //!
 //! The tables are the CPU path's: angles in f64, cos and sin rounded once to f32 on the host and
 //! uploaded (a model's rotary cache, `[positions, rotary_dim / 2]` floats each). The kernel
@@ -7,7 +9,7 @@
 //! for bit the CPU's for every storage type (the tests hold it to that).
 
 use half::{bf16, f16};
-use squid_cuda::launch::{DeviceBuffer, DeviceCopy, Gpu, LaunchDims};
+use squid_cuda::launch::{DeviceBuffer, DeviceCopy, DeviceViewMut, Gpu, LaunchDims};
 use squid_cuda::Element;
 
 use super::{cpu, Rope, RopeLayout, KERNEL};
@@ -101,31 +103,31 @@ impl DeviceRope {
 
     /// Rotates `x: [positions.len(), heads, head_dim]` in place, token `t` to `positions[t]`, as
     /// [`Rope::forward`]. A position without a table is [`Error::OutOfRange`].
-    pub fn forward<T: RopeElement>(
+    pub fn forward<'a, T: RopeElement>(
         &self,
         gpu: &Gpu,
-        x: &mut DeviceBuffer<T>,
+        x: impl Into<DeviceViewMut<'a, T>>,
         heads: usize,
         positions: &[u64],
     ) -> Result<(), Error> {
-        self.rotate(gpu, x, heads, positions, 1.0)
+        self.rotate(gpu, x.into(), heads, positions, 1.0)
     }
 
     /// Backward of [`DeviceRope::forward`] in place (`dL/dy` into `dL/dx`), as [`Rope::backward`].
-    pub fn backward<T: RopeElement>(
+    pub fn backward<'a, T: RopeElement>(
         &self,
         gpu: &Gpu,
-        grad: &mut DeviceBuffer<T>,
+        grad: impl Into<DeviceViewMut<'a, T>>,
         heads: usize,
         positions: &[u64],
     ) -> Result<(), Error> {
-        self.rotate(gpu, grad, heads, positions, -1.0)
+        self.rotate(gpu, grad.into(), heads, positions, -1.0)
     }
 
     fn rotate<T: RopeElement>(
         &self,
         gpu: &Gpu,
-        x: &mut DeviceBuffer<T>,
+        x: DeviceViewMut<'_, T>,
         heads: usize,
         positions: &[u64],
         sin_sign: f32,
@@ -155,7 +157,7 @@ impl DeviceRope {
         // checked to be below `self.positions` (each table holds positions * half floats).
         let kernel = unsafe {
             gpu.typed_kernel::<(
-                &mut DeviceBuffer<T>,
+                DeviceViewMut<'_, T>,
                 &DeviceBuffer<u32>,
                 &DeviceBuffer<f32>,
                 &DeviceBuffer<f32>,
@@ -176,14 +178,15 @@ impl DeviceRope {
 /// Moves keys `k: [tokens, heads, head_dim]` on the device, rotated for positions `from, from +
 /// 1, ...`, to `to, to + 1, ...` in place: one rotation by `(to - from) * theta` per pair, the
 /// same bits as [`Rope::reposition`] on the host.
-pub fn reposition<T: RopeElement>(
+pub fn reposition<'a, T: RopeElement>(
     gpu: &Gpu,
     rope: &Rope,
-    k: &mut DeviceBuffer<T>,
+    k: impl Into<DeviceViewMut<'a, T>>,
     heads: usize,
     from: u64,
     to: u64,
 ) -> Result<(), Error> {
+    let k = k.into();
     let d = dims(rope, k.len(), heads)?;
     if d.tokens == 0 || from == to {
         return Ok(()); // as the CPU path: a zero shift leaves the bits alone
@@ -196,7 +199,7 @@ pub fn reposition<T: RopeElement>(
     // heads, int head_dim, int half, int interleaved); it touches x only inside [tokens, heads,
     // head_dim] (checked by `dims`) and reads table row 0 (`half` floats each).
     let kernel = unsafe {
-        gpu.typed_kernel::<(&mut DeviceBuffer<T>, &DeviceBuffer<f32>, &DeviceBuffer<f32>, i64, i32, i32, i32, i32)>(
+        gpu.typed_kernel::<(DeviceViewMut<'_, T>, &DeviceBuffer<f32>, &DeviceBuffer<f32>, i64, i32, i32, i32, i32)>(
             &KERNEL,
             T::SHIFT,
         )
@@ -282,6 +285,56 @@ mod tests {
         for layout in [RopeLayout::RotateHalf, RopeLayout::Interleaved] {
             let cfg = RopeConfig { layout, base: 500_000.0, ..RopeConfig::new(128) };
             check::<bf16>(&gpu, cfg, 3, 2, 7);
+        }
+    }
+
+    /// On a caller's stream (`Gpu::from_stream` over a `SimStream`) and memory: the rotated
+    /// tensor is a sub-range, at a non-zero offset, of a `SimSlice` allocated on that stream;
+    /// forward, backward and reposition give the CPU op's bits there and leave the elements
+    /// around the view alone.
+    #[test]
+    fn caller_stream_views_at_offsets_are_the_cpu_rope() {
+        if !squid_cuda::testing::nvrtc_available() {
+            return;
+        }
+        use squid_cuda::launch::{DeviceViewMut, SimStream};
+        let stream = SimStream::new();
+        let gpu = Gpu::from_stream(&stream).unwrap();
+        let cfg = RopeConfig { rotary_dim: 12, ..RopeConfig::new(16) };
+        let rope = Rope::new(cfg).unwrap();
+        let device = DeviceRope::new(&gpu, &rope, 64).unwrap();
+        let (tokens, heads, pad) = (5usize, 3usize, 10usize);
+        let x: Vec<bf16> = Rng(9).vec(tokens * heads * cfg.head_dim);
+        let positions: Vec<u64> = (0..tokens as u64).map(|t| 7 * t + 3).collect();
+        let sentinel = bf16::from_f32(7.0);
+        let mut host = vec![sentinel; pad];
+        host.extend_from_slice(&x);
+        host.extend(vec![sentinel; pad]);
+        type Step<'a> = &'a dyn Fn(&mut Vec<bf16>, DeviceViewMut<'_, bf16>);
+        let steps: [(&str, Step<'_>); 3] = [
+            ("forward", &|w, v| {
+                rope.forward(w, heads, &positions).unwrap();
+                device.forward(&gpu, v, heads, &positions).unwrap();
+            }),
+            ("backward", &|w, v| {
+                rope.backward(w, heads, &positions).unwrap();
+                device.backward(&gpu, v, heads, &positions).unwrap();
+            }),
+            ("reposition", &|w, v| {
+                rope.reposition(w, heads, 40, 1000).unwrap();
+                reposition(&gpu, &rope, v, heads, 40, 1000).unwrap();
+            }),
+        ];
+        for (name, step) in steps {
+            let mut slice = stream.clone_htod(&host);
+            let mut want = x.clone();
+            {
+                let mut all = DeviceViewMut::from(&mut slice);
+                step(&mut want, all.slice_mut(pad..pad + x.len()).unwrap());
+            }
+            let got = stream.clone_dtoh(&slice).unwrap();
+            assert_eq!(got[pad..pad + x.len()], want[..], "{name}");
+            assert!(got[..pad].iter().chain(&got[pad + x.len()..]).all(|&e| e == sentinel), "{name} wrote outside");
         }
     }
 
