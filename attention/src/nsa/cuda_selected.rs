@@ -170,9 +170,9 @@ fn validate<T: Element + DeviceCopy>(
     expect_len("v", v.len(), numel("v", &[total, h.num_kv_heads, h.head_dim_v])?, "[total, HKV, Dv]")?;
     validate_indices(cfg, h, cu, indices)?;
     if cfg.check_finite {
-        check_finite_device(gpu, "q", q)?;
-        check_finite_device(gpu, "k", k)?;
-        check_finite_device(gpu, "v", v)?;
+        check_finite_device(gpu, "q", &q.view())?;
+        check_finite_device(gpu, "k", &k.view())?;
+        check_finite_device(gpu, "v", &v.view())?;
     }
     Ok(total)
 }
@@ -307,11 +307,11 @@ pub fn forward<T: Element + DeviceCopy>(
         _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
     };
     if cfg.check_finite {
-        check_finite_device(gpu, "o_cmp", x.o_cmp)?;
-        check_finite_device(gpu, "gates", x.gates)?;
+        check_finite_device(gpu, "o_cmp", &x.o_cmp.view())?;
+        check_finite_device(gpu, "gates", &x.gates.view())?;
         if x.k_win.is_some() {
-            check_finite_device(gpu, "k_win", kw)?;
-            check_finite_device(gpu, "v_win", vw)?;
+            check_finite_device(gpu, "k_win", &kw.view())?;
+            check_finite_device(gpu, "v_win", &vw.view())?;
         }
     }
     let sched = slc_schedule(cfg, h, x.cu_seqlens, indices, key_tile(h.head_dim_k))?;
@@ -475,7 +475,7 @@ pub fn backward<T: Element + DeviceCopy>(
         _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
     };
     if cfg.check_finite {
-        check_finite_device(gpu, "d_o", d_o)?;
+        check_finite_device(gpu, "d_o", &d_o.view())?;
     }
     let sfx = dtype_suffix::<T>()?;
     let scale = cfg.softmax_scale(h);
@@ -530,7 +530,14 @@ pub fn backward<T: Element + DeviceCopy>(
     }
 
     // Window branch: the dense backward on its output gradient.
-    let wx = dense_dev::BackwardInputs { q: x.q, k: kw, v: vw, o: &fwd.o_win, lse: &fwd.lse_win, d_o: &d_o_win };
+    let wx = dense_dev::BackwardInputs {
+        q: x.q.view(),
+        k: kw.view(),
+        v: vw.view(),
+        o: fwd.o_win.view(),
+        lse: fwd.lse_win.view(),
+        d_o: d_o_win.view(),
+    };
     let win = dense_dev::backward(gpu, &window_cfg(cfg, h), wx, x.cu_seqlens, x.cu_seqlens, dense_dev::DqMode::Atomic)?;
 
     // Selected branch, f32 accumulators.
