@@ -421,13 +421,15 @@ __device__ __forceinline__ void sq_bwd_dq_convert(const float* __restrict__ acc,
 }
 
 // Shared elements of the dK/dV kernel (declared by its entry, so the two passes of a split entry
-// share one array): K and V tiles, two Q/dO stages, the dS^T tile.
-template <int DK, int DV, int WARPS, int BMQ>
+// share one array): K and V tiles, two Q/dO stages, the dS^T tile. DS_IN_STAGE puts the dS^T
+// tile in the dO half of the stage being read (dO is dead once dP and dV are done), for head
+// dims whose separate tile would pass the 48 KiB of static shared memory (Dk = 256).
+template <int DK, int DV, int WARPS, int BMQ, bool DS_IN_STAGE>
 __host__ __device__ constexpr int sq_dkdv_smem() {
-    return 16 * WARPS * (DK + DV) + 2 * BMQ * (DK + DV) + 16 * WARPS * BMQ;
+    return 16 * WARPS * (DK + DV) + 2 * BMQ * (DK + DV) + (DS_IN_STAGE ? 0 : 16 * WARPS * BMQ);
 }
 
-template <int DK, int DV, int WARPS, int BMQ, bool DO_DK, bool DO_DV, bool F16>
+template <int DK, int DV, int WARPS, int BMQ, bool DS_IN_STAGE, bool DO_DK, bool DO_DV, bool F16>
 __device__ __forceinline__ void sq_flash_bwd_dkdv(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k, const unsigned short* __restrict__ v,
     const unsigned short* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -438,7 +440,7 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
     constexpr int KV = BN * (DK + DV);
     constexpr int STAGE = BMQ * (DK + DV);
     const unsigned k_tile = base, v_tile = base + BN * DK * 2;
-    const unsigned ds_tile = base + (KV + 2 * STAGE) * 2;
+    static_assert(!DS_IN_STAGE || 16 * WARPS * BMQ <= BMQ * DV, "dS^T must fit the dO half of a stage");
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
@@ -524,6 +526,8 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
         if (atomic) {
             // dS^T -> shared [BN keys][BMQ queries]; then dQ[m0.., :] += dS K, the DK / 8 column
             // tiles shared out over the warps.
+            const unsigned ds_tile = DS_IN_STAGE ? do_tile : base + (KV + 2 * STAGE) * 2;
+            if (DS_IN_STAGE) __syncthreads();  // every warp is done reading this stage's dO
 #pragma unroll
             for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
@@ -534,7 +538,12 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
                                  : "memory");
                 }
             __syncthreads();
-            for (int nt = warp; nt < DK / 8; nt += WARPS) {
+            // A fixed trip count per warp (unrolled): a loop starting at `warp` made ptxas 13
+            // spill at Dk = 96 on sm_100.
+            static_assert((DK / 8) % WARPS == 0, "dQ column tiles must share out evenly over the warps");
+#pragma unroll
+            for (int ni = 0; ni < DK / 8 / WARPS; ++ni) {
+                const int nt = warp + ni * WARPS;
 #pragma unroll
                 for (int mq = 0; mq < BMQ / 16; ++mq) {
                     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -580,18 +589,27 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
     }
 }
 
-template <int DK, int DV, int BN, bool F16>
+// WARPS warps of 16 query rows (the host's schedule uses tiles of 16 * WARPS rows). DO_SMEM: dO
+// stays in shared memory (read back by ldmatrix per key tile) instead of registers, for head
+// dims whose Q and dO fragments together leave too few registers (Dk = 192 spilled under ptxas
+// 13 on sm_100); dO then comes first and Q's staging area is reused by the K/V stages.
+template <int DK, int DV, int WARPS, int BN, bool DO_SMEM, bool F16>
 __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict__ q,
                                                 const unsigned short* __restrict__ k,
                                                 const unsigned short* __restrict__ v,
                                                 const unsigned short* __restrict__ d_o, const float* __restrict__ lse,
                                                 const float* __restrict__ delta, unsigned short* __restrict__ dq,
                                                 const int* __restrict__ sched, float scale_log2, float scale) {
-    constexpr int BM = 16 * SQ_WARPS;
+    constexpr int THREADS = WARPS * 32;
+    constexpr int BM = 16 * WARPS;
     constexpr int STAGE = BN * (DK + DV);
-    constexpr int ELEMS = (BM * (DK + DV) > 2 * STAGE) ? BM * (DK + DV) : 2 * STAGE;
+    // Without DO_SMEM: [Q | dO] staging, then the K/V stages over both; with it: [dO | Q staging,
+    // then the K/V stages].
+    constexpr int QKV = (BM * DK > 2 * STAGE) ? BM * DK : 2 * STAGE;
+    constexpr int ELEMS = DO_SMEM ? BM * DV + QKV : ((BM * (DK + DV) > 2 * STAGE) ? BM * (DK + DV) : 2 * STAGE);
     __shared__ __align__(128) unsigned short smem[ELEMS];
-    const unsigned base = sq_smem(smem);
+    const unsigned base = DO_SMEM ? sq_smem(smem) + BM * DV * 2 : sq_smem(smem);
+    const unsigned do_smem = DO_SMEM ? sq_smem(smem) : base + BM * DK * 2;
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
@@ -602,18 +620,22 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
 
-    sq_load_tile<BM, DK>(base, q + ((long long)(q_base + r0) * hq + h) * DK, (long long)hq * DK, rows, q);
-    sq_load_tile<BM, DV>(base + BM * DK * 2, d_o + ((long long)(q_base + r0) * hq + h) * DV, (long long)hq * DV, rows,
-                         d_o);
+    sq_load_tile<BM, DK, THREADS>(base, q + ((long long)(q_base + r0) * hq + h) * DK, (long long)hq * DK, rows, q);
+    sq_load_tile<BM, DV, THREADS>(do_smem, d_o + ((long long)(q_base + r0) * hq + h) * DV, (long long)hq * DV, rows,
+                                  d_o);
     sq_commit();
     sq_wait<0>();
     __syncthreads();
-    unsigned qf[DK / 16][4], df[DV / 16][4];
+    // With DO_SMEM the dO fragments are a one-step dummy (never read).
+    constexpr int DF = DO_SMEM ? 1 : DV / 16;
+    unsigned qf[DK / 16][4], df[DF][4];
 #pragma unroll
     for (int kk = 0; kk < DK / 16; ++kk) sq_ldsm_x4(qf[kk], sq_at<DK>(base, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    if constexpr (!DO_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk)
-        sq_ldsm_x4(df[kk], sq_at<DV>(base + BM * DK * 2, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+        for (int kk = 0; kk < DF; ++kk)
+            sq_ldsm_x4(df[kk], sq_at<DV>(do_smem, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
     __syncthreads();
 
     int lo[2], hi[2];
@@ -634,8 +656,8 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
         const int n0 = k_lo + j * BN;
         const unsigned st = base + (unsigned)((j & 1) * STAGE) * 2u;
         const int valid = min(BN, k_hi - n0);
-        sq_load_tile<BN, DK>(st, kg + n0 * k_stride, k_stride, valid, k);
-        sq_load_tile<BN, DV>(st + BN * DK * 2, vg + n0 * v_stride, v_stride, valid, v);
+        sq_load_tile<BN, DK, THREADS>(st, kg + n0 * k_stride, k_stride, valid, k);
+        sq_load_tile<BN, DV, THREADS>(st + BN * DK * 2, vg + n0 * v_stride, v_stride, valid, v);
     };
     float acc[DK / 8][4];
 #pragma unroll
@@ -660,7 +682,11 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
         const int n0 = k_lo + j * BN;
         float s[BN / 8][4], dp[BN / 8][4];
         sq_scores<DK, BN, F16>(s, qf, k_tile, lane);
-        sq_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        if constexpr (DO_SMEM) {
+            sq_abt_smem<DV, BN, F16>(dp, do_smem, warp * 16, v_tile, lane);
+        } else {
+            sq_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        }
         const bool full = n0 >= full_lo && n0 + BN <= full_hi;
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt)
@@ -686,45 +712,48 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
     }
 }
 
-#define SQ_BWD_ENTRIES(DK, DV, WARPS, BN, SPLIT, SFX, F16)                                                                  \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) squid_flash_bwd_dkdv_dk##DK##_dv##DV##_##SFX(         \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,       \
-        const float* lse, const float* delta, unsigned short* dk, unsigned short* dv, float* dq_acc,                \
-        const int* sched, float scale_log2, float scale) {                                                          \
-        __shared__ __align__(128) unsigned short smem[sq_dkdv_smem<DK, DV, WARPS, 16>()];                           \
-        const unsigned base = sq_smem(smem);                                                                         \
-        if (!SPLIT) {                                                                                                \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, true, true, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,   \
-                                                                  scale_log2, scale, base);                          \
-        } else if (blockIdx.z == 0) {                                                                                \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, false, true, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,  \
-                                                                   scale_log2, scale, base);                         \
-        } else {                                                                                                     \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, true, false, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,  \
-                                                                   scale_log2, scale, base);                         \
-        }                                                                                                            \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(SQ_THREADS) squid_flash_bwd_dq_dk##DK##_dv##DV##_##SFX(            \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,       \
-        const float* lse, const float* delta, unsigned short* dq, const int* sched, float scale_log2,               \
-        float scale) {                                                                                               \
-        sq_flash_bwd_dq<DK, DV, BN, F16>(q, k, v, d_o, lse, delta, dq, sched, scale_log2, scale);                  \
+// WARPS warps of 16 keys per dK/dV CTA; SPLIT: two CTAs per key tile (grid z = 2, dV then dK);
+// DS: the dS^T tile in a dO stage (sq_dkdv_smem); DQ_WARPS warps of 16 query rows per
+// deterministic dQ CTA over BN-key tiles; DO_SMEM: dO kept in shared memory (sq_flash_bwd_dq).
+#define SQ_BWD_ENTRIES(DK, DV, WARPS, SPLIT, DS, DQ_WARPS, BN, DO_SMEM, SFX, F16)                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) squid_flash_bwd_dkdv_dk##DK##_dv##DV##_##SFX(     \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,   \
+        const float* lse, const float* delta, unsigned short* dk, unsigned short* dv, float* dq_acc,            \
+        const int* sched, float scale_log2, float scale) {                                                      \
+        __shared__ __align__(128) unsigned short smem[sq_dkdv_smem<DK, DV, WARPS, 16, DS>()];                   \
+        const unsigned base = sq_smem(smem);                                                                     \
+        if (!SPLIT) {                                                                                            \
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, true, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, \
+                                                                      sched, scale_log2, scale, base);          \
+        } else if (blockIdx.z == 0) {                                                                            \
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, false, true, F16>(q, k, v, d_o, lse, delta, dk, dv,        \
+                                                                       dq_acc, sched, scale_log2, scale, base); \
+        } else {                                                                                                 \
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, false, F16>(q, k, v, d_o, lse, delta, dk, dv,        \
+                                                                       dq_acc, sched, scale_log2, scale, base); \
+        }                                                                                                        \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(DQ_WARPS * 32) squid_flash_bwd_dq_dk##DK##_dv##DV##_##SFX(    \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,   \
+        const float* lse, const float* delta, unsigned short* dq, const int* sched, float scale_log2,           \
+        float scale) {                                                                                           \
+        sq_flash_bwd_dq<DK, DV, DQ_WARPS, BN, DO_SMEM, F16>(q, k, v, d_o, lse, delta, dq, sched, scale_log2,   \
+                                                            scale);                                              \
     }
 
 // dK/dV: four warps (64 keys) where the accumulators and tiles allow, two (32 keys) above; for
 // Dk = 192 the dK and dV accumulators together do not fit the registers, so it is SPLIT: grid z
-// = 2, CTA z = 0 computes dV and z = 1 dK (and the atomic dQ), each recomputing P and dS;
-// dQ: the forward's key tiles (16 keys for Dk = 192, whose Q and dO fragments fill the registers).
-// Head dim 256 has no backward yet (dK + dV accumulators alone
-// would be 256 registers per thread at 16 keys per warp).
-SQ_BWD_ENTRIES(64, 64, 4, 64, false, bf16, false)
-SQ_BWD_ENTRIES(64, 64, 4, 64, false, f16, true)
-SQ_BWD_ENTRIES(96, 96, 4, 32, false, bf16, false)
-SQ_BWD_ENTRIES(96, 96, 4, 32, false, f16, true)
-SQ_BWD_ENTRIES(128, 128, 2, 32, false, bf16, false)
-SQ_BWD_ENTRIES(128, 128, 2, 32, false, f16, true)
-SQ_BWD_ENTRIES(192, 128, 2, 16, true, bf16, false)
-SQ_BWD_ENTRIES(192, 128, 2, 16, true, f16, true)
+// = 2, CTA z = 0 computes dV and z = 1 dK (and the atomic dQ), each recomputing P and dS.
+// dQ: the forward's key tiles (16 keys for Dk = 192, whose Q fragments fill the registers; its dO
+// stays in shared memory). Head dim 256 has no backward yet.
+SQ_BWD_ENTRIES(64, 64, 4, false, false, 4, 64, false, bf16, false)
+SQ_BWD_ENTRIES(64, 64, 4, false, false, 4, 64, false, f16, true)
+SQ_BWD_ENTRIES(96, 96, 4, false, false, 4, 32, false, bf16, false)
+SQ_BWD_ENTRIES(96, 96, 4, false, false, 4, 32, false, f16, true)
+SQ_BWD_ENTRIES(128, 128, 2, false, false, 4, 32, false, bf16, false)
+SQ_BWD_ENTRIES(128, 128, 2, false, false, 4, 32, false, f16, true)
+SQ_BWD_ENTRIES(192, 128, 2, true, false, 4, 16, true, bf16, false)
+SQ_BWD_ENTRIES(192, 128, 2, true, false, 4, 16, true, f16, true)
 
 extern "C" __global__ void squid_flash_bwd_pre_bf16(const unsigned short* o, const unsigned short* d_o, float* delta,
                                                     int total_q, int hq, int dv) {
