@@ -181,7 +181,8 @@ pub struct BackwardInputs<'a, T> {
     pub d_o: &'a DeviceBuffer<T>,
 }
 
-/// Runs the backward kernels over a forward (query-tile) schedule and a key-tile schedule.
+/// Runs the backward kernels over a forward (query-tile) schedule of [`flash::dq_tile_m`] rows
+/// and a key-tile schedule.
 pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
     cfg: &DenseConfig,
@@ -287,7 +288,11 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
             )>(&KERNEL, entry(&format!("squid_flash_bwd_dq_dk{dk}_dv{dv}_{sfx}"))?)
         }
         .map_err(device_err)?;
-        let launch = LaunchDims { grid: (fwd_sched.items as u32, hq as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
+        let launch = LaunchDims {
+            grid: (fwd_sched.items as u32, hq as u32, flash::dq_passes(dk)),
+            block: (2 * flash::dq_tile_m(dk) as u32, 1, 1),
+            shared_bytes: 0,
+        };
         dq_kernel
             .launch(gpu, launch, (x.q, x.k, x.v, x.d_o, x.lse, &delta, &mut dq, &ints, scale_log2, scale))
             .map_err(device_err)?;
@@ -334,7 +339,8 @@ pub fn backward<T: Element + DeviceCopy>(
     let atomic = mode == DqMode::Atomic;
     let keys =
         flash::key_schedule(cfg, kmask, h.num_q_heads, h.num_kv_heads, tile_n, cu_seqlens_q, cu_seqlens_k, atomic)?;
-    let fwd = if atomic { Schedule::empty() } else { dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)? };
+    let dq_tile = flash::dq_tile_m(h.head_dim_k);
+    let fwd = if atomic { Schedule::empty() } else { dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, dq_tile)? };
     backward_scheduled(gpu, cfg, dims, &fwd, &keys, x, mode)
 }
 
