@@ -79,7 +79,8 @@ pub(crate) fn validate_device<T: Element + DeviceCopy>(
     Ok(dims)
 }
 
-/// Runs the forward kernel over a schedule (shared by dense and segment attention).
+/// Runs the forward kernel over a schedule (shared by dense and segment attention), whose items
+/// hold at most [`flash::forward_tile_m`] positions.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
@@ -91,19 +92,48 @@ pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     v: &DeviceBuffer<T>,
 ) -> Result<DeviceOutput<T>, Error> {
     let h = cfg.heads;
+    let hpc = flash::forward_heads_per_cta(h.num_q_heads, h.num_kv_heads, h.head_dim_k);
+    forward_scheduled_stacking(gpu, cfg, dims, sched, q, k, v, hpc)
+}
+
+/// [`forward_scheduled`] with `hpc` heads per CTA (a divisor of the group; items of at most
+/// `TILE_M / hpc` positions): the tests compare stacking against one head per CTA.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_scheduled_stacking<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    dims: Dims,
+    sched: &Schedule,
+    q: &DeviceBuffer<T>,
+    k: &DeviceBuffer<T>,
+    v: &DeviceBuffer<T>,
+    hpc: usize,
+) -> Result<DeviceOutput<T>, Error> {
+    let h = cfg.heads;
     let mut o = gpu.zeros::<T>(dims.total_q * h.num_q_heads * h.head_dim_v).map_err(device_err)?;
     let mut lse = gpu.upload(&vec![f32::NEG_INFINITY; dims.total_q * h.num_q_heads]).map_err(device_err)?;
     if sched.items == 0 {
         return Ok(DeviceOutput { o, lse });
     }
     let name = format!("squid_flash_fwd_dk{}_dv{}_{}", h.head_dim_k, h.head_dim_v, dtype_suffix::<T>()?);
-    let ints = gpu.upload(&sched.ints).map_err(device_err)?;
+    // Header int 7 tells the kernel how many heads of a group each CTA stacks.
+    let group = h.num_q_heads / h.num_kv_heads.max(1);
+    if hpc == 0 || group % hpc != 0 || hpc > flash::TILE_M || (hpc > 1 && h.head_dim_k == 256) {
+        return Err(Error::Unsupported(format!("{hpc} heads per forward CTA for a GQA group of {group}")));
+    }
+    debug_assert!(sched.ints[flash::HEADER..][..sched.items * flash::ITEM]
+        .chunks(flash::ITEM)
+        .all(|it| it[5] as usize * hpc <= flash::TILE_M));
+    let mut header_ints = sched.ints.clone();
+    header_ints[7] = hpc as i32;
+    let ints = gpu.upload(&header_ints).map_err(device_err)?;
     let scale_log2 = cfg.softmax_scale() * std::f32::consts::LOG2_E;
-    let grid = (sched.items as u32, h.num_q_heads as u32, 1);
+    let grid = (sched.items as u32, (h.num_q_heads / hpc) as u32, 1);
     let launch = LaunchDims { grid, block: (128, 1, 1), shared_bytes: 0 };
     // SAFETY: the entry is (const T* q, const T* k, const T* v, T* o, float* lse, const int*
     // sched, float scale_log2) with T a 16-bit storage type; the schedule was built from the
-    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse.
+    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse; the
+    // CTA of grid row y writes heads y * hpc .. (y + 1) * hpc, and hpc divides HQ / HKV.
     let kernel = unsafe {
         gpu.typed_kernel::<(
             &DeviceBuffer<T>,
@@ -137,7 +167,8 @@ pub fn forward<T: Element + DeviceCopy>(
     cu_seqlens_k: &[u32],
 ) -> Result<DeviceOutput<T>, Error> {
     let dims = validate_device(gpu, cfg, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
+    let tile_m = flash::forward_tile_m(cfg.heads.num_q_heads, cfg.heads.num_kv_heads, cfg.heads.head_dim_k);
+    let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, tile_m)?;
     forward_scheduled(gpu, cfg, dims, &sched, q, k, v)
 }
 

@@ -331,3 +331,57 @@ proptest! {
         check_backward::<bf16>(&c, &lens_q, &lens_k, seed, mode);
     }
 }
+
+#[test]
+fn forward_stacks_each_gqa_group_in_one_cta() {
+    // Every GQA ratio asked for (16 and 8 leave 4 and 8 positions per tile; 3 leaves 21, so the
+    // 64-row tile has a padding row), lengths off every tile, windows and Tq < Tk.
+    for (n, group) in [1usize, 2, 3, 4, 8, 16].into_iter().enumerate() {
+        let window = if n % 2 == 0 { Some(9) } else { None };
+        check_forward::<bf16>(&cfg(group, 1, 64, 64, true, window), &[1, 27], &[5, 40], 30 + n as u64);
+    }
+    check_forward::<f16>(&cfg(6, 2, 96, 96, false, None), &[13, 2], &[13, 9], 37);
+    check_forward::<bf16>(&cfg(16, 2, 192, 128, true, None), &[9], &[20], 38);
+}
+
+/// Global bytes the forward requests with one head per CTA and with the group stacked, from the
+/// simulator's profile (counts of the simulated launch, not a measurement), for a short query
+/// block over many keys (chunked prefill; decode-like): one head per CTA fills 4 of a CTA's 64
+/// rows and loads the K/V tiles once per head; stacking fills 4 x group rows and loads them once
+/// per group, dividing the K/V bytes by the group. (With 64 or more positions per sequence both
+/// fill their 64 rows and load the same bytes.) The figures are in docs/KERNELS.md.
+#[test]
+fn stacking_loads_each_kv_tile_once_per_group() {
+    if std::env::var_os("SQUID_ATTENTION_ISA").is_some() || device().is_none() {
+        return;
+    }
+    let options = squid_cuda::ptxsim::Options { profile: true, ..Default::default() };
+    let gpu = Gpu::simulator_with(options).unwrap();
+    let (tq, tk) = (4usize, 512usize);
+    for group in [1usize, 3, 8, 16] {
+        let c = cfg(group, 1, 64, 64, true, None);
+        let x = case::<bf16>(&c.heads, &[tq], &[tk], 40 + group as u64);
+        let up = |v: &[f64]| gpu.upload(&to::<bf16>(v)).unwrap();
+        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let dims = super::validate_lens(&c, q.len(), k.len(), v.len(), &x.cu_q, &x.cu_k).unwrap();
+        let (o_ref, lse_ref) = naive::forward(&c, &x.q, &x.k, &x.v, &x.cu_q, &x.cu_k).unwrap();
+        let mut requested = Vec::new();
+        for hpc in [1, group] {
+            let sched = dev::dense_schedule(&c, &x.cu_q, &x.cu_k, super::flash::TILE_M / hpc).unwrap();
+            let out = dev::forward_scheduled_stacking(&gpu, &c, dims, &sched, &q, &k, &v, hpc).unwrap();
+            let p = gpu.last_profile().expect("a profile of the launch");
+            println!(
+                "GQA {group}, Tq {tq}, Tk {tk}, causal, Dk = Dv = 64, {hpc} heads per CTA: grid {:?}, global bytes \
+                 requested {}, global load requests {}",
+                p.grid, p.global_bytes_requested, p.global_load_requests
+            );
+            requested.push(p.global_bytes_requested as f64);
+            let (o, lse) = (gpu.download(&out.o).unwrap(), gpu.download(&out.lse).unwrap());
+            assert_forward(&format!("GQA {group}, {hpc} heads per CTA"), &o, &lse, &o_ref, &lse_ref);
+        }
+        // K/V are 128 KiB of each CTA's ~136 KiB of requests (Q 8 KiB at most, o and lse ~1 KiB
+        // per head), so the total falls by nearly the group factor.
+        let ratio = requested[0] / requested[1];
+        assert!(ratio >= 0.9 * group as f64, "GQA {group}: requested bytes fell only {ratio:.2}x");
+    }
+}

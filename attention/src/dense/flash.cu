@@ -191,12 +191,17 @@ __device__ __forceinline__ void sq_pv(float (&acc)[DV / 8][4], const float (&p)[
 
 // ---- forward ---------------------------------------------------------------------------------
 //
-// One CTA of four warps per (schedule item, query head); warp w owns rows 16w..16w+16 of the
-// 64-row query tile. Q is staged through shared memory once and kept in registers as mma A
+// One CTA of four warps per (schedule item, GQA group or part of one); warp w owns rows
+// 16w..16w+16 of the 64-row tile. The header's int 7 is the heads per CTA (HPC, a divisor of the
+// group of at most 64): the tile stacks the HPC heads h0.. of each query position (row r is
+// position r / HPC, head h0 + r % HPC; a schedule item then covers at most 64 / HPC positions),
+// so each K/V tile is loaded once for all of them. Q is staged through shared memory once and kept in registers as mma A
 // fragments; K and V tiles of BN keys stream through two cp.async stages (tile j + 1 loads while
 // tile j is used). Online softmax in registers on scores pre-scaled by scale * log2(e), so every
 // exponential is one ex2.
-template <int DK, int DV, int BN, bool F16>
+// STACK: false pins HPC to 1 (Dk = 256, whose registers are full: the stacking's extra live
+// values made ptxas spill; the host then launches one CTA per head).
+template <int DK, int DV, int BN, bool STACK, bool F16>
 __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                                              const unsigned short* __restrict__ v, unsigned short* __restrict__ o,
                                              float* __restrict__ lse, const int* __restrict__ sched,
@@ -208,16 +213,30 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     const unsigned base = sq_smem(smem);
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
+    const int hpc = STACK ? max(sched[7], 1) : 1;
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
     const int* it = sched + SQ_HEADER + (long long)blockIdx.x * SQ_ITEM;
     const int q_base = it[0], tq = it[1], k_base = it[2], tk = it[3], r0 = it[4], rows = it[5];
     const int k_lo = it[6], k_hi = it[7], full_lo = it[8], full_hi = it[9];
-    const int h = blockIdx.y, g = h / (hq / hkv);
+    const int h0 = blockIdx.y * hpc, g = h0 / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const long long q_stride = (long long)hq * DK, k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
+    const long long k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
 
-    // Q tile -> shared -> registers (the shared space is then reused by the K/V stages).
-    sq_load_tile<BM, DK>(base, q + ((long long)(q_base + r0) * hq + h) * DK, q_stride, rows, q);
+    // Q tile -> shared -> registers (the shared space is then reused by the K/V stages). A
+    // position's HPC heads are adjacent in q, so consecutive tile rows stay contiguous.
+    {
+        constexpr int C = DK / 8;
+#pragma unroll
+        for (int i = 0; i < (BM * C + SQ_THREADS - 1) / SQ_THREADS; ++i) {
+            const int c = threadIdx.x + i * SQ_THREADS;
+            if ((BM * C) % SQ_THREADS == 0 || c < BM * C) {
+                const int r = c / C, ch = c % C, pos = r / hpc;
+                const bool ok = pos < rows;
+                const unsigned short* src = ok ? q + ((long long)(q_base + r0 + pos) * hq + h0 + r % hpc) * DK + ch * 8 : q;
+                sq_cp_async_16(base + (unsigned)(r * DK + sq_swz<C>(r, ch) * 8) * 2u, src, ok ? 16u : 0u);
+            }
+        }
+    }
     sq_commit();
     sq_wait<0>();
     __syncthreads();
@@ -229,8 +248,8 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     int lo[2], hi[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        const int local = warp * 16 + (lane >> 2) + e * 8;
-        sq_row_range(r0 + local, local < rows, tq, tk, q_base, causal, window, row_lo, lo[e], hi[e]);
+        const int pos = (warp * 16 + (lane >> 2) + e * 8) / hpc;
+        sq_row_range(r0 + pos, pos < rows, tq, tk, q_base, causal, window, row_lo, lo[e], hi[e]);
     }
 
     const unsigned short* kg = k + ((long long)k_base * hkv + g) * DK;
@@ -312,9 +331,9 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     for (int e = 0; e < 2; ++e) {
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 1);
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 2);
-        const int local = warp * 16 + (lane >> 2) + e * 8;
-        if (local >= rows) continue;
-        const long long row = q_base + r0 + local;
+        const int local = warp * 16 + (lane >> 2) + e * 8, pos = local / hpc, h = h0 + local % hpc;
+        if (pos >= rows) continue;
+        const long long row = q_base + r0 + pos;
         const float inv = l[e] > 0.0f ? 1.0f / l[e] : 0.0f;
         unsigned* out = reinterpret_cast<unsigned*>(o + (row * hq + h) * DV + (lane & 3) * 2);
 #pragma unroll
@@ -323,24 +342,24 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     }
 }
 
-#define SQ_FWD_ENTRY(NAME, DK, DV, BN, F16)                                                                        \
+#define SQ_FWD_ENTRY(NAME, DK, DV, BN, STACK, F16)                                                                        \
     extern "C" __global__ void __launch_bounds__(SQ_THREADS)                                                         \
         NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* o,          \
              float* lse, const int* sched, float scale_log2) {                                                       \
-        sq_flash_fwd<DK, DV, BN, F16>(q, k, v, o, lse, sched, scale_log2);                                          \
+        sq_flash_fwd<DK, DV, BN, STACK, F16>(q, k, v, o, lse, sched, scale_log2);                                         \
     }
 
 // Key tile per head dim: the two K/V stages fit the 48 KiB of static shared memory.
-SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_bf16, 64, 64, 64, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_f16, 64, 64, 64, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_bf16, 96, 96, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_f16, 96, 96, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_bf16, 128, 128, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_f16, 128, 128, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_bf16, 192, 128, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_f16, 192, 128, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_bf16, 256, 256, 16, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_f16, 256, 256, 16, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_bf16, 64, 64, 64, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_f16, 64, 64, 64, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_bf16, 96, 96, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_f16, 96, 96, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_bf16, 128, 128, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_f16, 128, 128, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_bf16, 192, 128, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_f16, 192, 128, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_bf16, 256, 256, 16, false, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_f16, 256, 256, 16, false, true)
 
 // ---- backward ----------------------------------------------------------------------------------
 //

@@ -69,6 +69,22 @@ pub const BACKWARD_HEAD_DIMS: [(usize, usize, usize); 5] =
 /// Query rows per forward CTA (four warps of 16 rows).
 pub const TILE_M: usize = 64;
 
+/// Query heads per forward CTA: the GQA group (its largest divisor up to [`TILE_M`] for a larger
+/// group), stacked in the CTA's rows so each K/V tile is loaded once for all of them; 1 at
+/// Dk = 256 (its kernel is compiled without the stacking: its registers are full).
+pub(crate) fn forward_heads_per_cta(num_q_heads: usize, num_kv_heads: usize, dk: usize) -> usize {
+    let group = (num_q_heads / num_kv_heads.max(1)).max(1);
+    if dk == 256 {
+        return 1;
+    }
+    (1..=group.min(TILE_M)).rev().find(|d| group % d == 0).unwrap_or(1)
+}
+
+/// Query positions per forward schedule item: [`TILE_M`] rows shared by the stacked heads.
+pub(crate) fn forward_tile_m(num_q_heads: usize, num_kv_heads: usize, dk: usize) -> usize {
+    TILE_M / forward_heads_per_cta(num_q_heads, num_kv_heads, dk)
+}
+
 /// Ints before the first item: `total_q hq hkv causal window row_lo_at - -`.
 pub(crate) const HEADER: usize = 8;
 /// Ints per item: `q_base tq k_base tk r0 rows k_lo k_hi full_lo full_hi`.

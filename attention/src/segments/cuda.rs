@@ -81,7 +81,9 @@ pub fn forward<T: Element + DeviceCopy>(
     cu_seqlens_k: &[u32],
 ) -> Result<DeviceOutput<T>, Error> {
     let dims = validate(gpu, cfg, layout, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
+    let h = cfg.heads;
+    let tile_m = flash::forward_tile_m(h.num_q_heads, h.num_kv_heads, h.head_dim_k);
+    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k, tile_m)?;
     forward_scheduled(gpu, &cfg.dense(), dims, &sched, q, k, v)
 }
 
