@@ -151,8 +151,9 @@ fn covered_rows(sched: &Schedule) -> usize {
 }
 
 /// Runs the forward kernel over a schedule into `o` and `lse` (shared by dense and segment
-/// attention and the batch-invariant decode). Rows no item covers (they see no key) get
-/// `o = 0`, `lse = -inf` here; the kernel writes every row of its items.
+/// attention and the batch-invariant decode), whose items hold at most
+/// [`flash::forward_tile_m`] positions. Rows no item covers (they see no key) get `o = 0`,
+/// `lse = -inf` here; the kernel writes every row of its items.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
@@ -162,8 +163,28 @@ pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
     q: DeviceView<'_, T>,
     k: DeviceView<'_, T>,
     v: DeviceView<'_, T>,
+    o: DeviceViewMut<'_, T>,
+    lse: DeviceViewMut<'_, f32>,
+) -> Result<(), Error> {
+    let h = cfg.heads;
+    let hpc = flash::forward_heads_per_cta(h.num_q_heads, h.num_kv_heads, h.head_dim_k);
+    forward_scheduled_stacking(gpu, cfg, dims, sched, q, k, v, o, lse, hpc)
+}
+
+/// [`forward_scheduled`] with `hpc` heads per CTA (a divisor of the group; items of at most
+/// `TILE_M / hpc` positions): the tests compare stacking against one head per CTA.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_scheduled_stacking<T: Element + DeviceCopy>(
+    gpu: &Gpu,
+    cfg: &DenseConfig,
+    dims: Dims,
+    sched: &Schedule,
+    q: DeviceView<'_, T>,
+    k: DeviceView<'_, T>,
+    v: DeviceView<'_, T>,
     mut o: DeviceViewMut<'_, T>,
     mut lse: DeviceViewMut<'_, f32>,
+    hpc: usize,
 ) -> Result<(), Error> {
     let h = cfg.heads;
     expect_outputs(cfg, dims.total_q, o.len(), lse.len())?;
@@ -182,14 +203,24 @@ pub(crate) fn forward_scheduled<T: Element + DeviceCopy>(
         return Ok(());
     }
     let name = format!("squid_flash_fwd_dk{}_dv{}_{}", h.head_dim_k, h.head_dim_v, dtype_suffix::<T>()?);
-    let ints = gpu.upload(&sched.ints).map_err(device_err)?;
+    // Header int 7 tells the kernel how many heads of a group each CTA stacks.
+    let group = h.num_q_heads / h.num_kv_heads.max(1);
+    if hpc == 0 || group % hpc != 0 || hpc > flash::TILE_M || (hpc > 1 && h.head_dim_k == 256) {
+        return Err(Error::Unsupported(format!("{hpc} heads per forward CTA for a GQA group of {group}")));
+    }
+    debug_assert!(sched.ints[flash::HEADER..][..sched.items * flash::ITEM]
+        .chunks(flash::ITEM)
+        .all(|it| it[5] as usize * hpc <= flash::TILE_M));
+    let mut header_ints = sched.ints.clone();
+    header_ints[7] = hpc as i32;
+    let ints = gpu.upload(&header_ints).map_err(device_err)?;
     let scale_log2 = cfg.softmax_scale() * std::f32::consts::LOG2_E;
-    let grid = (sched.items as u32, h.num_q_heads as u32, 1);
+    let grid = (sched.items as u32, (h.num_q_heads / hpc) as u32, 1);
     let launch = LaunchDims { grid, block: (128, 1, 1), shared_bytes: 0 };
     // SAFETY: the entry is (const T* q, const T* k, const T* v, T* o, float* lse, const int*
     // sched, float scale_log2) with T a 16-bit storage type; the schedule was built from the
-    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse (whose
-    // lengths were checked).
+    // validated cu_seqlens, so every row it addresses lies inside q, k, v, o and lse; the
+    // CTA of grid row y writes heads y * hpc .. (y + 1) * hpc, and hpc divides HQ / HKV.
     let kernel = unsafe {
         gpu.typed_kernel::<(
             DeviceView<'_, T>,
@@ -242,7 +273,12 @@ pub fn forward_into<'a, 'b, T: Element + DeviceCopy>(
 ) -> Result<(), Error> {
     let (q, k, v) = (q.into(), k.into(), v.into());
     let dims = validate_device(gpu, cfg, &q, &k, &v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
+    let sched = dense_schedule(
+        cfg,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        flash::forward_tile_m(cfg.heads.num_q_heads, cfg.heads.num_kv_heads, cfg.heads.head_dim_k),
+    )?;
     forward_scheduled(gpu, cfg, dims, &sched, q, k, v, o.into(), lse.into())
 }
 
@@ -329,8 +365,8 @@ pub struct BackwardInputs<'a, T> {
     pub d_o: DeviceView<'a, T>,
 }
 
-/// Runs the backward kernels over a forward (query-tile) schedule and a key-tile schedule into
-/// the caller's gradients (lengths checked here).
+/// Runs the backward kernels over a forward (query-tile) schedule of [`flash::dq_tile_m`] rows
+/// and a key-tile schedule into the caller's gradients (lengths checked here).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
     gpu: &Gpu,
@@ -464,7 +500,11 @@ pub(crate) fn backward_scheduled<T: Element + DeviceCopy>(
             )>(&KERNEL, entry(&format!("squid_flash_bwd_dq_dk{dk}_dv{dv}_{sfx}"))?)
         }
         .map_err(device_err)?;
-        let launch = LaunchDims { grid: (fwd_sched.items as u32, hq as u32, 1), block: (128, 1, 1), shared_bytes: 0 };
+        let launch = LaunchDims {
+            grid: (fwd_sched.items as u32, hq as u32, flash::dq_passes(dk)),
+            block: (2 * flash::dq_tile_m(dk) as u32, 1, 1),
+            shared_bytes: 0,
+        };
         dq_kernel
             .launch(gpu, launch, (x.q, x.k, x.v, x.d_o, x.lse, &delta, dq, &ints, scale_log2, scale))
             .map_err(device_err)?;
@@ -527,7 +567,8 @@ pub fn backward_into<T: Element + DeviceCopy>(
     let atomic = mode == DqMode::Atomic;
     let keys =
         flash::key_schedule(cfg, kmask, h.num_q_heads, h.num_kv_heads, tile_n, cu_seqlens_q, cu_seqlens_k, atomic)?;
-    let fwd = if atomic { Schedule::empty() } else { dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)? };
+    let dq_tile = flash::dq_tile_m(h.head_dim_k);
+    let fwd = if atomic { Schedule::empty() } else { dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, dq_tile)? };
     backward_scheduled(gpu, cfg, dims, &fwd, &keys, x, mode, grads)
 }
 

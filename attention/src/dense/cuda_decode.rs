@@ -22,6 +22,12 @@ use super::{flash, validate_lens, DenseConfig, Dims, DECODE_KERNEL};
 use crate::layout::rows_of;
 use crate::{validate_cu_seqlens, Error};
 
+/// The forward kernel's query positions per item for `cfg` (its GQA stacking decides it).
+fn forward_tile(cfg: &DenseConfig) -> usize {
+    let h = cfg.heads;
+    flash::forward_tile_m(h.num_q_heads, h.num_kv_heads, h.head_dim_k)
+}
+
 /// Keys per tile (`SQUID_DEC_BK`).
 pub const TILE_KEYS: usize = 32;
 /// Query rows per work item (`SQUID_DEC_RB`).
@@ -378,7 +384,7 @@ pub fn decode_into<'a, 'b, T: DecodeElement>(
     int(dims.total_k, "total_k")?;
     int(dims.total_q, "total_q")?;
     if forward_kernel_decodes(cfg, opts) {
-        let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, flash::TILE_M)?;
+        let sched = dense_schedule(cfg, cu_seqlens_q, cu_seqlens_k, forward_tile(cfg))?;
         return super::cuda::forward_scheduled(gpu, cfg, dims, &sched, q, k_cache, v_cache, o, lse);
     }
     let seqs: Vec<SeqRow> = (0..dims.num_seqs)
@@ -552,6 +558,6 @@ fn paged_through_forward<T: DecodeElement>(
         gather.launch(gpu, dims, (kv.v_pages.clone(), &src_rows, &mut v, n, row as i32)).map_err(device_err)?;
     }
     let dims = Dims { num_seqs: seqs.len(), total_q, total_k };
-    let sched = dense_schedule(cfg, cu_seqlens_q, &cu_k, flash::TILE_M)?;
+    let sched = dense_schedule(cfg, cu_seqlens_q, &cu_k, forward_tile(cfg))?;
     super::cuda::forward_scheduled(gpu, cfg, dims, &sched, q, k.view(), v.view(), o, lse)
 }

@@ -254,8 +254,21 @@ fn device_errors_are_typed() {
 fn backward_every_head_dim_both_modes() {
     for (dk, dv, _) in super::flash::BACKWARD_HEAD_DIMS {
         let c = cfg(2, 1, dk, dv, true, None);
-        check_backward::<bf16>(&c, &[1, 70], &[17, 90], dk as u64, DqMode::Atomic);
-        check_backward::<f16>(&c, &[1, 70], &[17, 90], dk as u64 + 1, DqMode::Deterministic);
+        // Dk = 256 has its own test (one-warp CTAs, slow on the simulator): shorter here.
+        let (lq, lk): (&[usize], &[usize]) = if dk == 256 { (&[1, 21], &[17, 35]) } else { (&[1, 70], &[17, 90]) };
+        check_backward::<bf16>(&c, lq, lk, dk as u64, DqMode::Atomic);
+        check_backward::<f16>(&c, lq, lk, dk as u64 + 1, DqMode::Deterministic);
+    }
+}
+
+#[test]
+fn backward_head_dim_256_gqa_windows_both_modes() {
+    // Dk = 256 splits dK/dV (four CTAs per 16-key tile: column halves) and the deterministic dQ
+    // (two CTAs per 16-row tile); lengths off the 16-row and 16-key tiles, GQA 3, a window, Tq < Tk,
+    // a sequence with no keys, both storage types.
+    for mode in [DqMode::Atomic, DqMode::Deterministic] {
+        check_backward::<bf16>(&cfg(3, 1, 256, 256, true, Some(7)), &[19, 1], &[23, 4], 21, mode);
+        check_backward::<f16>(&cfg(2, 2, 256, 256, false, None), &[3, 17, 2], &[0, 33, 5], 22, mode);
     }
 }
 
@@ -276,7 +289,7 @@ fn backward_gqa_windows_and_tiny_sequences() {
 }
 
 #[test]
-fn deterministic_backward_is_reproducible_and_head_dim_256_is_refused() {
+fn deterministic_backward_is_reproducible() {
     let Some(gpu) = device() else { return };
     let c = cfg(4, 2, 64, 64, true, None);
     let x = case::<bf16>(&c.heads, &[70], &[70], 9);
@@ -289,11 +302,6 @@ fn deterministic_backward_is_reproducible_and_head_dim_256_is_refused() {
     let b = dev::backward(gpu, &c, inputs, &x.cu_q, &x.cu_k, DqMode::Deterministic).unwrap();
     assert_eq!(gpu.download(&a.dq).unwrap(), gpu.download(&b.dq).unwrap());
     assert_eq!(gpu.download(&a.dk).unwrap(), gpu.download(&b.dk).unwrap());
-    let wide = cfg(1, 1, 256, 256, true, None);
-    let w = gpu.upload(&vec![bf16::ONE; 4 * 256]).unwrap();
-    let lse = gpu.upload(&[0.0f32; 4]).unwrap();
-    let inputs = BackwardInputs { q: w.view(), k: w.view(), v: w.view(), o: w.view(), lse: lse.view(), d_o: w.view() };
-    assert!(matches!(dev::backward(gpu, &wide, inputs, &[0, 4], &[0, 4], DqMode::Atomic), Err(Error::Unsupported(_))));
 }
 
 proptest! {
@@ -337,5 +345,72 @@ proptest! {
         let c = cfg(group, 1, dims.0, dims.1, causal, window);
         let mode = if atomic { DqMode::Atomic } else { DqMode::Deterministic };
         check_backward::<bf16>(&c, &lens_q, &lens_k, seed, mode);
+    }
+}
+
+#[test]
+fn forward_stacks_each_gqa_group_in_one_cta() {
+    // Every GQA ratio asked for (16 and 8 leave 4 and 8 positions per tile; 3 leaves 21, so the
+    // 64-row tile has a padding row), lengths off every tile, windows and Tq < Tk.
+    for (n, group) in [1usize, 2, 3, 4, 8, 16].into_iter().enumerate() {
+        let window = if n % 2 == 0 { Some(9) } else { None };
+        check_forward::<bf16>(&cfg(group, 1, 64, 64, true, window), &[1, 27], &[5, 40], 30 + n as u64);
+    }
+    check_forward::<f16>(&cfg(6, 2, 96, 96, false, None), &[13, 2], &[13, 9], 37);
+    check_forward::<bf16>(&cfg(16, 2, 192, 128, true, None), &[9], &[20], 38);
+}
+
+/// Global bytes the forward requests with one head per CTA and with the group stacked, from the
+/// simulator's profile (counts of the simulated launch, not a measurement), for a short query
+/// block over many keys (chunked prefill; decode-like): one head per CTA fills 4 of a CTA's 64
+/// rows and loads the K/V tiles once per head; stacking fills 4 x group rows and loads them once
+/// per group, dividing the K/V bytes by the group. (With 64 or more positions per sequence both
+/// fill their 64 rows and load the same bytes.) The figures are in docs/KERNELS.md.
+#[test]
+fn stacking_loads_each_kv_tile_once_per_group() {
+    if std::env::var_os("SQUID_ATTENTION_ISA").is_some() || device().is_none() {
+        return;
+    }
+    let options = squid_cuda::ptxsim::Options { profile: true, ..Default::default() };
+    let gpu = Gpu::simulator_with(options).unwrap();
+    let (tq, tk) = (4usize, 512usize);
+    for group in [1usize, 3, 8, 16] {
+        let c = cfg(group, 1, 64, 64, true, None);
+        let x = case::<bf16>(&c.heads, &[tq], &[tk], 40 + group as u64);
+        let up = |v: &[f64]| gpu.upload(&to::<bf16>(v)).unwrap();
+        let (q, k, v) = (up(&x.q), up(&x.k), up(&x.v));
+        let dims = super::validate_lens(&c, q.len(), k.len(), v.len(), &x.cu_q, &x.cu_k).unwrap();
+        let (o_ref, lse_ref) = naive::forward(&c, &x.q, &x.k, &x.v, &x.cu_q, &x.cu_k).unwrap();
+        let mut requested = Vec::new();
+        for hpc in [1, group] {
+            let sched = dev::dense_schedule(&c, &x.cu_q, &x.cu_k, super::flash::TILE_M / hpc).unwrap();
+            let (mut o, mut lse) = dev::alloc_outputs::<bf16>(&gpu, &c, dims.total_q).unwrap();
+            dev::forward_scheduled_stacking(
+                &gpu,
+                &c,
+                dims,
+                &sched,
+                q.view(),
+                k.view(),
+                v.view(),
+                o.view_mut(),
+                lse.view_mut(),
+                hpc,
+            )
+            .unwrap();
+            let p = gpu.last_profile().expect("a profile of the launch");
+            println!(
+                "GQA {group}, Tq {tq}, Tk {tk}, causal, Dk = Dv = 64, {hpc} heads per CTA: grid {:?}, global bytes \
+                 requested {}, global load requests {}",
+                p.grid, p.global_bytes_requested, p.global_load_requests
+            );
+            requested.push(p.global_bytes_requested as f64);
+            let (o, lse) = (gpu.download(&o).unwrap(), gpu.download(&lse).unwrap());
+            assert_forward(&format!("GQA {group}, {hpc} heads per CTA"), &o, &lse, &o_ref, &lse_ref);
+        }
+        // K/V are 128 KiB of each CTA's ~136 KiB of requests (Q 8 KiB at most, o and lse ~1 KiB
+        // per head), so the total falls by nearly the group factor.
+        let ratio = requested[0] / requested[1];
+        assert!(ratio >= 0.9 * group as f64, "GQA {group}: requested bytes fell only {ratio:.2}x");
     }
 }

@@ -169,9 +169,10 @@ __device__ __forceinline__ void sq_scores(float (&s)[BN / 8][4], const unsigned 
 
 // acc[dv8][fragment] += P V for a warp's 16 rows, P from the score fragments (the C layout of
 // two n8 tiles is the A layout of one k16 step), V a swizzled [BN, DV] tile.
-template <int DV, int BN, bool F16>
+// (The accumulator may cover columns col0..col0 + DV of a wider [BN, LD] tile.)
+template <int DV, int BN, bool F16, int LD = DV>
 __device__ __forceinline__ void sq_pv(float (&acc)[DV / 8][4], const float (&p)[BN / 8][4], unsigned v_tile,
-                                      int lane) {
+                                      int lane, int col0 = 0) {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
         const unsigned a[4] = {sq_pack<F16>(p[2 * kk][0], p[2 * kk][1]), sq_pack<F16>(p[2 * kk][2], p[2 * kk][3]),
@@ -180,7 +181,8 @@ __device__ __forceinline__ void sq_pv(float (&acc)[DV / 8][4], const float (&p)[
 #pragma unroll
         for (int dp = 0; dp < DV / 16; ++dp) {
             unsigned b[4];
-            sq_ldsm_x4_t(b, sq_at<DV>(v_tile, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, dp * 16 + (lane >> 4) * 8));
+            sq_ldsm_x4_t(b, sq_at<LD>(v_tile, kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                      col0 + dp * 16 + (lane >> 4) * 8));
             sq_mma<F16>(acc[2 * dp], a, b[0], b[1]);
             sq_mma<F16>(acc[2 * dp + 1], a, b[2], b[3]);
         }
@@ -189,12 +191,17 @@ __device__ __forceinline__ void sq_pv(float (&acc)[DV / 8][4], const float (&p)[
 
 // ---- forward ---------------------------------------------------------------------------------
 //
-// One CTA of four warps per (schedule item, query head); warp w owns rows 16w..16w+16 of the
-// 64-row query tile. Q is staged through shared memory once and kept in registers as mma A
+// One CTA of four warps per (schedule item, GQA group or part of one); warp w owns rows
+// 16w..16w+16 of the 64-row tile. The header's int 7 is the heads per CTA (HPC, a divisor of the
+// group of at most 64): the tile stacks the HPC heads h0.. of each query position (row r is
+// position r / HPC, head h0 + r % HPC; a schedule item then covers at most 64 / HPC positions),
+// so each K/V tile is loaded once for all of them. Q is staged through shared memory once and kept in registers as mma A
 // fragments; K and V tiles of BN keys stream through two cp.async stages (tile j + 1 loads while
 // tile j is used). Online softmax in registers on scores pre-scaled by scale * log2(e), so every
 // exponential is one ex2.
-template <int DK, int DV, int BN, bool F16>
+// STACK: false pins HPC to 1 (Dk = 256, whose registers are full: the stacking's extra live
+// values made ptxas spill; the host then launches one CTA per head).
+template <int DK, int DV, int BN, bool STACK, bool F16>
 __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                                              const unsigned short* __restrict__ v, unsigned short* __restrict__ o,
                                              float* __restrict__ lse, const int* __restrict__ sched,
@@ -206,16 +213,30 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     const unsigned base = sq_smem(smem);
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
+    const int hpc = STACK ? max(sched[7], 1) : 1;
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
     const int* it = sched + SQ_HEADER + (long long)blockIdx.x * SQ_ITEM;
     const int q_base = it[0], tq = it[1], k_base = it[2], tk = it[3], r0 = it[4], rows = it[5];
     const int k_lo = it[6], k_hi = it[7], full_lo = it[8], full_hi = it[9];
-    const int h = blockIdx.y, g = h / (hq / hkv);
+    const int h0 = blockIdx.y * hpc, g = h0 / (hq / hkv);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const long long q_stride = (long long)hq * DK, k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
+    const long long k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
 
-    // Q tile -> shared -> registers (the shared space is then reused by the K/V stages).
-    sq_load_tile<BM, DK>(base, q + ((long long)(q_base + r0) * hq + h) * DK, q_stride, rows, q);
+    // Q tile -> shared -> registers (the shared space is then reused by the K/V stages). A
+    // position's HPC heads are adjacent in q, so consecutive tile rows stay contiguous.
+    {
+        constexpr int C = DK / 8;
+#pragma unroll
+        for (int i = 0; i < (BM * C + SQ_THREADS - 1) / SQ_THREADS; ++i) {
+            const int c = threadIdx.x + i * SQ_THREADS;
+            if ((BM * C) % SQ_THREADS == 0 || c < BM * C) {
+                const int r = c / C, ch = c % C, pos = r / hpc;
+                const bool ok = pos < rows;
+                const unsigned short* src = ok ? q + ((long long)(q_base + r0 + pos) * hq + h0 + r % hpc) * DK + ch * 8 : q;
+                sq_cp_async_16(base + (unsigned)(r * DK + sq_swz<C>(r, ch) * 8) * 2u, src, ok ? 16u : 0u);
+            }
+        }
+    }
     sq_commit();
     sq_wait<0>();
     __syncthreads();
@@ -227,8 +248,8 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     int lo[2], hi[2];
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        const int local = warp * 16 + (lane >> 2) + e * 8;
-        sq_row_range(r0 + local, local < rows, tq, tk, q_base, causal, window, row_lo, lo[e], hi[e]);
+        const int pos = (warp * 16 + (lane >> 2) + e * 8) / hpc;
+        sq_row_range(r0 + pos, pos < rows, tq, tk, q_base, causal, window, row_lo, lo[e], hi[e]);
     }
 
     const unsigned short* kg = k + ((long long)k_base * hkv + g) * DK;
@@ -310,9 +331,9 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     for (int e = 0; e < 2; ++e) {
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 1);
         l[e] += __shfl_xor_sync(0xffffffffu, l[e], 2);
-        const int local = warp * 16 + (lane >> 2) + e * 8;
-        if (local >= rows) continue;
-        const long long row = q_base + r0 + local;
+        const int local = warp * 16 + (lane >> 2) + e * 8, pos = local / hpc, h = h0 + local % hpc;
+        if (pos >= rows) continue;
+        const long long row = q_base + r0 + pos;
         const float inv = l[e] > 0.0f ? 1.0f / l[e] : 0.0f;
         unsigned* out = reinterpret_cast<unsigned*>(o + (row * hq + h) * DV + (lane & 3) * 2);
 #pragma unroll
@@ -321,24 +342,24 @@ __device__ __forceinline__ void sq_flash_fwd(const unsigned short* __restrict__ 
     }
 }
 
-#define SQ_FWD_ENTRY(NAME, DK, DV, BN, F16)                                                                        \
+#define SQ_FWD_ENTRY(NAME, DK, DV, BN, STACK, F16)                                                                        \
     extern "C" __global__ void __launch_bounds__(SQ_THREADS)                                                         \
         NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* o,          \
              float* lse, const int* sched, float scale_log2) {                                                       \
-        sq_flash_fwd<DK, DV, BN, F16>(q, k, v, o, lse, sched, scale_log2);                                          \
+        sq_flash_fwd<DK, DV, BN, STACK, F16>(q, k, v, o, lse, sched, scale_log2);                                         \
     }
 
 // Key tile per head dim: the two K/V stages fit the 48 KiB of static shared memory.
-SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_bf16, 64, 64, 64, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_f16, 64, 64, 64, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_bf16, 96, 96, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_f16, 96, 96, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_bf16, 128, 128, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_f16, 128, 128, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_bf16, 192, 128, 32, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_f16, 192, 128, 32, true)
-SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_bf16, 256, 256, 16, false)
-SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_f16, 256, 256, 16, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_bf16, 64, 64, 64, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk64_dv64_f16, 64, 64, 64, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_bf16, 96, 96, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk96_dv96_f16, 96, 96, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_bf16, 128, 128, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk128_dv128_f16, 128, 128, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_bf16, 192, 128, 32, true, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk192_dv128_f16, 192, 128, 32, true, true)
+SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_bf16, 256, 256, 16, false, false)
+SQ_FWD_ENTRY(squid_flash_fwd_dk256_dv256_f16, 256, 256, 16, false, true)
 
 // ---- backward ----------------------------------------------------------------------------------
 //
@@ -421,13 +442,17 @@ __device__ __forceinline__ void sq_bwd_dq_convert(const float* __restrict__ acc,
 }
 
 // Shared elements of the dK/dV kernel (declared by its entry, so the two passes of a split entry
-// share one array): K and V tiles, two Q/dO stages, the dS^T tile.
-template <int DK, int DV, int WARPS, int BMQ>
+// share one array): K and V tiles, two Q/dO stages, the dS^T tile. DS_IN_STAGE puts the dS^T
+// tile in the dO half of the stage being read (dO is dead once dP and dV are done), for head
+// dims whose separate tile would pass the 48 KiB of static shared memory (Dk = 256).
+template <int DK, int DV, int WARPS, int BMQ, bool DS_IN_STAGE>
 __host__ __device__ constexpr int sq_dkdv_smem() {
-    return 16 * WARPS * (DK + DV) + 2 * BMQ * (DK + DV) + 16 * WARPS * BMQ;
+    return 16 * WARPS * (DK + DV) + 2 * BMQ * (DK + DV) + (DS_IN_STAGE ? 0 : 16 * WARPS * BMQ);
 }
 
-template <int DK, int DV, int WARPS, int BMQ, bool DO_DK, bool DO_DV, bool F16>
+// DO_DK / DO_DV: which accumulators this CTA keeps; PART of PARTS: the slice of their columns
+// (PARTS > 1 when even one accumulator does not fit the registers: Dk = 256).
+template <int DK, int DV, int WARPS, int BMQ, bool DS_IN_STAGE, bool DO_DK, bool DO_DV, int PART, int PARTS, bool F16>
 __device__ __forceinline__ void sq_flash_bwd_dkdv(
     const unsigned short* __restrict__ q, const unsigned short* __restrict__ k, const unsigned short* __restrict__ v,
     const unsigned short* __restrict__ d_o, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -438,7 +463,7 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
     constexpr int KV = BN * (DK + DV);
     constexpr int STAGE = BMQ * (DK + DV);
     const unsigned k_tile = base, v_tile = base + BN * DK * 2;
-    const unsigned ds_tile = base + (KV + 2 * STAGE) * 2;
+    static_assert(!DS_IN_STAGE || 16 * WARPS * BMQ <= BMQ * DV, "dS^T must fit the dO half of a stage");
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
@@ -465,7 +490,8 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
     sq_commit();
 
     // A pass that skips dK or dV keeps a one-tile dummy accumulator (never used).
-    constexpr int DKA = DO_DK ? DK : 8, DVA = DO_DV ? DV : 8;
+    static_assert(DK % (16 * PARTS) == 0 && DV % (16 * PARTS) == 0, "column slices of whole k16 steps");
+    constexpr int DKA = DO_DK ? DK / PARTS : 8, DVA = DO_DV ? DV / PARTS : 8;
     float dk_acc[DKA / 8][4], dv_acc[DVA / 8][4];
 #pragma unroll
     for (int i = 0; i < DKA / 8; ++i)
@@ -519,11 +545,13 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
                     p[nt][2 * e + c] = pe;
                 }
             }
-        if (DO_DV) sq_pv<DVA, BMQ, F16>(dv_acc, p, do_tile, lane);
-        if (DO_DK) sq_pv<DKA, BMQ, F16>(dk_acc, ds, q_tile, lane);
+        if (DO_DV) sq_pv<DVA, BMQ, F16, DV>(dv_acc, p, do_tile, lane, PART * DVA);
+        if (DO_DK) sq_pv<DKA, BMQ, F16, DK>(dk_acc, ds, q_tile, lane, PART * DKA);
         if (atomic) {
             // dS^T -> shared [BN keys][BMQ queries]; then dQ[m0.., :] += dS K, the DK / 8 column
             // tiles shared out over the warps.
+            const unsigned ds_tile = DS_IN_STAGE ? do_tile : base + (KV + 2 * STAGE) * 2;
+            if (DS_IN_STAGE) __syncthreads();  // every warp is done reading this stage's dO
 #pragma unroll
             for (int nt = 0; nt < BMQ / 8; ++nt)
 #pragma unroll
@@ -534,7 +562,13 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
                                  : "memory");
                 }
             __syncthreads();
-            for (int nt = warp; nt < DK / 8; nt += WARPS) {
+            // A fixed trip count per warp (unrolled): a loop starting at `warp` made ptxas 13
+            // spill at Dk = 96 on sm_100.
+            // With PARTS > 1, each dK slice's CTA adds the same slice of dQ's columns.
+            static_assert((DK / 8 / PARTS) % WARPS == 0, "dQ column tiles must share out evenly over the warps");
+#pragma unroll
+            for (int ni = 0; ni < DK / 8 / PARTS / WARPS; ++ni) {
+                const int nt = PART * (DK / 8 / PARTS) + warp + ni * WARPS;
 #pragma unroll
                 for (int mq = 0; mq < BMQ / 16; ++mq) {
                     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -571,27 +605,43 @@ __device__ __forceinline__ void sq_flash_bwd_dkdv(
         if (DO_DK) {
 #pragma unroll
             for (int i = 0; i < DKA / 8; ++i)
-                out_k[i * 4] = sq_pack<F16>(dk_acc[i][2 * e] * scale, dk_acc[i][2 * e + 1] * scale);
+                out_k[(PART * DKA / 8 + i) * 4] = sq_pack<F16>(dk_acc[i][2 * e] * scale, dk_acc[i][2 * e + 1] * scale);
         }
         if (DO_DV) {
 #pragma unroll
-            for (int i = 0; i < DVA / 8; ++i) out_v[i * 4] = sq_pack<F16>(dv_acc[i][2 * e], dv_acc[i][2 * e + 1]);
+            for (int i = 0; i < DVA / 8; ++i)
+                out_v[(PART * DVA / 8 + i) * 4] = sq_pack<F16>(dv_acc[i][2 * e], dv_acc[i][2 * e + 1]);
         }
     }
 }
 
-template <int DK, int DV, int BN, bool F16>
+// WARPS warps of 16 query rows (the host's schedule uses tiles of 16 * WARPS rows). DO_SMEM: dO
+// stays in shared memory (read back by ldmatrix per key tile) instead of registers, for head
+// dims whose Q and dO fragments together leave too few registers (Dk = 192 spilled under ptxas
+// 13 on sm_100); dO then comes first and Q's staging area is reused by the K/V stages. Q_SMEM
+// (with DO_SMEM): Q stays in shared memory too, read back per key tile, for Dk = 256 whose f32
+// dQ accumulator alone takes 128 registers. PARTS: CTAs per query tile (grid z), CTA z
+// accumulating dQ's column slice z (each recomputes S and dP), for the same reason.
+template <int DK, int DV, int WARPS, int BN, bool DO_SMEM, bool Q_SMEM, int PARTS, bool F16>
 __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict__ q,
                                                 const unsigned short* __restrict__ k,
                                                 const unsigned short* __restrict__ v,
                                                 const unsigned short* __restrict__ d_o, const float* __restrict__ lse,
                                                 const float* __restrict__ delta, unsigned short* __restrict__ dq,
                                                 const int* __restrict__ sched, float scale_log2, float scale) {
-    constexpr int BM = 16 * SQ_WARPS;
+    constexpr int THREADS = WARPS * 32;
+    constexpr int BM = 16 * WARPS;
     constexpr int STAGE = BN * (DK + DV);
-    constexpr int ELEMS = (BM * (DK + DV) > 2 * STAGE) ? BM * (DK + DV) : 2 * STAGE;
+    // Without DO_SMEM: [Q | dO] staging, then the K/V stages over both; with it: [dO | Q staging,
+    // then the K/V stages].
+    // then the K/V stages]; with Q_SMEM too: [dO | Q | the K/V stages].
+    static_assert(DO_SMEM || !Q_SMEM, "Q_SMEM needs DO_SMEM");
+    constexpr int QKV = Q_SMEM ? BM * DK + 2 * STAGE : (BM * DK > 2 * STAGE) ? BM * DK : 2 * STAGE;
+    constexpr int ELEMS = DO_SMEM ? BM * DV + QKV : ((BM * (DK + DV) > 2 * STAGE) ? BM * (DK + DV) : 2 * STAGE);
     __shared__ __align__(128) unsigned short smem[ELEMS];
-    const unsigned base = sq_smem(smem);
+    const unsigned base = DO_SMEM ? sq_smem(smem) + BM * DV * 2 : sq_smem(smem);
+    const unsigned do_smem = DO_SMEM ? sq_smem(smem) : base + BM * DK * 2;
+    const unsigned kv_base = Q_SMEM ? base + BM * DK * 2 : base;
 
     const int total_q = sched[0], hq = sched[1], hkv = sched[2], causal = sched[3], window = sched[4];
     const int* row_lo = sched[5] >= 0 ? sched + sched[5] : nullptr;
@@ -602,18 +652,25 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const long long k_stride = (long long)hkv * DK, v_stride = (long long)hkv * DV;
 
-    sq_load_tile<BM, DK>(base, q + ((long long)(q_base + r0) * hq + h) * DK, (long long)hq * DK, rows, q);
-    sq_load_tile<BM, DV>(base + BM * DK * 2, d_o + ((long long)(q_base + r0) * hq + h) * DV, (long long)hq * DV, rows,
-                         d_o);
+    sq_load_tile<BM, DK, THREADS>(base, q + ((long long)(q_base + r0) * hq + h) * DK, (long long)hq * DK, rows, q);
+    sq_load_tile<BM, DV, THREADS>(do_smem, d_o + ((long long)(q_base + r0) * hq + h) * DV, (long long)hq * DV, rows,
+                                  d_o);
     sq_commit();
     sq_wait<0>();
     __syncthreads();
-    unsigned qf[DK / 16][4], df[DV / 16][4];
+    // Fragments kept in shared memory are one-step dummies (never read).
+    constexpr int DF = DO_SMEM ? 1 : DV / 16, QF = Q_SMEM ? 1 : DK / 16;
+    unsigned qf[QF][4], df[DF][4];
+    if constexpr (!Q_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < DK / 16; ++kk) sq_ldsm_x4(qf[kk], sq_at<DK>(base, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+        for (int kk = 0; kk < QF; ++kk)
+            sq_ldsm_x4(qf[kk], sq_at<DK>(base, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
+    if constexpr (!DO_SMEM) {
 #pragma unroll
-    for (int kk = 0; kk < DV / 16; ++kk)
-        sq_ldsm_x4(df[kk], sq_at<DV>(base + BM * DK * 2, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+        for (int kk = 0; kk < DF; ++kk)
+            sq_ldsm_x4(df[kk], sq_at<DV>(do_smem, warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    }
     __syncthreads();
 
     int lo[2], hi[2];
@@ -632,14 +689,17 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
     const unsigned short* vg = v + ((long long)k_base * hkv + g) * DV;
     auto load_kv = [&](int j) {
         const int n0 = k_lo + j * BN;
-        const unsigned st = base + (unsigned)((j & 1) * STAGE) * 2u;
+        const unsigned st = kv_base + (unsigned)((j & 1) * STAGE) * 2u;
         const int valid = min(BN, k_hi - n0);
-        sq_load_tile<BN, DK>(st, kg + n0 * k_stride, k_stride, valid, k);
-        sq_load_tile<BN, DV>(st + BN * DK * 2, vg + n0 * v_stride, v_stride, valid, v);
+        sq_load_tile<BN, DK, THREADS>(st, kg + n0 * k_stride, k_stride, valid, k);
+        sq_load_tile<BN, DV, THREADS>(st + BN * DK * 2, vg + n0 * v_stride, v_stride, valid, v);
     };
-    float acc[DK / 8][4];
+    static_assert(DK % (16 * PARTS) == 0, "column slices of whole k16 steps");
+    constexpr int DA = DK / PARTS;
+    const int col0 = PARTS > 1 ? (int)blockIdx.z * DA : 0;
+    float acc[DA / 8][4];
 #pragma unroll
-    for (int i = 0; i < DK / 8; ++i)
+    for (int i = 0; i < DA / 8; ++i)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
 
@@ -655,12 +715,20 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
             sq_wait<0>();
         }
         __syncthreads();
-        const unsigned k_tile = base + (unsigned)((j & 1) * STAGE) * 2u;
+        const unsigned k_tile = kv_base + (unsigned)((j & 1) * STAGE) * 2u;
         const unsigned v_tile = k_tile + BN * DK * 2;
         const int n0 = k_lo + j * BN;
         float s[BN / 8][4], dp[BN / 8][4];
-        sq_scores<DK, BN, F16>(s, qf, k_tile, lane);
-        sq_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        if constexpr (Q_SMEM) {
+            sq_abt_smem<DK, BN, F16>(s, base, warp * 16, k_tile, lane);
+        } else {
+            sq_scores<DK, BN, F16>(s, qf, k_tile, lane);
+        }
+        if constexpr (DO_SMEM) {
+            sq_abt_smem<DV, BN, F16>(dp, do_smem, warp * 16, v_tile, lane);
+        } else {
+            sq_scores<DV, BN, F16>(dp, df, v_tile, lane);
+        }
         const bool full = n0 >= full_lo && n0 + BN <= full_hi;
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt)
@@ -671,7 +739,7 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
                 const float p = seen ? sq_exp2(s[nt][e] * scale_log2 - l2[e >> 1]) : 0.0f;
                 s[nt][e] = p * (dp[nt][e] - dl[e >> 1]);
             }
-        sq_pv<DK, BN, F16>(acc, s, k_tile, lane);
+        sq_pv<DA, BN, F16, DK>(acc, s, k_tile, lane, col0);
         __syncthreads();
     }
 
@@ -680,51 +748,87 @@ __device__ __forceinline__ void sq_flash_bwd_dq(const unsigned short* __restrict
         const int local = warp * 16 + (lane >> 2) + e * 8;
         if (local >= rows) continue;
         const long long row = q_base + r0 + local;
-        unsigned* out = reinterpret_cast<unsigned*>(dq + (row * hq + h) * DK + (lane & 3) * 2);
+        unsigned* out = reinterpret_cast<unsigned*>(dq + (row * hq + h) * DK + col0 + (lane & 3) * 2);
 #pragma unroll
-        for (int i = 0; i < DK / 8; ++i) out[i * 4] = sq_pack<F16>(acc[i][2 * e] * scale, acc[i][2 * e + 1] * scale);
+        for (int i = 0; i < DA / 8; ++i) out[i * 4] = sq_pack<F16>(acc[i][2 * e] * scale, acc[i][2 * e + 1] * scale);
     }
 }
 
-#define SQ_BWD_ENTRIES(DK, DV, WARPS, BN, SPLIT, SFX, F16)                                                                  \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32) squid_flash_bwd_dkdv_dk##DK##_dv##DV##_##SFX(         \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,       \
-        const float* lse, const float* delta, unsigned short* dk, unsigned short* dv, float* dq_acc,                \
-        const int* sched, float scale_log2, float scale) {                                                          \
-        __shared__ __align__(128) unsigned short smem[sq_dkdv_smem<DK, DV, WARPS, 16>()];                           \
-        const unsigned base = sq_smem(smem);                                                                         \
-        if (!SPLIT) {                                                                                                \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, true, true, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,   \
-                                                                  scale_log2, scale, base);                          \
-        } else if (blockIdx.z == 0) {                                                                                \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, false, true, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,  \
-                                                                   scale_log2, scale, base);                         \
-        } else {                                                                                                     \
-            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, true, false, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,  \
-                                                                   scale_log2, scale, base);                         \
-        }                                                                                                            \
-    }                                                                                                                \
-    extern "C" __global__ void __launch_bounds__(SQ_THREADS) squid_flash_bwd_dq_dk##DK##_dv##DV##_##SFX(            \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,       \
-        const float* lse, const float* delta, unsigned short* dq, const int* sched, float scale_log2,               \
-        float scale) {                                                                                               \
-        sq_flash_bwd_dq<DK, DV, BN, F16>(q, k, v, d_o, lse, delta, dq, sched, scale_log2, scale);                  \
+// The dK/dV CTA of grid z-index `z`: everything when PARTS = 0; else z < PARTS: column slice z of
+// dV, and z >= PARTS: slice z - PARTS of dK (and the atomic dQ's same columns).
+template <int DK, int DV, int WARPS, bool DS, int PARTS, bool F16>
+__device__ __forceinline__ void sq_dkdv_entry(const unsigned short* q, const unsigned short* k, const unsigned short* v,
+                                              const unsigned short* d_o, const float* lse, const float* delta,
+                                              unsigned short* dk, unsigned short* dv, float* dq_acc, const int* sched,
+                                              float scale_log2, float scale, unsigned base) {
+    const int z = blockIdx.z;
+    if constexpr (PARTS == 0) {
+        sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, true, 0, 1, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched,
+                                                                        scale_log2, scale, base);
+    } else if constexpr (PARTS == 1) {
+        if (z == 0)
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, false, true, 0, 1, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+        else
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, false, 0, 1, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+    } else {
+        static_assert(PARTS == 2, "dK/dV column slices: 0 (no split), 1 or 2");
+        if (z == 0)
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, false, true, 0, 2, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+        else if (z == 1)
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, false, true, 1, 2, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+        else if (z == 2)
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, false, 0, 2, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+        else
+            sq_flash_bwd_dkdv<DK, DV, WARPS, 16, DS, true, false, 1, 2, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc,
+                                                                             sched, scale_log2, scale, base);
+    }
+}
+
+// WARPS warps of 16 keys per dK/dV CTA; PARTS: the split (sq_dkdv_entry; grid z = 1, 2 or 4 CTAs
+// per key tile); DS: the dS^T tile in a dO stage (sq_dkdv_smem); DQ_WARPS warps of 16 query rows
+// per deterministic dQ CTA over BN-key tiles; DQ_SMEM: 0, or 1 to keep dO in shared memory, 2 to
+// keep dO and Q there, 3 to also split dQ's columns over two CTAs (grid z = 2; sq_flash_bwd_dq).
+#define SQ_BWD_ENTRIES(DK, DV, WARPS, PARTS, DS, DQ_WARPS, BN, DQ_SMEM, SFX, F16)                               \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) squid_flash_bwd_dkdv_dk##DK##_dv##DV##_##SFX(     \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,   \
+        const float* lse, const float* delta, unsigned short* dk, unsigned short* dv, float* dq_acc,            \
+        const int* sched, float scale_log2, float scale) {                                                      \
+        __shared__ __align__(128) unsigned short smem[sq_dkdv_smem<DK, DV, WARPS, 16, DS>()];                   \
+        sq_dkdv_entry<DK, DV, WARPS, DS, PARTS, F16>(q, k, v, d_o, lse, delta, dk, dv, dq_acc, sched, scale_log2, \
+                                                     scale, sq_smem(smem));                                      \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(DQ_WARPS * 32) squid_flash_bwd_dq_dk##DK##_dv##DV##_##SFX(    \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned short* d_o,   \
+        const float* lse, const float* delta, unsigned short* dq, const int* sched, float scale_log2,           \
+        float scale) {                                                                                           \
+        sq_flash_bwd_dq<DK, DV, DQ_WARPS, BN, (DQ_SMEM >= 1), (DQ_SMEM >= 2), (DQ_SMEM >= 3 ? 2 : 1), F16>(     \
+            q, k, v, d_o, lse, delta, dq, sched, scale_log2, scale);                                             \
     }
 
 // dK/dV: four warps (64 keys) where the accumulators and tiles allow, two (32 keys) above; for
 // Dk = 192 the dK and dV accumulators together do not fit the registers, so it is SPLIT: grid z
-// = 2, CTA z = 0 computes dV and z = 1 dK (and the atomic dQ), each recomputing P and dS;
-// dQ: the forward's key tiles (16 keys for Dk = 192, whose Q and dO fragments fill the registers).
-// Head dim 256 has no backward yet (dK + dV accumulators alone
-// would be 256 registers per thread at 16 keys per warp).
-SQ_BWD_ENTRIES(64, 64, 4, 64, false, bf16, false)
-SQ_BWD_ENTRIES(64, 64, 4, 64, false, f16, true)
-SQ_BWD_ENTRIES(96, 96, 4, 32, false, bf16, false)
-SQ_BWD_ENTRIES(96, 96, 4, 32, false, f16, true)
-SQ_BWD_ENTRIES(128, 128, 2, 32, false, bf16, false)
-SQ_BWD_ENTRIES(128, 128, 2, 32, false, f16, true)
-SQ_BWD_ENTRIES(192, 128, 2, 16, true, bf16, false)
-SQ_BWD_ENTRIES(192, 128, 2, 16, true, f16, true)
+// = 2, CTA z = 0 computes dV and z = 1 dK (and the atomic dQ), each recomputing P and dS.
+// Dk = 256: one warp (16 keys) per CTA, whose K and V tiles and two Q/dO stages are exactly the
+// 48 KiB of static shared memory (the dS^T tile goes in a dO stage), and four CTAs per key tile
+// (dV's and dK's column halves: even one 256-wide f32 accumulator is 128 registers).
+// dQ: the forward's key tiles (16 keys for Dk = 192, whose Q fragments fill the registers; its dO
+// stays in shared memory); Dk = 256: one warp of 16 query rows per CTA (the host's schedule
+// uses that tile height), Q and dO in shared memory, two CTAs per tile (dQ's column halves).
+SQ_BWD_ENTRIES(64, 64, 4, 0, false, 4, 64, 0, bf16, false)
+SQ_BWD_ENTRIES(64, 64, 4, 0, false, 4, 64, 0, f16, true)
+SQ_BWD_ENTRIES(96, 96, 4, 0, false, 4, 32, 0, bf16, false)
+SQ_BWD_ENTRIES(96, 96, 4, 0, false, 4, 32, 0, f16, true)
+SQ_BWD_ENTRIES(128, 128, 2, 0, false, 4, 32, 0, bf16, false)
+SQ_BWD_ENTRIES(128, 128, 2, 0, false, 4, 32, 0, f16, true)
+SQ_BWD_ENTRIES(192, 128, 2, 1, false, 4, 16, 1, bf16, false)
+SQ_BWD_ENTRIES(192, 128, 2, 1, false, 4, 16, 1, f16, true)
+SQ_BWD_ENTRIES(256, 256, 1, 2, true, 1, 16, 3, bf16, false)
+SQ_BWD_ENTRIES(256, 256, 1, 2, true, 1, 16, 3, f16, true)
 
 extern "C" __global__ void squid_flash_bwd_pre_bf16(const unsigned short* o, const unsigned short* d_o, float* delta,
                                                     int total_q, int hq, int dv) {

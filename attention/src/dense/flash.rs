@@ -50,6 +50,10 @@ pub static KERNEL: KernelSource = squid_cuda::kernel_source!(
         "squid_flash_bwd_dq_dk128_dv128_f16",
         "squid_flash_bwd_dq_dk192_dv128_bf16",
         "squid_flash_bwd_dq_dk192_dv128_f16",
+        "squid_flash_bwd_dkdv_dk256_dv256_bf16",
+        "squid_flash_bwd_dkdv_dk256_dv256_f16",
+        "squid_flash_bwd_dq_dk256_dv256_bf16",
+        "squid_flash_bwd_dq_dk256_dv256_f16",
     ],
     fast_math = false
 );
@@ -57,12 +61,29 @@ pub static KERNEL: KernelSource = squid_cuda::kernel_source!(
 /// The `(Dk, Dv)` pairs compiled as specialisations.
 pub const HEAD_DIMS: [(usize, usize); 5] = [(64, 64), (96, 96), (128, 128), (192, 128), (256, 256)];
 
-/// The `(Dk, Dv)` pairs with a backward, and the keys per dK/dV CTA (16 per warp: four warps
-/// where the accumulators and shared tiles allow, two above).
-pub const BACKWARD_HEAD_DIMS: [(usize, usize, usize); 4] = [(64, 64, 64), (96, 96, 64), (128, 128, 32), (192, 128, 32)];
+/// The `(Dk, Dv)` pairs with a backward (every compiled pair), and the keys per dK/dV CTA (16 per
+/// warp: four warps where the accumulators and shared tiles allow, two above, one at 256).
+pub const BACKWARD_HEAD_DIMS: [(usize, usize, usize); 5] =
+    [(64, 64, 64), (96, 96, 64), (128, 128, 32), (192, 128, 32), (256, 256, 16)];
 
 /// Query rows per forward CTA (four warps of 16 rows).
 pub const TILE_M: usize = 64;
+
+/// Query heads per forward CTA: the GQA group (its largest divisor up to [`TILE_M`] for a larger
+/// group), stacked in the CTA's rows so each K/V tile is loaded once for all of them; 1 at
+/// Dk = 256 (its kernel is compiled without the stacking: its registers are full).
+pub(crate) fn forward_heads_per_cta(num_q_heads: usize, num_kv_heads: usize, dk: usize) -> usize {
+    let group = (num_q_heads / num_kv_heads.max(1)).max(1);
+    if dk == 256 {
+        return 1;
+    }
+    (1..=group.min(TILE_M)).rev().find(|d| group % d == 0).unwrap_or(1)
+}
+
+/// Query positions per forward schedule item: [`TILE_M`] rows shared by the stacked heads.
+pub(crate) fn forward_tile_m(num_q_heads: usize, num_kv_heads: usize, dk: usize) -> usize {
+    TILE_M / forward_heads_per_cta(num_q_heads, num_kv_heads, dk)
+}
 
 /// Ints before the first item: `total_q hq hkv causal window row_lo_at - -`.
 pub(crate) const HEADER: usize = 8;
@@ -81,9 +102,29 @@ pub(crate) fn check_head_dims(dk: usize, dv: usize) -> Result<(), Error> {
 }
 
 /// CTAs per key tile of the dK/dV kernel: 2 for Dk = 192 (one computes dV, the other dK, since
-/// both accumulators do not fit the registers together), else 1.
+/// both accumulators do not fit the registers together), 4 for Dk = 256 (each of dV and dK in
+/// two column halves), else 1.
 pub(crate) fn dkdv_passes(dk: usize) -> u32 {
-    if dk == 192 {
+    match dk {
+        192 => 2,
+        256 => 4,
+        _ => 1,
+    }
+}
+
+/// Query rows per CTA of the deterministic dQ kernel (its schedule's tile height): one warp of
+/// 16 rows at Dk = 256 (Q, dO and the K/V stages fill the shared memory), else [`TILE_M`].
+pub(crate) fn dq_tile_m(dk: usize) -> usize {
+    if dk == 256 {
+        16
+    } else {
+        TILE_M
+    }
+}
+
+/// CTAs per query tile of the deterministic dQ kernel: 2 at Dk = 256 (dQ's column halves), else 1.
+pub(crate) fn dq_passes(dk: usize) -> u32 {
+    if dk == 256 {
         2
     } else {
         1
@@ -93,12 +134,11 @@ pub(crate) fn dkdv_passes(dk: usize) -> u32 {
 /// The keys per dK/dV CTA for `(dk, dv)`, or the error saying the pair has no backward.
 pub(crate) fn backward_key_tile(dk: usize, dv: usize) -> Result<usize, Error> {
     check_head_dims(dk, dv)?;
-    BACKWARD_HEAD_DIMS.iter().find(|b| (b.0, b.1) == (dk, dv)).map(|b| b.2).ok_or_else(|| {
-        Error::Unsupported(format!(
-            "no CUDA backward for Dk = {dk}, Dv = {dv} (its dK/dV accumulators do not fit the registers yet); \
-             use the CPU backward"
-        ))
-    })
+    BACKWARD_HEAD_DIMS
+        .iter()
+        .find(|b| (b.0, b.1) == (dk, dv))
+        .map(|b| b.2)
+        .ok_or_else(|| Error::Unsupported(format!("no CUDA backward for Dk = {dk}, Dv = {dv}; use the CPU backward")))
 }
 
 /// A schedule ready to upload: header, items, then (optionally) each packed query row's first

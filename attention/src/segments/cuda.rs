@@ -47,12 +47,13 @@ fn segment_cuts(layout: &SegmentLayout, s: usize, tq: usize, tk: usize) -> Vec<u
     layout.spans[s].iter().filter_map(|&(start, _, _)| (start + tq).checked_sub(tk)).collect()
 }
 
-/// The query-tile schedule of a segment call.
+/// The query-tile schedule of a segment call, tiles of at most `tile_m` rows.
 pub(crate) fn segment_schedule(
     cfg: &SegmentConfig,
     layout: &SegmentLayout,
     cu_q: &[u32],
     cu_k: &[u32],
+    tile_m: usize,
 ) -> Result<Schedule, Error> {
     let h = cfg.heads;
     flash::schedule(
@@ -60,7 +61,7 @@ pub(crate) fn segment_schedule(
         SEGMENT_MASK,
         h.num_q_heads,
         h.num_kv_heads,
-        flash::TILE_M,
+        tile_m,
         cu_q,
         cu_k,
         |s, tq, tk| segment_cuts(layout, s, tq, tk),
@@ -84,7 +85,9 @@ pub fn forward_into<'a, 'b, T: Element + DeviceCopy>(
 ) -> Result<(), Error> {
     let (q, k, v) = (q.into(), k.into(), v.into());
     let dims = validate(gpu, cfg, layout, &q, &k, &v, cu_seqlens_q, cu_seqlens_k)?;
-    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k)?;
+    let h = cfg.heads;
+    let tile_m = flash::forward_tile_m(h.num_q_heads, h.num_kv_heads, h.head_dim_k);
+    let sched = segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k, tile_m)?;
     forward_scheduled(gpu, &cfg.dense(), dims, &sched, q, k, v, o.into(), lse.into())
 }
 
@@ -139,7 +142,9 @@ pub fn backward_into<T: Element + DeviceCopy>(
         cu_seqlens_k,
         atomic,
     )?;
-    let fwd = if atomic { Schedule::empty() } else { segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k)? };
+    let dq_tile = flash::dq_tile_m(h.head_dim_k);
+    let fwd =
+        if atomic { Schedule::empty() } else { segment_schedule(cfg, layout, cu_seqlens_q, cu_seqlens_k, dq_tile)? };
     backward_scheduled(gpu, &dense, dims, &fwd, &keys, x, mode, grads)
 }
 
@@ -221,7 +226,7 @@ mod tests {
         let cu = offsets(&[176]);
         let layout = SegmentLayout::new(&contexts, &cu).unwrap();
         let cfg = SegmentConfig::new(Heads::new(1, 1, 64, 64));
-        let sched = segment_schedule(&cfg, &layout, &cu, &cu).unwrap();
+        let sched = segment_schedule(&cfg, &layout, &cu, &cu, flash::TILE_M).unwrap();
         let docs = [(0, 5), (5, 75), (75, 76), (76, 176)];
         for item in sched.ints[HEADER..][..sched.items * ITEM].chunks(ITEM) {
             let (r0, rows, k_lo, k_hi) = (item[4] as usize, item[5] as usize, item[6] as usize, item[7] as usize);
