@@ -36,6 +36,10 @@ use crate::layout::{check_finite, expect_len, numel, rows_of, seq_lens, try_zero
 use crate::{Error, Heads};
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 mod decode;
 #[cfg(test)]
 mod ext_tests;
@@ -44,6 +48,24 @@ pub mod naive;
 mod tests;
 
 pub use decode::{NsaCache, NsaDecodeOutput};
+
+/// The CUDA source of NSA's compression (launchers in `cuda`, feature `cuda`): mean pooling
+/// forward and backward, bf16 and f16.
+pub const COMPRESS_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "nsa_compress",
+    "src/nsa/compress.cu",
+    [
+        "squid_nsa_compress_mean_fwd_bf16",
+        "squid_nsa_compress_mean_fwd_f16",
+        "squid_nsa_compress_mean_bwd_bf16",
+        "squid_nsa_compress_mean_bwd_f16"
+    ],
+    fast_math = false
+);
+
+/// The CUDA source of NSA's top-n block selection (launcher in `cuda`, feature `cuda`).
+pub const SELECT_KERNEL: squid_cuda::KernelSource =
+    squid_cuda::kernel_source!("nsa_select", "src/nsa/select.cu", ["squid_nsa_select_topn"], fast_math = false);
 
 /// Marks an unused slot of the chosen-block list.
 pub const NO_BLOCK: u32 = u32::MAX;
