@@ -340,6 +340,7 @@ fn fuzz_case() -> impl Strategy<Value = Fuzz> {
                     window: w,
                     scale: None,
                     check_finite: seed % 2 == 0,
+                    ..Default::default()
                 },
                 cu_q,
                 cu_k,

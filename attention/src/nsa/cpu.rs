@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 use squid_cuda::Element;
 
-use super::{offsets, Chooser, NsaConfig, NsaDims, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
+use super::{offsets, Chooser, NsaConfig, NsaDims, NsaExtra, NsaGrads, NsaInputs, NsaOutput, NO_BLOCK};
 use crate::dense::cpu::{
     backward_with, exp_sub_sum, finish_softmax, mask_row, online_softmax_step, row_max, transpose, Mask, Packed, BK,
 };
@@ -23,14 +23,23 @@ use crate::dense::{DenseConfig, DenseGrads, Dims};
 use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
 use crate::Heads;
 
-/// The compressed branch's mask: query `t` sees blocks `0..num_cmp_blocks(t + 1)`.
-struct CmpMask(NsaConfig);
+/// The compressed branch's mask: the query at position `t` sees blocks
+/// `0..num_cmp_blocks(t + 1)`; query `i` of sequence `s` sits at `i + first[s]`.
+struct CmpMask {
+    cfg: NsaConfig,
+    first: Vec<usize>,
+}
 
 impl Mask for CmpMask {
     #[inline(always)]
-    fn range(&self, _s: usize, i: usize, _tq: usize, tk: usize) -> (usize, usize) {
-        (0, self.0.num_cmp_blocks(i + 1).min(tk))
+    fn range(&self, s: usize, i: usize, _tq: usize, tk: usize) -> (usize, usize) {
+        (0, self.cfg.num_cmp_blocks(i + self.first[s] + 1).min(tk))
     }
+}
+
+/// Position of each sequence's first query: `Tk - Tq` (0 without chunked prefill).
+fn first_positions(cu_q: &[u32], cu_k: &[u32]) -> Vec<usize> {
+    cu_q.windows(2).zip(cu_k.windows(2)).map(|(q, k)| ((k[1] - k[0]) - (q[1] - q[0])) as usize).collect()
 }
 
 fn branch_cfg(cfg: &NsaConfig, h: &Heads, window: Option<usize>) -> DenseConfig {
@@ -42,9 +51,24 @@ struct Shared<'a, T> {
     h: &'a Heads,
     dims: NsaDims,
     q: &'a [T],
+    /// Key offsets: positions count keys.
     cu: &'a [u32],
+    /// Query offsets (the last `Tq` positions of each sequence have queries).
+    cu_q: &'a [u32],
     cmp: &'a Packed,
     kv: &'a Packed,
+    /// Caller-chosen blocks `[total_q, HKV, n]` (the selection is skipped).
+    given: Option<&'a [u32]>,
+    /// Per-token number of selected blocks `[total_q]`.
+    counts: Option<&'a [u32]>,
+}
+
+impl<T> Shared<'_, T> {
+    /// The query row of position `t` of sequence `s` (`t >= Tk - Tq`).
+    #[inline(always)]
+    fn q_row(&self, s: usize, t: usize) -> usize {
+        self.cu_q[s + 1] as usize + t - (self.cu[s + 1] - self.cu[s]) as usize
+    }
 }
 
 /// Query rows (tokens x heads of the group) one selected-branch task handles at most. Each
@@ -180,13 +204,15 @@ impl SlcScratch {
 /// The selected branch's tasks `(sequence, kv head, first token, end token)`, one list per kv
 /// head: the lists run one after the other, so the keys and values the workers gather from at
 /// any moment are one head's (half the cache traffic of interleaving the heads at HKV = 2).
-fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32], per: usize) -> Vec<Vec<(usize, usize, usize, usize)>> {
+/// Tokens are positions among the keys: those with queries, `Tk - Tq .. Tk`.
+fn slc_tasks(h: &Heads, dims: NsaDims, cu_q: &[u32], cu: &[u32], per: usize) -> Vec<Vec<(usize, usize, usize, usize)>> {
+    let first = first_positions(cu_q, cu);
     (0..h.num_kv_heads)
         .map(|g| {
             let mut tasks = Vec::new();
             for s in 0..dims.num_seqs {
                 let len = (cu[s + 1] - cu[s]) as usize;
-                for t0 in (0..len).step_by(per) {
+                for t0 in (first[s]..len).step_by(per) {
                     tasks.push((s, g, t0, (t0 + per).min(len)));
                 }
             }
@@ -197,14 +223,21 @@ fn slc_tasks(h: &Heads, dims: NsaDims, cu: &[u32], per: usize) -> Vec<Vec<(usize
         .collect()
 }
 
-pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: &NsaInputs<'_, T>) -> NsaOutput<T> {
+pub(super) fn forward<T: Element>(
+    cfg: &NsaConfig,
+    h: &Heads,
+    dims: NsaDims,
+    x: &NsaInputs<'_, T>,
+    extra: &NsaExtra<'_>,
+) -> NsaOutput<T> {
     let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
-    let offs = offsets(cfg, x.cu_seqlens);
+    let cu_k = extra.cu_seqlens_k.unwrap_or(x.cu_seqlens);
+    let offs = offsets(cfg, cu_k);
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
-    let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, false);
+    let kv_packed = Packed::new(h, x.k, x.v, cu_k, false);
     let win_packed = match (x.k_win, x.v_win) {
-        (Some(kw), Some(vw)) => Some(Packed::new(h, kw, vw, x.cu_seqlens, false)),
+        (Some(kw), Some(vw)) => Some(Packed::new(h, kw, vw, cu_k, false)),
         _ => None,
     };
     let mut out = NsaOutput {
@@ -227,14 +260,30 @@ pub(super) fn forward<T: Element>(cfg: &NsaConfig, h: &Heads, dims: NsaDims, x: 
         lse_win: SyncPtr(out.lse_win.as_mut_ptr()),
         indices: SyncPtr(out.indices.as_mut_ptr()),
     };
-    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
+    let sh = Shared {
+        cfg,
+        h,
+        dims,
+        q: x.q,
+        cu: cu_k,
+        cu_q: x.cu_seqlens,
+        cmp: &cmp_packed,
+        kv: &kv_packed,
+        given: extra.indices,
+        counts: extra.num_selected,
+    };
     let win = Window {
         kv: win_packed.as_ref().unwrap_or(&kv_packed),
         gates: x.gates,
-        share_local: win_packed.is_none() && cfg.block_slc == BK && cfg.window >= 2 * BK,
+        // Every token chose its two local blocks: the default forced ones, not the caller's.
+        share_local: win_packed.is_none()
+            && cfg.block_slc == BK
+            && cfg.window >= 2 * BK
+            && cfg.num_local >= 2
+            && extra.indices.is_none(),
     };
     let per = tokens_per_task(h.group(), dims, hkv);
-    let tasks = slc_tasks(h, dims, x.cu_seqlens, per).concat();
+    let tasks = slc_tasks(h, dims, x.cu_seqlens, cu_k, per).concat();
     // Every worker takes the next task in list order: the heads run one after the other with
     // no barrier between them (a worker done with head 0 starts on head 1).
     let next = AtomicUsize::new(0);
@@ -255,9 +304,8 @@ fn load_queries<T: Element>(sh: &Shared<'_, T>, scr: &mut SlcScratch, s: usize, 
     let dkp = sh.kv.dkp;
     let scale = sh.cfg.softmax_scale(sh.h);
     scr.qa.fill(0.0);
-    let start = sh.cu[s] as usize;
     for ti in 0..t1 - t0 {
-        let row = start + t0 + ti;
+        let row = sh.q_row(s, t0 + ti);
         for r in 0..group {
             let src = &sh.q[(row * hq + g * group + r) * dk..][..dk];
             for (dst, v) in scr.qa[(ti * group + r) * dkp..][..dk].iter_mut().zip(src) {
@@ -291,7 +339,6 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
     let nt = t1 - t0;
     let rows = nt * group;
     let mp = round_up(rows, TILE_ROWS);
-    let start = sh.cu[s] as usize;
     let nc_max = cfg.num_cmp_blocks(t1);
     scr.psum.clear();
     scr.psum.resize(nt * nc_max, 0.0);
@@ -328,7 +375,7 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
             }
             srow[nc..].fill(0.0);
             // SAFETY: (token, head) belongs to this task alone.
-            unsafe { outs.lse_cmp.write((g * group + r) * sh.dims.total + start + t0 + ti, lse) };
+            unsafe { outs.lse_cmp.write((g * group + r) * sh.dims.total + sh.q_row(s, t0 + ti), lse) };
         }
     }
     // The task's rows of `o_cmp` stay in f32 for the gated output.
@@ -348,7 +395,7 @@ fn cmp_branch<T: Element, F: Fma, const W: usize>(
         }
     }
     for ti in 0..nt {
-        let grow = start + t0 + ti;
+        let grow = sh.q_row(s, t0 + ti);
         for r in 0..group {
             let row = ti * group + r;
             for d in 0..dv {
@@ -501,10 +548,17 @@ fn slc_forward_task<T: Element, F: Fma, const W: usize>(
         cmp_branch::<T, F, W>(sh, scr, outs, s, g, c0, c1, (c0 - t0) * group);
         let nc_max = cfg.num_cmp_blocks(c1);
         for t in c0..c1 {
-            let (ti, row) = (t - t0, start + t);
+            let (ti, row) = (t - t0, sh.q_row(s, t));
             let nc = cfg.num_cmp_blocks(t + 1);
             let mut one = std::mem::take(&mut scr.chosen_one);
-            scr.chooser.choose(cfg, t, &scr.psum[(t - c0) * nc_max..][..nc], &mut one);
+            if let Some(given) = sh.given {
+                // Validated: ascending, causal, NO_BLOCK-padded.
+                one.clear();
+                one.extend(given[(row * hkv + g) * n..][..n].iter().filter(|&&j| j != NO_BLOCK));
+            } else {
+                let n_t = sh.counts.map_or(n, |c| c[row] as usize);
+                scr.chooser.choose(cfg, t, n_t, &scr.psum[(t - c0) * nc_max..][..nc], &mut one);
+            }
             for (slot, &j) in one.iter().enumerate() {
                 scr.chosen[ti * n + slot] = j;
                 // SAFETY: (row, g) belongs to this task alone.
@@ -611,9 +665,8 @@ fn finish_rows<T: Element>(
 ) {
     let (hq, dv, group) = (sh.h.num_q_heads, sh.h.head_dim_v, sh.h.group());
     let dvp = sh.kv.dvp;
-    let start = sh.cu[s] as usize;
     for ti in 0..t1 - t0 {
-        let grow = start + t0 + ti;
+        let grow = sh.q_row(s, t0 + ti);
         for r in 0..group {
             let (row, head) = (ti * group + r, g * group + r);
             let (inv_s, lse_s) = finish_softmax(scr.m[row], scr.l[row]);
@@ -753,6 +806,7 @@ pub(super) fn backward<T: Element>(
     h: &Heads,
     dims: NsaDims,
     x: &NsaInputs<'_, T>,
+    cu_k: &[u32],
     fwd: &NsaOutput<T>,
     d_o: &[T],
 ) -> NsaGrads<T> {
@@ -786,12 +840,12 @@ pub(super) fn backward<T: Element>(
                 }
             });
     }
-    let offs = offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, cu_k);
     let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, true);
     let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
     let g_cmp: DenseGrads<f32> = backward_with(
         &branch_cfg(cfg, h, None),
-        &CmpMask(*cfg),
+        &CmpMask { cfg: *cfg, first: first_positions(x.cu_seqlens, cu_k) },
         cmp_dims,
         x.q,
         &cmp_packed,
@@ -802,11 +856,11 @@ pub(super) fn backward<T: Element>(
         &offs,
     );
     let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
-    let win_dims = Dims { total_q: total, total_k: total, num_seqs: dims.num_seqs };
-    let kv_packed = Packed::new(h, x.k, x.v, x.cu_seqlens, true);
+    let win_dims = Dims { total_q: total, total_k: dims.total_k, num_seqs: dims.num_seqs };
+    let kv_packed = Packed::new(h, x.k, x.v, cu_k, true);
     let g_win: DenseGrads<f32> = match (x.k_win, x.v_win) {
         (Some(kw), Some(vw)) => {
-            let p = Packed::new(h, kw, vw, x.cu_seqlens, true);
+            let p = Packed::new(h, kw, vw, cu_k, true);
             backward_with(
                 &win_cfg,
                 &win_cfg,
@@ -817,7 +871,7 @@ pub(super) fn backward<T: Element>(
                 &fwd.lse_win,
                 &d_branch[2],
                 x.cu_seqlens,
-                x.cu_seqlens,
+                cu_k,
             )
         }
         _ => backward_with(
@@ -830,7 +884,7 @@ pub(super) fn backward<T: Element>(
             &fwd.lse_win,
             &d_branch[2],
             x.cu_seqlens,
-            x.cu_seqlens,
+            cu_k,
         ),
     };
     // Selected branch: chunks of tasks, each with private dk/dv tiles, then summed.
@@ -838,10 +892,21 @@ pub(super) fn backward<T: Element>(
     let tiles = kv_packed.block_offsets.last().copied().unwrap_or(0) * hkv;
     let mut dq_slc = vec![0f32; total * hq * dk];
     let per = tokens_per_task(h.group(), dims, hkv);
-    let tasks: Vec<_> = slc_tasks(h, dims, x.cu_seqlens, per).concat();
+    let tasks: Vec<_> = slc_tasks(h, dims, x.cu_seqlens, cu_k, per).concat();
     let chunks = (rayon::current_num_threads() * 2).max(1);
     let per_chunk = tasks.len().div_ceil(chunks).max(1);
-    let sh = Shared { cfg, h, dims, q: x.q, cu: x.cu_seqlens, cmp: &cmp_packed, kv: &kv_packed };
+    let sh = Shared {
+        cfg,
+        h,
+        dims,
+        q: x.q,
+        cu: cu_k,
+        cu_q: x.cu_seqlens,
+        cmp: &cmp_packed,
+        kv: &kv_packed,
+        given: None,
+        counts: None,
+    };
     let dqp = SyncPtr(dq_slc.as_mut_ptr());
     let bufs = BwdBufs { d_o: &d_branch[1], o: &fwd.o_slc, lse: &fwd.lse_slc, indices: &fwd.indices };
     let (dk_tiles, dv_tiles) = tasks
@@ -874,11 +939,11 @@ pub(super) fn backward<T: Element>(
         .unwrap_or_else(|| (vec![0f32; tiles * BK * dkp], vec![0f32; tiles * BK * dvp]));
     // Tiles back to rows, plus the window branch where it shares K/V.
     let separate_win = x.k_win.is_some();
-    let mut dk_rows = vec![0f32; total * hkv * dk];
-    let mut dv_rows = vec![0f32; total * hkv * dv];
+    let mut dk_rows = vec![0f32; dims.total_k * hkv * dk];
+    let mut dv_rows = vec![0f32; dims.total_k * hkv * dv];
     for s in 0..dims.num_seqs {
-        let start = x.cu_seqlens[s] as usize;
-        let len = x.cu_seqlens[s + 1] as usize - start;
+        let start = cu_k[s] as usize;
+        let len = cu_k[s + 1] as usize - start;
         for t in 0..len {
             for g in 0..hkv {
                 let tile = kv_packed.tile(s, t / BK, g);
@@ -962,7 +1027,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
     let rows = nt * group;
     load_queries(sh, scr, s, g, t0, t1);
     for ti in 0..nt {
-        let grow = start + t0 + ti;
+        let grow = sh.q_row(s, t0 + ti);
         for r in 0..group {
             let (row, rh) = (ti * group + r, grow * hq + g * group + r);
             let mut delta = 0f32;
@@ -978,7 +1043,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
     }
     scr.chosen.clear();
     for ti in 0..nt {
-        let grow = start + t0 + ti;
+        let grow = sh.q_row(s, t0 + ti);
         scr.chosen.extend_from_slice(&bufs.indices[(grow * hkv + g) * n..][..n]);
     }
     bucket_choices(scr, n, cfg.block_slc, t1, |_, _| false);
@@ -1037,7 +1102,7 @@ fn slc_backward_task<T: Element, F: Fma, const W: usize>(
     }
     scr.union = union;
     for ti in 0..nt {
-        let grow = start + t0 + ti;
+        let grow = sh.q_row(s, t0 + ti);
         for r in 0..group {
             let row = ti * group + r;
             let base = (grow * hq + g * group + r) * dk;

@@ -379,7 +379,7 @@ impl<T: Element> Kernel for GroupCall<'_, T> {
             let psum = Some(&mut scr.psum[..]);
             attend::<F, W>(&sc.cmp[g], &scr.runs, dims, &scr.q, &scr.gate, &mut scr.p, &mut scr.out, psum);
         }
-        scr.chooser.choose(cfg, t, &scr.psum, &mut scr.chosen);
+        scr.chooser.choose(cfg, t, cfg.num_selected, &scr.psum, &mut scr.chosen);
         chosen[..scr.chosen.len()].copy_from_slice(&scr.chosen);
 
         // Selected branch: the chosen blocks up to t, adjacent ones merged into one run.

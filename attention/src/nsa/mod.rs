@@ -15,14 +15,20 @@
 //!   sum, over the query heads of the GQA group, of the compressed probabilities of the
 //!   compressed blocks overlapping it, each weighted by its overlap length in units of `d`
 //!   ([`overlap_weight`]; the paper's Eq. 9 with `+ m` where it prints `- m`).
-//! - Forced blocks: block 0 and the local blocks `t / l'` (the current one) and `t / l' - 1`,
-//!   counted in `n`. A block starting after `t` is never chosen. The rest of the `n` slots go
+//! - Forced blocks: the initial blocks `0 .. num_initial` and the local blocks
+//!   `t / l' - num_local + 1 ..= t / l'` (by default block 0 and the local blocks `t / l'`, the
+//!   current one, and `t / l' - 1`), counted in `n`. A block starting after `t` is never chosen. The rest of the `n` slots go
 //!   to the highest importance, ties to the lower block index. Chosen blocks are listed in
 //!   ascending order, the unused slots hold [`NO_BLOCK`]. The whole GQA group shares the choice.
 //! - The selected branch attends to the chosen blocks' keys up to `t` (causal inside the current
 //!   block); the window branch to the last `w` keys including `t` (flash-attn's `(w - 1, 0)`).
 //! - Gradients flow through the three attentions and the gates, never through the choice:
 //!   backward takes the forward's indices and holds them fixed.
+//!
+//! [`forward_ext`] / [`backward_ext`] take optional inputs ([`NsaExtra`]): chunked prefill
+//! (queries that are only the last `Tq` of a sequence's `Tk` keys, bottom-right as
+//! [`crate::dense`]: query `i` sits at position `t = i + Tk - Tq`), caller-supplied chosen blocks
+//! (the selection is skipped), and a per-token number of selected blocks (at most `n`).
 
 use squid_cuda::Element;
 
@@ -31,10 +37,16 @@ use crate::{Error, Heads};
 
 mod cpu;
 #[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
 pub mod cuda_selected;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_selected_tests;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 mod decode;
+#[cfg(test)]
+mod ext_tests;
 pub mod naive;
 #[cfg(test)]
 mod tests;
@@ -84,6 +96,24 @@ pub const SELECTED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!
     fast_math = false
 );
 
+/// The CUDA source of NSA's compression (launchers in `cuda`, feature `cuda`): mean pooling
+/// forward and backward, bf16 and f16.
+pub const COMPRESS_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "nsa_compress",
+    "src/nsa/compress.cu",
+    [
+        "squid_nsa_compress_mean_fwd_bf16",
+        "squid_nsa_compress_mean_fwd_f16",
+        "squid_nsa_compress_mean_bwd_bf16",
+        "squid_nsa_compress_mean_bwd_f16"
+    ],
+    fast_math = false
+);
+
+/// The CUDA source of NSA's top-n block selection (launcher in `cuda`, feature `cuda`).
+pub const SELECT_KERNEL: squid_cuda::KernelSource =
+    squid_cuda::kernel_source!("nsa_select", "src/nsa/select.cu", ["squid_nsa_select_topn"], fast_math = false);
+
 /// Marks an unused slot of the chosen-block list.
 pub const NO_BLOCK: u32 = u32::MAX;
 
@@ -96,8 +126,14 @@ pub struct NsaConfig {
     pub stride_cmp: usize,
     /// Selection block length `l'`; `l <= l'`.
     pub block_slc: usize,
-    /// Selected blocks per query `n`, the 1 initial and 2 local forced blocks included (>= 3).
+    /// Selected blocks per query `n`, the forced initial and local blocks included
+    /// (`>= num_initial + num_local`, and `>= 1`).
     pub num_selected: usize,
+    /// Forced initial blocks: blocks `0 .. num_initial` are always chosen (the paper: 1).
+    pub num_initial: usize,
+    /// Forced local blocks: the current block and the `num_local - 1` before it are always
+    /// chosen (the paper: 2).
+    pub num_local: usize,
     /// Sliding window `w`: keys seen by the window branch, the current one included.
     pub window: usize,
     /// Softmax scale of all three branches; `None` means `1 / sqrt(Dk)`.
@@ -107,13 +143,15 @@ pub struct NsaConfig {
 }
 
 impl Default for NsaConfig {
-    /// `l = 32, d = 16, l' = 64, n = 16, w = 512` (the paper's).
+    /// `l = 32, d = 16, l' = 64, n = 16, w = 512`, 1 initial and 2 local blocks (the paper's).
     fn default() -> Self {
         Self {
             block_cmp: 32,
             stride_cmp: 16,
             block_slc: 64,
             num_selected: 16,
+            num_initial: 1,
+            num_local: 2,
             window: 512,
             scale: None,
             check_finite: false,
@@ -121,7 +159,8 @@ impl Default for NsaConfig {
     }
 }
 
-/// Blocks forced into every selection: the first and the two local ones.
+/// Blocks forced into every selection by default: the first and the two local ones
+/// ([`NsaConfig::num_initial`] + [`NsaConfig::num_local`] of [`NsaConfig::default`]).
 pub const FORCED_BLOCKS: usize = 3;
 
 /// The most selected blocks per query [`NsaConfig::validate`] accepts: every (token, kv head)
@@ -130,8 +169,8 @@ pub const FORCED_BLOCKS: usize = 3;
 pub const MAX_SELECTED: usize = 1 << 16;
 
 impl NsaConfig {
-    /// Checks the sizes: all non-zero, `d | l`, `d | l'`, `l <= l'`, `3 <= n <= MAX_SELECTED`, a
-    /// finite scale.
+    /// Checks the sizes: all non-zero, `d | l`, `d | l'`, `l <= l'`,
+    /// `num_initial + num_local <= n <= MAX_SELECTED`, a finite scale.
     pub fn validate(&self) -> Result<(), Error> {
         let named = [
             ("block_cmp (l)", self.block_cmp),
@@ -153,14 +192,15 @@ impl NsaConfig {
         if l > ls {
             return Err(Error::Config(format!("l = {l} exceeds l' = {ls}")));
         }
-        if self.num_selected < FORCED_BLOCKS {
-            return Err(Error::Config(format!(
-                "n = {} cannot hold the {FORCED_BLOCKS} forced blocks (1 initial + 2 local)",
-                self.num_selected
-            )));
-        }
         if self.num_selected > MAX_SELECTED {
             return Err(Error::Config(format!("n = {} exceeds {MAX_SELECTED} selected blocks", self.num_selected)));
+        }
+        let forced = self.forced_blocks();
+        if self.num_selected < forced {
+            return Err(Error::Config(format!(
+                "n = {} cannot hold the {forced} forced blocks ({} initial + {} local)",
+                self.num_selected, self.num_initial, self.num_local
+            )));
         }
         if let Some(s) = self.scale {
             if !s.is_finite() || s == 0.0 {
@@ -187,6 +227,11 @@ impl NsaConfig {
         } else {
             len.div_ceil(self.block_slc)
         }
+    }
+
+    /// Forced blocks per token at most: `num_initial + num_local` (saturating).
+    pub fn forced_blocks(&self) -> usize {
+        self.num_initial.saturating_add(self.num_local)
     }
 
     /// The softmax scale in use for heads `h`.
@@ -246,9 +291,10 @@ pub(crate) struct Chooser {
 impl Chooser {
     /// Writes the blocks query `t` attends to (ascending) into `out`, from its group-summed
     /// compressed probabilities `p_cmp`.
-    pub(crate) fn choose(&mut self, cfg: &NsaConfig, t: usize, p_cmp: &[f32], out: &mut Vec<u32>) {
+    /// `n` is the number of blocks to choose (the config's, or the token's own).
+    pub(crate) fn choose(&mut self, cfg: &NsaConfig, t: usize, n: usize, p_cmp: &[f32], out: &mut Vec<u32>) {
         self.slc_scores(cfg, p_cmp, t / cfg.block_slc + 1);
-        select_blocks_fast(cfg, t, &self.scores, &mut self.candidates, out);
+        select_blocks_fast(cfg, t, n, &self.scores, &mut self.candidates, out);
     }
 
     /// Maps group-summed compressed probabilities `p_cmp` (blocks `0..p_cmp.len()`) to the
@@ -293,16 +339,19 @@ impl Score for f64 {
     }
 }
 
-/// The forced blocks of query `t`, ascending: 0, `t / l' - 1` and `t / l'` where they exist.
+/// The forced blocks of query `t`, ascending: the initial blocks `0 .. num_initial` and the
+/// local ones `t / l' - num_local + 1 ..= t / l'`, where they exist (each once).
 fn push_forced(cfg: &NsaConfig, t: usize, out: &mut Vec<u32>) {
-    let cur = t / cfg.block_slc;
-    out.push(0);
-    if cur >= 2 {
-        out.push((cur - 1) as u32);
-    }
-    if cur >= 1 {
-        out.push(cur as u32);
-    }
+    let (first_free, end_free) = free_range(cfg, t);
+    out.extend((0..first_free).map(|j| j as u32));
+    out.extend((end_free.max(first_free)..=t / cfg.block_slc).map(|j| j as u32));
+}
+
+/// The blocks of query `t` that are not forced: `first .. end` (empty when `end <= first`).
+/// `first` is at most `t / l' + 1`.
+fn free_range(cfg: &NsaConfig, t: usize) -> (usize, usize) {
+    let blocks = t / cfg.block_slc + 1;
+    (cfg.num_initial.min(blocks), blocks.saturating_sub(cfg.num_local))
 }
 
 /// Chooses the selection blocks of query `t` from the importance `scores` of blocks
@@ -310,21 +359,28 @@ fn push_forced(cfg: &NsaConfig, t: usize, out: &mut Vec<u32>) {
 /// highest scores, ties to the lower index. Writes them ascending into `out` (cleared first).
 /// A full sort: this is the reference; the CPU path's faster choice must agree exactly.
 ///
-/// Leaves `out` empty for `l' = 0` or `n < 3`, which [`NsaConfig::validate`] refuses. Blocks past
-/// `scores.len() + n` are never ranked: at least `n - 2` unforced blocks of score 0 and lower
-/// index come before them, so none of them can be chosen.
+/// Leaves `out` empty for `l' = 0` or `n` below the forced blocks, which
+/// [`NsaConfig::validate`] refuses. Blocks past `scores.len() + n` are never ranked: at least
+/// `n - forced` unforced blocks of score 0 and lower index come before them, so none of them can
+/// be chosen.
 pub fn select_blocks<S: Score>(cfg: &NsaConfig, t: usize, scores: &[S], out: &mut Vec<u32>) {
+    select_blocks_n(cfg, t, cfg.num_selected, scores, out)
+}
+
+/// [`select_blocks`] choosing `n` blocks (a token's own number, at most the config's) instead of
+/// [`NsaConfig::num_selected`].
+pub fn select_blocks_n<S: Score>(cfg: &NsaConfig, t: usize, n: usize, scores: &[S], out: &mut Vec<u32>) {
     out.clear();
-    if cfg.block_slc == 0 || cfg.num_selected < FORCED_BLOCKS {
+    if cfg.block_slc == 0 || n < cfg.forced_blocks() {
         return;
     }
     let cur = t / cfg.block_slc;
     push_forced(cfg, t, out);
     let score = |j: usize| scores.get(j).copied().unwrap_or_default();
-    let last = cur.min(scores.len().saturating_add(cfg.num_selected));
+    let last = cur.min(scores.len().saturating_add(n));
     let mut rest: Vec<usize> = (0..=last).filter(|j| !out.contains(&(*j as u32))).collect();
     rest.sort_by(|&x, &y| score(y).total(&score(x)).then(x.cmp(&y)));
-    let free = cfg.num_selected - out.len();
+    let free = n - out.len();
     out.extend(rest.iter().take(free).map(|&j| j as u32));
     out.sort_unstable();
 }
@@ -363,24 +419,25 @@ fn rank_key(s: f32, j: usize) -> u64 {
 const LANES: usize = 64;
 
 /// [`select_blocks`] in time linear in the blocks with no sort of them: the free blocks
-/// (`1 ..= t/l' - 2`; the forced ones sit at both ends) are dealt into [`LANES`] lanes and each
-/// lane's best score is taken (vectorised). The `free`-th best of those maxima is a score at
+/// (`num_initial ..= t/l' - num_local`; the forced ones sit at both ends) are dealt into
+/// [`LANES`] lanes and each lane's best score is taken (vectorised). Chooses `n` blocks (the
+/// forced ones included). The `free`-th best of those maxima is a score at
 /// least `free` blocks reach, so no block below it can be chosen: only the few blocks at or
 /// above it become candidates, ranked exactly. Same order as [`select_blocks`] (score
 /// descending by `total_cmp`, then index ascending); `candidates` is scratch.
 pub(crate) fn select_blocks_fast(
     cfg: &NsaConfig,
     t: usize,
+    n: usize,
     scores: &[f32],
     candidates: &mut Vec<u64>,
     out: &mut Vec<u32>,
 ) {
     out.clear();
-    let cur = t / cfg.block_slc;
     push_forced(cfg, t, out);
-    let free = cfg.num_selected - out.len();
-    // Blocks 1 .. cur - 1 are the free ones; those without a score count as 0.
-    let (first, end) = (1, cur.saturating_sub(1).max(1));
+    let free = n.saturating_sub(out.len());
+    // Blocks first .. end are the free ones; those without a score count as 0.
+    let (first, end) = free_range(cfg, t);
     candidates.clear();
     if free > 0 && end > first {
         let scored = &scores[first.min(scores.len())..end.min(scores.len())];
@@ -492,41 +549,111 @@ pub struct NsaGrads<E> {
     pub dgates: Vec<E>,
 }
 
+/// Optional inputs of [`forward_ext`] / [`backward_ext`]; [`Default`] (all `None`) is
+/// [`forward`] / [`backward`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NsaExtra<'a> {
+    /// Chunked prefill: the key offsets `[num_seqs + 1]` when the queries (offsets
+    /// [`NsaInputs::cu_seqlens`]) are only the last `Tq <= Tk` tokens of each sequence's keys.
+    /// `k`, `v` (and `k_win`, `v_win`) then hold `[total_k, HKV, D]`, the compressed keys are
+    /// those of the keys' sequences ([`cmp_offsets`] of these offsets), and query `i` of a
+    /// sequence sits at position `i + Tk - Tq` (bottom-right, as [`crate::dense`]).
+    pub cu_seqlens_k: Option<&'a [u32]>,
+    /// Caller-chosen selection blocks `[total_q, HKV, n]` (skips the selection): per (token,
+    /// kv head) strictly ascending (no duplicates), none starting after the token, [`NO_BLOCK`]
+    /// padding after them, at most the token's number of blocks. Forward only (backward holds
+    /// the forward's `indices`, which then equal these).
+    pub indices: Option<&'a [u32]>,
+    /// Per-token number of selected blocks `[total_q]`, each in
+    /// `num_initial + num_local ..= n` (forced blocks included). Forward only.
+    pub num_selected: Option<&'a [u32]>,
+}
+
 /// Sizes of a validated call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NsaDims {
+    /// Query tokens.
     pub total: usize,
+    /// Key tokens (`total` without chunked prefill).
+    pub total_k: usize,
     pub total_cmp: usize,
     pub num_seqs: usize,
 }
 
+/// (Without optional inputs: the call the launchers in the other branches make.)
+#[allow(dead_code)]
 pub(crate) fn validate_lens<E>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, E>) -> Result<NsaDims, Error> {
+    validate_lens_ext(cfg, h, x, &NsaExtra::default())
+}
+
+/// [`validate_lens`] with the optional inputs: key offsets, chosen blocks, per-token counts.
+pub(crate) fn validate_lens_ext<E>(
+    cfg: &NsaConfig,
+    h: &Heads,
+    x: &NsaInputs<'_, E>,
+    extra: &NsaExtra<'_>,
+) -> Result<NsaDims, Error> {
     cfg.validate()?;
     h.validate()?;
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let total = rows_of("q", x.q.len(), hq, dk)?;
     let num_seqs = validate_cu_seqlens(x.cu_seqlens, total)?;
-    let k_len = numel("k", &[total, hkv, dk])?;
-    let v_len = numel("v", &[total, hkv, dv])?;
-    expect_len("k", x.k.len(), k_len, "[total, HKV, Dk]")?;
-    expect_len("v", x.v.len(), v_len, "[total, HKV, Dv]")?;
+    let cu_k = extra.cu_seqlens_k.unwrap_or(x.cu_seqlens);
+    let total_k = *cu_k.last().unwrap_or(&0) as usize;
+    if extra.cu_seqlens_k.is_some() {
+        let num_k = validate_cu_seqlens(cu_k, total_k)?;
+        if num_k != num_seqs {
+            return Err(Error::CuSeqlens(format!(
+                "cu_seqlens describes {num_seqs} sequences but cu_seqlens_k {num_k}"
+            )));
+        }
+        for (s, (wq, wk)) in x.cu_seqlens.windows(2).zip(cu_k.windows(2)).enumerate() {
+            let (tq, tk) = (wq[1] - wq[0], wk[1] - wk[0]);
+            if tq > tk {
+                return Err(Error::CuSeqlens(format!(
+                    "sequence {s} has {tq} queries but only {tk} keys (chunked prefill needs Tq <= Tk)"
+                )));
+            }
+        }
+    }
+    let k_len = numel("k", &[total_k, hkv, dk])?;
+    let v_len = numel("v", &[total_k, hkv, dv])?;
+    expect_len("k", x.k.len(), k_len, "[total_k, HKV, Dk]")?;
+    expect_len("v", x.v.len(), v_len, "[total_k, HKV, Dv]")?;
     match (x.k_win, x.v_win) {
         (Some(kw), Some(vw)) => {
-            expect_len("k_win", kw.len(), k_len, "[total, HKV, Dk]")?;
-            expect_len("v_win", vw.len(), v_len, "[total, HKV, Dv]")?;
+            expect_len("k_win", kw.len(), k_len, "[total_k, HKV, Dk]")?;
+            expect_len("v_win", vw.len(), v_len, "[total_k, HKV, Dv]")?;
         }
         (None, None) => {}
         _ => return Err(Error::Shape("k_win and v_win must be given together".into())),
     }
-    let total_cmp = *offsets(cfg, x.cu_seqlens).last().unwrap_or(&0) as usize;
+    let total_cmp = *offsets(cfg, cu_k).last().unwrap_or(&0) as usize;
     expect_len("k_cmp", x.k_cmp.len(), numel("k_cmp", &[total_cmp, hkv, dk])?, "[total_cmp, HKV, Dk]")?;
     expect_len("v_cmp", x.v_cmp.len(), numel("v_cmp", &[total_cmp, hkv, dv])?, "[total_cmp, HKV, Dv]")?;
     expect_len("gates", x.gates.len(), numel("gates", &[total, hq, 3])?, "[total, HQ, 3]")?;
-    Ok(NsaDims { total, total_cmp, num_seqs })
+    if let Some(counts) = extra.num_selected {
+        expect_len("num_selected", counts.len(), total, "[total_q]")?;
+        let (lo, hi) = (cfg.forced_blocks(), cfg.num_selected);
+        if let Some((row, &c)) = counts.iter().enumerate().find(|(_, &c)| (c as usize) < lo || c as usize > hi) {
+            return Err(Error::Config(format!(
+                "num_selected of query row {row} is {c}, outside {lo} (forced blocks) ..= {hi} (n)"
+            )));
+        }
+    }
+    if let Some(ix) = extra.indices {
+        validate_indices_ext(cfg, h, x.cu_seqlens, cu_k, ix, extra.num_selected)?;
+    }
+    Ok(NsaDims { total, total_k, total_cmp, num_seqs })
 }
 
-fn validate<T: Element>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, T>) -> Result<NsaDims, Error> {
-    let dims = validate_lens(cfg, h, x)?;
+fn validate<T: Element>(
+    cfg: &NsaConfig,
+    h: &Heads,
+    x: &NsaInputs<'_, T>,
+    extra: &NsaExtra<'_>,
+) -> Result<NsaDims, Error> {
+    let dims = validate_lens_ext(cfg, h, x, extra)?;
     if cfg.check_finite {
         for (name, t) in
             [("q", x.q), ("k", x.k), ("v", x.v), ("k_cmp", x.k_cmp), ("v_cmp", x.v_cmp), ("gates", x.gates)]
@@ -544,8 +671,20 @@ fn validate<T: Element>(cfg: &NsaConfig, h: &Heads, x: &NsaInputs<'_, T>) -> Res
 
 /// NSA forward on the CPU.
 pub fn forward<T: Element>(cfg: &NsaConfig, heads: &Heads, x: &NsaInputs<'_, T>) -> Result<NsaOutput<T>, Error> {
-    let dims = validate(cfg, heads, x)?;
-    Ok(cpu::forward(cfg, heads, dims, x))
+    forward_ext(cfg, heads, x, &NsaExtra::default())
+}
+
+/// NSA forward on the CPU with the optional inputs of [`NsaExtra`] (chunked prefill,
+/// caller-chosen blocks, per-token block counts). The outputs are per query row (`[total_q,
+/// ..]`, `lse [HQ, total_q]`).
+pub fn forward_ext<T: Element>(
+    cfg: &NsaConfig,
+    heads: &Heads,
+    x: &NsaInputs<'_, T>,
+    extra: &NsaExtra<'_>,
+) -> Result<NsaOutput<T>, Error> {
+    let dims = validate(cfg, heads, x, extra)?;
+    Ok(cpu::forward(cfg, heads, dims, x, extra))
 }
 
 /// NSA backward on the CPU, with the forward's chosen blocks held fixed. `d_o [total, HQ, Dv]`.
@@ -556,7 +695,22 @@ pub fn backward<T: Element>(
     fwd: &NsaOutput<T>,
     d_o: &[T],
 ) -> Result<NsaGrads<T>, Error> {
-    let dims = validate(cfg, heads, x)?;
+    backward_ext(cfg, heads, x, &NsaExtra::default(), fwd, d_o)
+}
+
+/// [`backward`] of [`forward_ext`]: of the optional inputs only `cu_seqlens_k` matters (the
+/// chosen blocks are the forward's `indices`, held fixed; the others are ignored). Key
+/// gradients are `[total_k, ..]`.
+pub fn backward_ext<T: Element>(
+    cfg: &NsaConfig,
+    heads: &Heads,
+    x: &NsaInputs<'_, T>,
+    extra: &NsaExtra<'_>,
+    fwd: &NsaOutput<T>,
+    d_o: &[T],
+) -> Result<NsaGrads<T>, Error> {
+    let extra = NsaExtra { cu_seqlens_k: extra.cu_seqlens_k, ..Default::default() };
+    let dims = validate(cfg, heads, x, &extra)?;
     let h = heads;
     let o_len = numel("o", &[dims.total, h.num_q_heads, h.head_dim_v])?;
     let lse_len = numel("lse", &[dims.total, h.num_q_heads])?;
@@ -567,24 +721,43 @@ pub fn backward<T: Element>(
     for (name, t) in [("lse_cmp", &fwd.lse_cmp), ("lse_slc", &fwd.lse_slc), ("lse_win", &fwd.lse_win)] {
         expect_len(name, t.len(), lse_len, "[HQ, total]")?;
     }
-    validate_indices(cfg, h, x.cu_seqlens, &fwd.indices)?;
+    let cu_k = extra.cu_seqlens_k.unwrap_or(x.cu_seqlens);
+    validate_indices_ext(cfg, h, x.cu_seqlens, cu_k, &fwd.indices, None)?;
     if cfg.check_finite {
         check_finite("d_o", d_o)?;
     }
-    Ok(cpu::backward(cfg, heads, dims, x, fwd, d_o))
+    Ok(cpu::backward(cfg, heads, dims, x, cu_k, fwd, d_o))
 }
 
 /// Checks chosen blocks that come back in (a forward's public `indices`, perhaps edited): the
 /// shape `[total, HKV, n]`, and per (token `t`, kv head) blocks strictly ascending, each at most
 /// `t / l'` (no block starting after the token), [`NO_BLOCK`] only after the chosen ones. What
 /// the forward writes always passes; anything else would index outside the sequence.
+#[allow(dead_code)]
 pub(crate) fn validate_indices(cfg: &NsaConfig, h: &Heads, cu_seqlens: &[u32], indices: &[u32]) -> Result<(), Error> {
+    validate_indices_ext(cfg, h, cu_seqlens, cu_seqlens, indices, None)
+}
+
+/// [`validate_indices`] with separate key offsets (query `i` of a sequence at position
+/// `i + Tk - Tq`; the offsets already validated) and, if given, each token's number of blocks
+/// as the most it may list.
+pub(crate) fn validate_indices_ext(
+    cfg: &NsaConfig,
+    h: &Heads,
+    cu_q: &[u32],
+    cu_k: &[u32],
+    indices: &[u32],
+    counts: Option<&[u32]>,
+) -> Result<(), Error> {
     let (hkv, n) = (h.num_kv_heads, cfg.num_selected);
-    let total = *cu_seqlens.last().unwrap_or(&0) as usize;
+    let total = *cu_q.last().unwrap_or(&0) as usize;
     expect_len("indices", indices.len(), numel("indices", &[total, hkv, n])?, "[total, HKV, n]")?;
-    for (s, w) in cu_seqlens.windows(2).enumerate() {
-        for t in 0..(w[1] - w[0]) as usize {
-            let row = w[0] as usize + t;
+    for (s, (wq, wk)) in cu_q.windows(2).zip(cu_k.windows(2)).enumerate() {
+        let (tq, tk) = ((wq[1] - wq[0]) as usize, (wk[1] - wk[0]) as usize);
+        for i in 0..tq {
+            let row = wq[0] as usize + i;
+            let t = i + tk - tq;
+            let most = counts.map_or(n, |c| c[row] as usize);
             for g in 0..hkv {
                 let chosen = &indices[(row * hkv + g) * n..][..n];
                 let used = chosen.iter().position(|&j| j == NO_BLOCK).unwrap_or(n);
@@ -593,7 +766,15 @@ pub(crate) fn validate_indices(cfg: &NsaConfig, h: &Heads, cu_seqlens: &[u32], i
                 } else if chosen[..used].iter().any(|&j| j as usize > t / cfg.block_slc) {
                     Some("a block that starts after the token")
                 } else if chosen[..used].windows(2).any(|p| p[1] <= p[0]) {
-                    Some("blocks not strictly ascending")
+                    let mut sorted = chosen[..used].to_vec();
+                    sorted.sort_unstable();
+                    if sorted.windows(2).any(|p| p[1] == p[0]) {
+                        Some("a block listed twice")
+                    } else {
+                        Some("blocks not strictly ascending")
+                    }
+                } else if used > most {
+                    Some("more blocks than the token's num_selected")
                 } else {
                     None
                 };

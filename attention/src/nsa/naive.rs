@@ -2,7 +2,7 @@
 //! branch, run a textbook softmax attention over them, mix by the gates. Slow and obviously
 //! right; the CPU path, decode and the finite-difference tests are held to it.
 
-use super::{offsets, select_blocks, validate_lens, NsaConfig, NsaGrads, NsaInputs, NO_BLOCK};
+use super::{offsets, select_blocks_n, validate_lens_ext, NsaConfig, NsaExtra, NsaGrads, NsaInputs, NO_BLOCK};
 use crate::dense::naive::check_finite_f64;
 use crate::{Error, Heads};
 
@@ -153,7 +153,21 @@ pub fn forward(
     x: &NsaInputs<'_, f64>,
     indices: Option<&[u32]>,
 ) -> Result<NaiveForward, Error> {
-    let dims = validate_lens(cfg, h, x)?;
+    forward_ext(cfg, h, x, &NsaExtra { indices, ..Default::default() })
+}
+
+/// Forward with the optional inputs of [`NsaExtra`]: the query rows are the last `Tq` positions
+/// of each sequence's keys, a token's `num_selected` replaces `n` in its choice, and given
+/// `indices` replace the choice.
+pub fn forward_ext(
+    cfg: &NsaConfig,
+    h: &Heads,
+    x: &NsaInputs<'_, f64>,
+    extra: &NsaExtra<'_>,
+) -> Result<NaiveForward, Error> {
+    let indices = extra.indices;
+    let dims = validate_lens_ext(cfg, h, x, extra)?;
+    let cu_k = extra.cu_seqlens_k.unwrap_or(x.cu_seqlens);
     if cfg.check_finite {
         for (name, t) in
             [("q", x.q), ("k", x.k), ("v", x.v), ("k_cmp", x.k_cmp), ("v_cmp", x.v_cmp), ("gates", x.gates)]
@@ -162,9 +176,6 @@ pub fn forward(
         }
     }
     let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
-    if let Some(ix) = indices {
-        super::validate_indices(cfg, h, x.cu_seqlens, ix)?;
-    }
     let total = dims.total;
     let group = hq / hkv;
     let scale = cfg.softmax_scale(h) as f64;
@@ -179,13 +190,13 @@ pub fn forward(
         scores: vec![Vec::new(); total * hkv],
         indices: vec![NO_BLOCK; total * hkv * n],
     };
-    let offs = offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, cu_k);
     let mut chosen = Vec::new();
     for s in 0..dims.num_seqs {
-        let start = x.cu_seqlens[s] as usize;
-        let len = x.cu_seqlens[s + 1] as usize - start;
-        for t in 0..len {
-            let row = start + t;
+        let (q0, tq) = (x.cu_seqlens[s] as usize, (x.cu_seqlens[s + 1] - x.cu_seqlens[s]) as usize);
+        let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+        for t in tk - tq..tk {
+            let row = q0 + t - (tk - tq);
             for g in 0..hkv {
                 // Compressed branch of every head of the group, then the group's choice.
                 let nc = cfg.num_cmp_blocks(t + 1);
@@ -207,13 +218,16 @@ pub fn forward(
                         chosen.clear();
                         chosen.extend(ix[(row * hkv + g) * n..][..n].iter().filter(|&&j| j != NO_BLOCK));
                     }
-                    None => select_blocks(cfg, t, &scores, &mut chosen),
+                    None => {
+                        let n_t = extra.num_selected.map_or(n, |c| c[row] as usize);
+                        select_blocks_n(cfg, t, n_t, &scores, &mut chosen)
+                    }
                 }
                 f.scores[row * hkv + g] = scores;
                 for (slot, &j) in chosen.iter().enumerate() {
                     f.indices[(row * hkv + g) * n + slot] = j;
                 }
-                let lists = key_lists(cfg, h, x, &offs, s, t, g, &chosen);
+                let lists = key_lists(cfg, h, x, cu_k, &offs, s, t, g, &chosen);
                 for (hh, a_cmp) in cmp_out.into_iter().enumerate() {
                     let head = g * group + hh;
                     let qr = &x.q[(row * hq + head) * dk..][..dk];
@@ -242,6 +256,7 @@ fn key_lists<'a>(
     cfg: &NsaConfig,
     h: &Heads,
     x: &NsaInputs<'a, f64>,
+    cu_k: &[u32],
     offs: &[u32],
     s: usize,
     t: usize,
@@ -249,7 +264,7 @@ fn key_lists<'a>(
     chosen: &[u32],
 ) -> Lists<'a> {
     let (hkv, dk, dv) = (h.num_kv_heads, h.head_dim_k, h.head_dim_v);
-    let start = x.cu_seqlens[s] as usize;
+    let start = cu_k[s] as usize;
     let cmp_rows: Vec<usize> = (0..cfg.num_cmp_blocks(t + 1)).map(|i| offs[s] as usize + i).collect();
     let slc_rows: Vec<usize> = chosen
         .iter()
@@ -284,10 +299,23 @@ pub fn backward(
     indices: &[u32],
     d_o: &[f64],
 ) -> Result<NsaGrads<f64>, Error> {
-    let dims = validate_lens(cfg, h, x)?;
+    backward_ext(cfg, h, x, None, indices, d_o)
+}
+
+/// [`backward`] with chunked prefill: `cu_seqlens_k` as [`NsaExtra::cu_seqlens_k`].
+pub fn backward_ext(
+    cfg: &NsaConfig,
+    h: &Heads,
+    x: &NsaInputs<'_, f64>,
+    cu_seqlens_k: Option<&[u32]>,
+    indices: &[u32],
+    d_o: &[f64],
+) -> Result<NsaGrads<f64>, Error> {
+    let extra = NsaExtra { cu_seqlens_k, indices: Some(indices), num_selected: None };
+    let dims = validate_lens_ext(cfg, h, x, &extra)?;
+    let cu_k = cu_seqlens_k.unwrap_or(x.cu_seqlens);
     let (hq, hkv, dk, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
-    super::validate_indices(cfg, h, x.cu_seqlens, indices)?;
     crate::layout::expect_len("d_o", d_o.len(), total * hq * dv, "[total, HQ, Dv]")?;
     let group = hq / hkv;
     let scale = cfg.softmax_scale(h) as f64;
@@ -302,16 +330,16 @@ pub fn backward(
         dv_cmp: vec![0.0; x.v_cmp.len()],
         dgates: vec![0.0; x.gates.len()],
     };
-    let offs = offsets(cfg, x.cu_seqlens);
+    let offs = offsets(cfg, cu_k);
     for s in 0..dims.num_seqs {
-        let start = x.cu_seqlens[s] as usize;
-        let len = x.cu_seqlens[s + 1] as usize - start;
-        for t in 0..len {
-            let row = start + t;
+        let (q0, tq) = (x.cu_seqlens[s] as usize, (x.cu_seqlens[s + 1] - x.cu_seqlens[s]) as usize);
+        let tk = (cu_k[s + 1] - cu_k[s]) as usize;
+        for t in tk - tq..tk {
+            let row = q0 + t - (tk - tq);
             for g in 0..hkv {
                 let chosen: Vec<u32> =
                     indices[(row * hkv + g) * n..][..n].iter().copied().filter(|&j| j != NO_BLOCK).collect();
-                let l = key_lists(cfg, h, x, &offs, s, t, g, &chosen);
+                let l = key_lists(cfg, h, x, cu_k, &offs, s, t, g, &chosen);
                 for head in g * group..(g + 1) * group {
                     let qr = &x.q[(row * hq + head) * dk..][..dk];
                     let dor = &d_o[(row * hq + head) * dv..][..dv];

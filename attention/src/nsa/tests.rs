@@ -188,6 +188,7 @@ fn config_strategy() -> impl Strategy<Value = NsaConfig> {
                 window: w,
                 scale: None,
                 check_finite: false,
+                ..Default::default()
             }
         })
 }
@@ -253,7 +254,7 @@ proptest! {
         }
         let (mut a, mut b, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
         select_blocks(&cfg, t, &scores, &mut a);
-        select_blocks_fast(&cfg, t, &scores, &mut scratch, &mut b);
+        select_blocks_fast(&cfg, t, n, &scores, &mut scratch, &mut b);
         prop_assert_eq!(a, b);
     }
 }
@@ -425,6 +426,7 @@ fn naive_gradients_match_finite_differences() {
         window: 3,
         scale: Some(0.6),
         check_finite: false,
+        ..Default::default()
     };
     let h = Heads::new(4, 2, 3, 2);
     for separate_win in [false, true] {

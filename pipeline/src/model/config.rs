@@ -42,6 +42,7 @@ impl NsaParams {
             window: self.window,
             scale: None,
             check_finite: false,
+            ..NsaConfig::default()
         }
     }
 }
