@@ -163,7 +163,7 @@ impl Model {
 /// Batch `step`: `[B, T]` ids whose second half copies the first; targets are the next ids.
 fn batch(cfg: &Config, step: usize) -> Result<(Tensor, Tensor)> {
     let mut rng = Lcg(1000 + step as u64);
-    let half = cfg.seq.div_ceil(2);
+    let half = (cfg.seq + 1).div_ceil(2);
     let mut ids: Vec<u32> = Vec::with_capacity(cfg.batch * (cfg.seq + 1));
     for _ in 0..cfg.batch {
         let first: Vec<u32> = (0..half).map(|_| (rng.next() % cfg.vocab as u64) as u32).collect();
@@ -216,7 +216,9 @@ fn main() -> Result<()> {
     let (candle_loss, candle_s) = train(cfg, Attention::Candle)?;
     let (squid_loss, squid_s) = train(cfg, Attention::Squid)?;
     let max_diff = candle_loss.iter().zip(&squid_loss).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    for step in (0..cfg.steps).step_by((cfg.steps / 10).max(1)).chain(cfg.steps.checked_sub(1)) {
+    let mut shown: Vec<usize> = (0..cfg.steps).step_by((cfg.steps / 10).max(1)).collect();
+    shown.extend(cfg.steps.checked_sub(1).filter(|last| shown.last() != Some(last)));
+    for step in shown {
         println!("step {step:>5}  loss candle {:.5}  squid {:.5}", candle_loss[step], squid_loss[step]);
     }
     println!("max |loss difference| over {} steps: {max_diff:.3e}", cfg.steps);
