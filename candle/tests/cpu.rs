@@ -394,6 +394,7 @@ fn nsa_matches_squid_directly() {
         window: 3,
         scale: None,
         check_finite: false,
+        ..NsaConfig::default()
     };
     let cu: Vec<u32> = vec![0, 9, 10, 22];
     let (total, hq, hkv, dk, dv) = (22, 4, 2, 4, 3);
