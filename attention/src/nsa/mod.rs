@@ -803,9 +803,14 @@ pub fn compress_mean<T: Element>(
     validate_cu_seqlens(cu_seqlens, total)?;
     let offs = offsets(cfg, cu_seqlens);
     let row = heads * dim;
-    let mut out = vec![T::default(); *offs.last().unwrap_or(&0) as usize * row];
+    let len = (*offs.last().unwrap_or(&0) as usize)
+        .checked_mul(row)
+        .ok_or_else(|| Error::Shape(format!("compress_mean: {offs:?} blocks of {row} elements overflow usize")))?;
+    // Sized from the caller's offsets: a refused allocation is an error, never an abort.
+    let mut out: Vec<T> = try_zeroed("compress_mean output", len)?;
     let inv = 1.0 / cfg.block_cmp as f32;
-    let mut acc = vec![0f32; row];
+    // `row` comes from the caller too (it may be huge when there are no rows at all).
+    let mut acc: Vec<f32> = if len == 0 { Vec::new() } else { try_zeroed("compress_mean accumulator", row)? };
     for (s, w) in cu_seqlens.windows(2).enumerate() {
         let start = w[0] as usize;
         for i in 0..(offs[s + 1] - offs[s]) as usize {
