@@ -108,6 +108,15 @@ pub(crate) fn try_zeroed<T: bytemuck::Zeroable>(name: &'static str, len: usize) 
         .map_err(|()| Error::OutOfMemory { what: name, bytes: len.saturating_mul(std::mem::size_of::<T>()) })
 }
 
+/// A buffer of `len` copies of `value`, or [`Error::OutOfMemory`] if the allocator refuses it.
+pub(crate) fn try_filled<T: Copy>(name: &'static str, len: usize, value: T) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::OutOfMemory { what: name, bytes: len.saturating_mul(std::mem::size_of::<T>()) })?;
+    v.resize(len, value);
+    Ok(v)
+}
+
 /// An exact length check.
 pub(crate) fn expect_len(name: &'static str, len: usize, expected: usize, what: &str) -> Result<(), Error> {
     if len != expected {

@@ -15,7 +15,8 @@ use squid_cuda::Element;
 
 use super::{DenseConfig, DenseGrads, DenseOutput, Dims};
 use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
-use crate::Heads;
+use crate::layout::{numel, try_filled, try_zeroed};
+use crate::{Error, Heads};
 
 /// Query rows per tile.
 pub(crate) const BQ: usize = 64;
@@ -90,7 +91,15 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    pub(crate) fn new<T: Element>(h: &Heads, k: &[T], v: &[T], cu_k: &[u32], for_backward: bool) -> Self {
+    /// Packs `k` and `v` into key tiles. The tiles hold whole `BK`-key blocks per sequence, so
+    /// many short sequences take up to `BK` times the keys' size: allocated fallibly.
+    pub(crate) fn new<T: Element>(
+        h: &Heads,
+        k: &[T],
+        v: &[T],
+        cu_k: &[u32],
+        for_backward: bool,
+    ) -> Result<Self, Error> {
         let (hkv, dk, dv) = (h.num_kv_heads, h.head_dim_k, h.head_dim_v);
         let (dkp, dvp) = (round_up(dk, COL_MULTIPLE), round_up(dv, COL_MULTIPLE));
         let mut block_offsets = vec![0usize];
@@ -103,21 +112,25 @@ impl Packed {
             block_offsets.push(blocks.len());
         }
         let tiles = blocks.len() * hkv;
-        let fill = |buf: &mut Vec<f32>, per_tile: usize, f: &TileFill<'_>| {
-            *buf = vec![0f32; tiles * per_tile];
+        let fill = |buf: &mut Vec<f32>, per_tile: usize, f: &TileFill<'_>| -> Result<(), Error> {
+            if per_tile == 0 {
+                return Ok(());
+            }
+            *buf = try_zeroed("packed key/value tiles", numel("packed key/value tiles", &[tiles, per_tile])?)?;
             buf.par_chunks_mut(per_tile).enumerate().for_each(|(t, tile)| {
                 let (start, len) = blocks[t / hkv];
                 f(tile, start, len, t % hkv);
             });
+            Ok(())
         };
         let (mut kt, mut vr, mut kr, mut vt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        fill(&mut kt, dk * BK, &tile_packer(k, hkv, dk, TileLayout::Transposed));
-        fill(&mut vr, BK * dvp, &tile_packer(v, hkv, dv, TileLayout::Rows(dvp)));
+        fill(&mut kt, dk * BK, &tile_packer(k, hkv, dk, TileLayout::Transposed))?;
+        fill(&mut vr, BK * dvp, &tile_packer(v, hkv, dv, TileLayout::Rows(dvp)))?;
         if for_backward {
-            fill(&mut kr, BK * dkp, &tile_packer(k, hkv, dk, TileLayout::Rows(dkp)));
-            fill(&mut vt, dv * BK, &tile_packer(v, hkv, dv, TileLayout::Transposed));
+            fill(&mut kr, BK * dkp, &tile_packer(k, hkv, dk, TileLayout::Rows(dkp)))?;
+            fill(&mut vt, dv * BK, &tile_packer(v, hkv, dv, TileLayout::Transposed))?;
         }
-        Self { hkv, dk, dv, dkp, dvp, block_offsets, kt, vr, kr, vt }
+        Ok(Self { hkv, dk, dv, dkp, dvp, block_offsets, kt, vr, kr, vt })
     }
 
     pub(crate) fn tile(&self, s: usize, b: usize, g: usize) -> usize {
@@ -240,10 +253,10 @@ pub(super) fn forward<T: Element>(
     v: &[T],
     cu_q: &[u32],
     cu_k: &[u32],
-) -> DenseOutput<T> {
-    let packed = Packed::new(&cfg.heads, k, v, cu_k, false);
-    let (o, lse) = forward_with(cfg, cfg, dims, q, &packed, cu_q, cu_k);
-    DenseOutput { o, lse }
+) -> Result<DenseOutput<T>, Error> {
+    let packed = Packed::new(&cfg.heads, k, v, cu_k, false)?;
+    let (o, lse) = forward_with(cfg, cfg, dims, q, &packed, cu_q, cu_k)?;
+    Ok(DenseOutput { o, lse })
 }
 
 /// Forward with any mask, output in any storage type: `(o, lse)`.
@@ -255,11 +268,11 @@ pub(crate) fn forward_with<T: Element, R: Element, M: Mask>(
     packed: &Packed,
     cu_q: &[u32],
     cu_k: &[u32],
-) -> (Vec<R>, Vec<f32>) {
+) -> Result<(Vec<R>, Vec<f32>), Error> {
     let h = cfg.heads;
     let hq = h.num_q_heads;
-    let mut o = vec![R::default(); dims.total_q * hq * h.head_dim_v];
-    let mut lse = vec![f32::NEG_INFINITY; hq * dims.total_q];
+    let mut o: Vec<R> = try_zeroed("attention output", numel("attention output", &[dims.total_q, hq, h.head_dim_v])?)?;
+    let mut lse = try_filled("attention lse", hq * dims.total_q, f32::NEG_INFINITY)?;
     let mut tasks = Vec::new();
     for s in 0..dims.num_seqs {
         let tq = (cu_q[s + 1] - cu_q[s]) as usize;
@@ -287,7 +300,7 @@ pub(crate) fn forward_with<T: Element, R: Element, M: Mask>(
             dispatch(FwdCall { cfg, mask, dims, pk: packed, q, cu_q, cu_k, o: op, lse: lp, scr, s, head, qb })
         },
     );
-    (o, lse)
+    Ok((o, lse))
 }
 
 /// One forward task, as a [`Kernel`] so it is compiled per instruction set.
@@ -414,8 +427,8 @@ pub(super) fn backward<T: Element>(
     d_o: &[T],
     cu_q: &[u32],
     cu_k: &[u32],
-) -> DenseGrads<T> {
-    let packed = Packed::new(&cfg.heads, k, v, cu_k, true);
+) -> Result<DenseGrads<T>, Error> {
+    let packed = Packed::new(&cfg.heads, k, v, cu_k, true)?;
     backward_with(cfg, cfg, dims, q, &packed, o, lse, d_o, cu_q, cu_k)
 }
 
@@ -433,16 +446,34 @@ pub(crate) fn backward_with<T: Element, O: Element, G: Element, R: Element, M: M
     d_o: &[G],
     cu_q: &[u32],
     cu_k: &[u32],
-) -> DenseGrads<R> {
+) -> Result<DenseGrads<R>, Error> {
     let h = cfg.heads;
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let (dkp, dvp) = (packed.dkp, packed.dvp);
     let total_blocks = *packed.block_offsets.last().unwrap_or(&0);
-    // Per query head, per key block: that head's share of dk and dv, in f32.
-    let mut dk_part = vec![0f32; hq * total_blocks * BK * dkp];
-    let mut dv_part = vec![0f32; hq * total_blocks * BK * dvp];
-    let mut dq = vec![R::default(); q.len()];
-    let mut tasks: Vec<(usize, usize)> = (0..dims.num_seqs).flat_map(|s| (0..hq).map(move |hh| (s, hh))).collect();
+    // One task per (sequence with queries, query head): a sequence without queries has no
+    // gradient to give (and with no queries, `hq` is not bounded by the inputs' sizes).
+    let busy: Vec<usize> = (0..dims.num_seqs).filter(|&s| cu_q[s + 1] > cu_q[s]).collect();
+    if busy.is_empty() {
+        return Ok(DenseGrads {
+            dq: try_zeroed("dq", q.len())?,
+            dk: try_zeroed("dk", numel("dk", &[dims.total_k, hkv, dk])?)?,
+            dv: try_zeroed("dv", numel("dv", &[dims.total_k, hkv, dv])?)?,
+        });
+    }
+    // Per query head, per key block: that head's share of dk and dv, in f32. Whole blocks per
+    // sequence and per query head: up to `BK x group` times the keys' size, so fallible.
+    let part_len = |pad: usize| numel("dense backward per-head key-block scratch", &[hq, total_blocks, BK, pad]);
+    let mut dk_part: Vec<f32> = try_zeroed("dense backward per-head dk scratch", part_len(dkp)?)?;
+    let mut dv_part: Vec<f32> = try_zeroed("dense backward per-head dv scratch", part_len(dvp)?)?;
+    let mut dq: Vec<R> = try_zeroed("dq", q.len())?;
+    let mut tasks: Vec<(usize, usize)> = Vec::new();
+    let n_tasks = numel("dense backward tasks", &[busy.len(), hq])?;
+    tasks.try_reserve_exact(n_tasks).map_err(|_| Error::OutOfMemory {
+        what: "dense backward tasks",
+        bytes: n_tasks.saturating_mul(std::mem::size_of::<(usize, usize)>()),
+    })?;
+    tasks.extend(busy.iter().flat_map(|&s| (0..hq).map(move |hh| (s, hh))));
     tasks.sort_by_key(|&(s, hh)| (std::cmp::Reverse(cu_q[s + 1] - cu_q[s]), s, hh));
     let (dqp, dkpp, dvpp) = (SyncPtr(dq.as_mut_ptr()), SyncPtr(dk_part.as_mut_ptr()), SyncPtr(dv_part.as_mut_ptr()));
     tasks.par_iter().for_each_init(
@@ -474,8 +505,8 @@ pub(crate) fn backward_with<T: Element, O: Element, G: Element, R: Element, M: M
         },
     );
     // Sum each group's heads into dk, dv.
-    let mut dkk = vec![R::default(); dims.total_k * hkv * dk];
-    let mut dvv = vec![R::default(); dims.total_k * hkv * dv];
+    let mut dkk: Vec<R> = try_zeroed("dk", numel("dk", &[dims.total_k, hkv, dk])?)?;
+    let mut dvv: Vec<R> = try_zeroed("dv", numel("dv", &[dims.total_k, hkv, dv])?)?;
     let group = h.group();
     let blocks_of_seq: Vec<(usize, usize)> = (0..dims.num_seqs)
         .flat_map(|s| (0..packed.block_offsets[s + 1] - packed.block_offsets[s]).map(move |b| (s, b)))
@@ -499,7 +530,7 @@ pub(crate) fn backward_with<T: Element, O: Element, G: Element, R: Element, M: M
             }
         }
     });
-    DenseGrads { dq, dk: dkk, dv: dvv }
+    Ok(DenseGrads { dq, dk: dkk, dv: dvv })
 }
 
 struct BwdCtx<'a, T, O, G, M> {
@@ -734,6 +765,9 @@ pub(crate) fn decode_rows<T: Element, K: KvRows<T>>(
     let chunk = round_up((total_k / (pairs * threads * 4).max(1)).clamp(256, 1 << 16), BK);
     let mut tasks = Vec::new(); // (s, g, key start, key end)
     for s in 0..num_seqs {
+        if cu_q[s + 1] == cu_q[s] {
+            continue; // no queries: nothing to compute (and `hq` is not bounded by the inputs)
+        }
         let tk = kv.seq_len(s);
         for g in 0..hkv {
             let mut c = 0;

@@ -209,7 +209,7 @@ pub fn forward<T: Element>(
     cu_seqlens_k: &[u32],
 ) -> Result<DenseOutput<T>, Error> {
     let dims = validate(cfg, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    Ok(cpu::forward(cfg, dims, q, k, v, cu_seqlens_q, cu_seqlens_k))
+    cpu::forward(cfg, dims, q, k, v, cu_seqlens_q, cu_seqlens_k)
 }
 
 /// Attention backward on the CPU: takes the forward's `o` and `lse` and the output gradient
@@ -228,7 +228,7 @@ pub fn backward<T: Element>(
 ) -> Result<DenseGrads<T>, Error> {
     let dims = validate(cfg, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
     validate_backward_inputs(cfg, dims, o, lse, d_o)?;
-    Ok(cpu::backward(cfg, dims, q, k, v, o, lse, d_o, cu_seqlens_q, cu_seqlens_k))
+    cpu::backward(cfg, dims, q, k, v, o, lse, d_o, cu_seqlens_q, cu_seqlens_k)
 }
 
 /// Decode: a few new queries per sequence (`cu_seqlens_q`) against a KV cache holding every

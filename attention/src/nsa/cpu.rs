@@ -21,7 +21,8 @@ use crate::dense::cpu::{
 };
 use crate::dense::{DenseConfig, DenseGrads, Dims};
 use crate::kernels::{self, dispatch, gemm_acc, gemm_set, round_up, Fma, Kernel, SyncPtr, COL_MULTIPLE, TILE_ROWS};
-use crate::Heads;
+use crate::layout::{numel, try_filled, try_zeroed};
+use crate::{Error, Heads};
 
 /// The compressed branch's mask: the query at position `t` sees blocks
 /// `0..num_cmp_blocks(t + 1)`; query `i` of sequence `s` sits at `i + first[s]`.
@@ -229,26 +230,27 @@ pub(super) fn forward<T: Element>(
     dims: NsaDims,
     x: &NsaInputs<'_, T>,
     extra: &NsaExtra<'_>,
-) -> NsaOutput<T> {
+) -> Result<NsaOutput<T>, Error> {
     let (hq, hkv, dv, n) = (h.num_q_heads, h.num_kv_heads, h.head_dim_v, cfg.num_selected);
     let total = dims.total;
     let cu_k = extra.cu_seqlens_k.unwrap_or(x.cu_seqlens);
     let offs = offsets(cfg, cu_k);
-    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false);
-    let kv_packed = Packed::new(h, x.k, x.v, cu_k, false);
+    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, false)?;
+    let kv_packed = Packed::new(h, x.k, x.v, cu_k, false)?;
     let win_packed = match (x.k_win, x.v_win) {
-        (Some(kw), Some(vw)) => Some(Packed::new(h, kw, vw, cu_k, false)),
+        (Some(kw), Some(vw)) => Some(Packed::new(h, kw, vw, cu_k, false)?),
         _ => None,
     };
+    let rows = numel("NSA output", &[total, hq, dv])?;
     let mut out = NsaOutput {
-        o: vec![T::default(); total * hq * dv],
-        o_cmp: vec![T::default(); total * hq * dv],
-        o_slc: vec![T::default(); total * hq * dv],
-        o_win: vec![T::default(); total * hq * dv],
-        lse_cmp: vec![f32::NEG_INFINITY; hq * total],
-        lse_slc: vec![f32::NEG_INFINITY; hq * total],
-        lse_win: vec![f32::NEG_INFINITY; hq * total],
-        indices: vec![NO_BLOCK; total * hkv * n],
+        o: try_zeroed("NSA output", rows)?,
+        o_cmp: try_zeroed("NSA compressed-branch output", rows)?,
+        o_slc: try_zeroed("NSA selected-branch output", rows)?,
+        o_win: try_zeroed("NSA window-branch output", rows)?,
+        lse_cmp: try_filled("NSA lse", hq * total, f32::NEG_INFINITY)?,
+        lse_slc: try_filled("NSA lse", hq * total, f32::NEG_INFINITY)?,
+        lse_win: try_filled("NSA lse", hq * total, f32::NEG_INFINITY)?,
+        indices: try_filled("NSA indices", numel("NSA indices", &[total, hkv, n])?, NO_BLOCK)?,
     };
     let outs = FwdOuts {
         o: SyncPtr(out.o.as_mut_ptr()),
@@ -293,7 +295,7 @@ pub(super) fn forward<T: Element>(
             dispatch(SlcFwdCall { sh: &sh, win: &win, scr: &mut scr, outs, s, g, t0, t1 });
         }
     });
-    out
+    Ok(out)
 }
 
 /// Loads the scaled query rows of group `g` for tokens `t0..t1` of sequence `s` into `scr.qa`
@@ -809,7 +811,7 @@ pub(super) fn backward<T: Element>(
     cu_k: &[u32],
     fwd: &NsaOutput<T>,
     d_o: &[T],
-) -> NsaGrads<T> {
+) -> Result<NsaGrads<T>, Error> {
     let (hq, hkv, dk, dv) = (h.num_q_heads, h.num_kv_heads, h.head_dim_k, h.head_dim_v);
     let total = dims.total;
     // Gate gradients and each branch's output gradient g_b * d_o (f32).
@@ -841,7 +843,7 @@ pub(super) fn backward<T: Element>(
             });
     }
     let offs = offsets(cfg, cu_k);
-    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, true);
+    let cmp_packed = Packed::new(h, x.k_cmp, x.v_cmp, &offs, true)?;
     let cmp_dims = Dims { total_q: total, total_k: dims.total_cmp, num_seqs: dims.num_seqs };
     let g_cmp: DenseGrads<f32> = backward_with(
         &branch_cfg(cfg, h, None),
@@ -854,13 +856,13 @@ pub(super) fn backward<T: Element>(
         &d_branch[0],
         x.cu_seqlens,
         &offs,
-    );
+    )?;
     let win_cfg = branch_cfg(cfg, h, Some(cfg.window));
     let win_dims = Dims { total_q: total, total_k: dims.total_k, num_seqs: dims.num_seqs };
-    let kv_packed = Packed::new(h, x.k, x.v, cu_k, true);
+    let kv_packed = Packed::new(h, x.k, x.v, cu_k, true)?;
     let g_win: DenseGrads<f32> = match (x.k_win, x.v_win) {
         (Some(kw), Some(vw)) => {
-            let p = Packed::new(h, kw, vw, cu_k, true);
+            let p = Packed::new(h, kw, vw, cu_k, true)?;
             backward_with(
                 &win_cfg,
                 &win_cfg,
@@ -872,7 +874,7 @@ pub(super) fn backward<T: Element>(
                 &d_branch[2],
                 x.cu_seqlens,
                 cu_k,
-            )
+            )?
         }
         _ => backward_with(
             &win_cfg,
@@ -885,12 +887,13 @@ pub(super) fn backward<T: Element>(
             &d_branch[2],
             x.cu_seqlens,
             cu_k,
-        ),
+        )?,
     };
     // Selected branch: chunks of tasks, each with private dk/dv tiles, then summed.
     let (dkp, dvp) = (kv_packed.dkp, kv_packed.dvp);
     let tiles = kv_packed.block_offsets.last().copied().unwrap_or(0) * hkv;
-    let mut dq_slc = vec![0f32; total * hq * dk];
+    let tile_len = |pad: usize| numel("NSA backward key tiles", &[tiles, BK, pad]);
+    let mut dq_slc: Vec<f32> = try_zeroed("NSA backward dq", numel("NSA backward dq", &[total, hq, dk])?)?;
     let per = tokens_per_task(h.group(), dims, hkv);
     let tasks: Vec<_> = slc_tasks(h, dims, x.cu_seqlens, cu_k, per).concat();
     let chunks = (rayon::current_num_threads() * 2).max(1);
@@ -911,9 +914,9 @@ pub(super) fn backward<T: Element>(
     let bufs = BwdBufs { d_o: &d_branch[1], o: &fwd.o_slc, lse: &fwd.lse_slc, indices: &fwd.indices };
     let (dk_tiles, dv_tiles) = tasks
         .par_chunks(per_chunk)
-        .map(|chunk| {
-            let mut dk_acc = vec![0f32; tiles * BK * dkp];
-            let mut dv_acc = vec![0f32; tiles * BK * dvp];
+        .map(|chunk| -> Result<(Vec<f32>, Vec<f32>), Error> {
+            let mut dk_acc: Vec<f32> = try_zeroed("NSA backward dk tiles", tile_len(dkp)?)?;
+            let mut dv_acc: Vec<f32> = try_zeroed("NSA backward dv tiles", tile_len(dvp)?)?;
             let mut scr = SlcScratch::new(per, h.group(), dkp, dvp);
             for &(s, g, t0, t1) in chunk {
                 dispatch(SlcBwdCall {
@@ -929,14 +932,20 @@ pub(super) fn backward<T: Element>(
                     t1,
                 });
             }
-            (dk_acc, dv_acc)
+            Ok((dk_acc, dv_acc))
         })
-        .reduce_with(|(mut a, mut b), (c, d)| {
+        .reduce_with(|a, b| {
+            let ((mut a, mut b), (c, d)) = (a?, b?);
             a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
             b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
-            (a, b)
+            Ok((a, b))
         })
-        .unwrap_or_else(|| (vec![0f32; tiles * BK * dkp], vec![0f32; tiles * BK * dvp]));
+        .unwrap_or_else(|| {
+            Ok((
+                try_zeroed("NSA backward dk tiles", tile_len(dkp)?)?,
+                try_zeroed("NSA backward dv tiles", tile_len(dvp)?)?,
+            ))
+        })?;
     // Tiles back to rows, plus the window branch where it shares K/V.
     let separate_win = x.k_win.is_some();
     let mut dk_rows = vec![0f32; dims.total_k * hkv * dk];
@@ -960,7 +969,7 @@ pub(super) fn backward<T: Element>(
     }
     let store = |v: &[f32]| -> Vec<T> { v.iter().map(|&x| T::from_f32(x)).collect() };
     let dq: Vec<T> = (0..dq_slc.len()).map(|i| T::from_f32(dq_slc[i] + g_cmp.dq[i] + g_win.dq[i])).collect();
-    NsaGrads {
+    Ok(NsaGrads {
         dq,
         dk: store(&dk_rows),
         dv: store(&dv_rows),
@@ -969,7 +978,7 @@ pub(super) fn backward<T: Element>(
         dk_cmp: store(&g_cmp.dk),
         dv_cmp: store(&g_cmp.dv),
         dgates,
-    }
+    })
 }
 
 struct BwdBufs<'a, T> {

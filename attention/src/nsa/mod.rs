@@ -684,7 +684,7 @@ pub fn forward_ext<T: Element>(
     extra: &NsaExtra<'_>,
 ) -> Result<NsaOutput<T>, Error> {
     let dims = validate(cfg, heads, x, extra)?;
-    Ok(cpu::forward(cfg, heads, dims, x, extra))
+    cpu::forward(cfg, heads, dims, x, extra)
 }
 
 /// NSA backward on the CPU, with the forward's chosen blocks held fixed. `d_o [total, HQ, Dv]`.
@@ -726,7 +726,7 @@ pub fn backward_ext<T: Element>(
     if cfg.check_finite {
         check_finite("d_o", d_o)?;
     }
-    Ok(cpu::backward(cfg, heads, dims, x, cu_k, fwd, d_o))
+    cpu::backward(cfg, heads, dims, x, cu_k, fwd, d_o)
 }
 
 /// Checks chosen blocks that come back in (a forward's public `indices`, perhaps edited): the

@@ -133,11 +133,19 @@ impl SegmentLayout {
             (Some(&a), Some(&b)) => b.saturating_sub(a) as usize,
             _ => 0,
         };
-        for s in 0..self.spans.len() {
+        // Closed form per segment (a loop over positions would take seconds for 2^32 of them):
+        // positions p in a..b of a segment whose keys start at `base` see p + 1 - base keys.
+        let tri = |n: usize| n as f64 * (n as f64 + 1.0) / 2.0;
+        for (s, spans) in self.spans.iter().enumerate() {
             let (tq, tk) = (lens(cu_seqlens_q, s), lens(cu_seqlens_k, s));
-            for i in 0..tq.min(tk) {
-                let (lo, hi) = self.visible_range(s, i + tk - tq.min(tk));
-                pairs += (hi - lo) as f64;
+            let first = tk - tq.min(tk); // the first key position with a query
+            for &(start, end, kind) in spans {
+                let a = start.max(first);
+                if a >= end {
+                    continue;
+                }
+                let base = if kind == SegmentKind::Document { start } else { 0 };
+                pairs += tri(end - base) - tri(a - base);
             }
         }
         2.0 * pairs * heads.num_q_heads as f64 * (heads.head_dim_k as f64 + heads.head_dim_v as f64)
@@ -225,9 +233,9 @@ pub fn forward<T: Element>(
     cu_seqlens_k: &[u32],
 ) -> Result<DenseOutput<T>, Error> {
     let dims = validate(cfg, layout, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
-    let packed = Packed::new(&cfg.heads, k, v, cu_seqlens_k, false);
+    let packed = Packed::new(&cfg.heads, k, v, cu_seqlens_k, false)?;
     let (o, lse) =
-        dense_cpu::forward_with(&cfg.dense(), &SegmentMask(layout), dims, q, &packed, cu_seqlens_q, cu_seqlens_k);
+        dense_cpu::forward_with(&cfg.dense(), &SegmentMask(layout), dims, q, &packed, cu_seqlens_q, cu_seqlens_k)?;
     Ok(DenseOutput { o, lse })
 }
 
@@ -247,8 +255,8 @@ pub fn backward<T: Element>(
 ) -> Result<DenseGrads<T>, Error> {
     let dims = validate(cfg, layout, q, k, v, cu_seqlens_q, cu_seqlens_k)?;
     dense::validate_backward_inputs(&cfg.dense(), dims, o, lse, d_o)?;
-    let packed = Packed::new(&cfg.heads, k, v, cu_seqlens_k, true);
-    Ok(dense_cpu::backward_with(
+    let packed = Packed::new(&cfg.heads, k, v, cu_seqlens_k, true)?;
+    dense_cpu::backward_with(
         &cfg.dense(),
         &SegmentMask(layout),
         dims,
@@ -259,7 +267,7 @@ pub fn backward<T: Element>(
         d_o,
         cu_seqlens_q,
         cu_seqlens_k,
-    ))
+    )
 }
 
 /// Checks that every context's new tokens (the last `Tq` of its `key_lens[s]` positions) lie in a

@@ -207,3 +207,25 @@ fn the_flop_count_is_the_sum_of_per_document_costs() {
     // Each document: 1+2+3+4 = 10 pairs; the tail: 9 + 10 pairs. 2 FLOPs x (Dk + Dv = 2).
     assert_eq!(layout.forward_flops(&h, &cu, &cu), 2.0 * 2.0 * (10.0 + 10.0 + 19.0));
 }
+
+/// The closed-form count equals the sum over query positions of each one's visible keys, for
+/// mixed layouts and fewer queries than keys.
+#[test]
+fn the_flop_count_equals_the_per_position_sum() {
+    let h = heads(3, 1, 2, 5);
+    for (lens, tq) in [(vec![3usize, 1, 4, 2], 10usize), (vec![5, 5], 3), (vec![1], 1), (vec![2, 7, 1], 0)] {
+        let tk: usize = lens.iter().sum();
+        let segs: Vec<Segment> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| if i % 3 == 2 { Segment::global(n) } else { Segment::document(n) })
+            .collect();
+        let cu_k = offsets(&[tk]);
+        let cu_q = offsets(&[tq]);
+        let layout = SegmentLayout::new(&[segs], &cu_k).unwrap();
+        let first = tk - tq.min(tk);
+        let pairs: usize = (first..tk).map(|p| layout.visible_range(0, p)).map(|(lo, hi)| hi - lo).sum();
+        let want = 2.0 * pairs as f64 * 3.0 * (2.0 + 5.0);
+        assert_eq!(layout.forward_flops(&h, &cu_q, &cu_k), want, "lens {lens:?}, tq {tq}");
+    }
+}
