@@ -91,9 +91,9 @@ pub(crate) fn round_up(x: usize, m: usize) -> usize {
 }
 
 /// `C[M x N] += A[M x K] * B[K x N]`, all row-major f32 with leading dimensions `lda`, `ldb`,
-/// `ldc`. `M % 4 == 0` and `N % 16 == 0`. Register tiles of 4 rows x `W` columns: each step
-/// loads one row piece of `B` and broadcasts 4 scalars of `A`, so `W / lanes * 4` independent
-/// accumulators hide the FMA latency.
+/// `ldc`. `M % 4 == 0` and `N % 16 == 0`. Register tiles of 4 rows x `W` columns (6 x 16 on
+/// AVX2, see [`WIDE_TILE_ROWS`]): each step loads one row piece of `B` and broadcasts one scalar
+/// of `A` per row, so `W / lanes * rows` independent accumulators hide the FMA latency.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_acc<F: Fma, const W: usize>(
