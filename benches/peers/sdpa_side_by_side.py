@@ -12,6 +12,12 @@ a CI dependency. Without torch, `--protocol-only` checks the server side alone.
 
 Prints one row per (T, mode): medians of each side, ratio = torch / squid (> 1: squid faster),
 and the largest |difference| between the two outputs (and gradients for fwdbwd).
+
+`--before PATH` adds a second squid server (another build, e.g. the previous commit's, copied
+aside) to the alternation: torch, squid, before, torch, squid, before, ...; the row then also
+prints before / squid (> 1: this build is faster). `--fma-peak GFLOPS` (from `squid-bench
+machine`, same window) adds each side's GFLOP/s as a fraction of it (causal FLOPs: 4 T^2 HQ D / 2
+forward, 3.5x that forward + backward, as squid-bench counts).
 """
 
 import argparse
@@ -78,6 +84,8 @@ def main():
     ap.add_argument("--samples", type=int, default=7, help="timed calls of each side per row")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--protocol-only", action="store_true", help="check the server alone (no torch)")
+    ap.add_argument("--before", default=None, help="a second squid-peer-server build to alternate with")
+    ap.add_argument("--fma-peak", type=float, default=None, help="FMA peak in GFLOP/s, for fractions")
     a = ap.parse_args()
     causal = not a.no_causal
     lengths = [int(x) for x in a.t.split(",")]
@@ -103,7 +111,12 @@ def main():
     gqa_native = "enable_gqa" in F.scaled_dot_product_attention.__doc__
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), squid ({a.threads} threads), "
           f"HQ={a.hq} HKV={a.hkv} D={a.d} causal={causal}, GQA {'native' if gqa_native else 'repeated K/V'}")
-    print(f"{'T':>6} {'mode':<7} {'torch_s':>10} {'squid_s':>10} {'torch/squid':>12} {'max|diff|':>10}")
+    header = f"{'T':>6} {'mode':<7} {'torch_s':>10} {'squid_s':>10} {'torch/squid':>12} {'max|diff|':>10}"
+    if a.before:
+        header += f" {'before_s':>10} {'before/squid':>12}"
+    if a.fma_peak:
+        header += f" {'torch%pk':>9} {'squid%pk':>9}" + (f" {'befor%pk':>9}" if a.before else "")
+    print(header)
 
     def load(directory, name, heads, t):
         raw = bytearray((Path(directory) / f"{name}.f32").read_bytes())
@@ -113,6 +126,10 @@ def main():
     for t in lengths:
         with tempfile.TemporaryDirectory() as directory:
             server = Server(a.server, directory, t, a.hq, a.hkv, a.d, causal, a.threads)
+            # The second build writes the same deterministic inputs into its own directory.
+            before_dir = tempfile.TemporaryDirectory() if a.before else None
+            before = (Server(a.before, before_dir.name, t, a.hq, a.hkv, a.d, causal, a.threads)
+                      if a.before else None)
             q, k, v, d_o = (load(directory, n, h, t) for n, h in
                             [("q", a.hq), ("k", a.hkv), ("v", a.hkv), ("do", a.hq)])
             if not gqa_native:
@@ -144,16 +161,30 @@ def main():
                 call = torch_fwd if mode == "fwd" else torch_fwdbwd
                 call()
                 server.ask(mode)  # one warm-up call each
-                ours, theirs = [], []
+                if before:
+                    before.ask(mode)
+                ours, theirs, prev = [], [], []
                 for _ in range(a.samples):
                     start = time.perf_counter()
                     call()
                     theirs.append(time.perf_counter() - start)
                     ours.append(float(server.ask(mode)))
+                    if before:
+                        prev.append(float(before.ask(mode)))
                 tm, sm = statistics.median(theirs), statistics.median(ours)
                 diff = diffs[0] if mode == "fwd" else max(diffs)
-                print(f"{t:>6} {mode:<7} {tm:>10.5f} {sm:>10.5f} {tm / sm:>12.2f} {diff:>10.2e}", flush=True)
+                row = f"{t:>6} {mode:<7} {tm:>10.5f} {sm:>10.5f} {tm / sm:>12.2f} {diff:>10.2e}"
+                if before:
+                    bm = statistics.median(prev)
+                    row += f" {bm:>10.5f} {bm / sm:>12.2f}"
+                if a.fma_peak:
+                    flop = 4.0 * t * t * a.hq * a.d / (2.0 if causal else 1.0) * (1.0 if mode == "fwd" else 3.5)
+                    row += "".join(f" {flop / x / 1e9 / a.fma_peak:>9.1%}" for x in [tm, sm] + ([bm] if before else []))
+                print(row, flush=True)
             server.close()
+            if before:
+                before.close()
+                before_dir.cleanup()
     return 0
 
 
