@@ -117,6 +117,10 @@ struct TrainArgs {
     clip_high: Option<f32>,
     #[arg(long, help = dflt("Reward added to a submission that passes every hidden test (0 = off).", |c| c.grpo.solve_bonus))]
     solve_bonus: Option<f32>,
+    /// Old log-probs: reuse the rollouts' (`true`) or recompute them per minibatch (`false`);
+    /// unset = reuse where they are bitwise the trainer's (dense/segment attention, --tp 1).
+    #[arg(long)]
+    reuse_rollout_logprobs: Option<bool>,
     #[arg(long, help = dflt("Held-out tasks per level.", |c| c.eval.tasks_per_level))]
     eval_tasks: Option<usize>,
     #[arg(long, value_parser = parse_mix, help = dflt("Level weights of the warm-up traces, `easy,medium,hard`.", |c| mix_text(c.sft_level_mix)))]
@@ -226,6 +230,7 @@ impl TrainArgs {
             ("--clip", self.clip.is_some()),
             ("--clip-high", self.clip_high.is_some()),
             ("--solve-bonus", self.solve_bonus.is_some()),
+            ("--reuse-rollout-logprobs", self.reuse_rollout_logprobs.is_some()),
             ("--eval-tasks", self.eval_tasks.is_some()),
             ("--sft-mix", self.sft_mix.is_some()),
             ("--grpo-mix", self.grpo_mix.is_some()),
@@ -345,6 +350,9 @@ impl TrainArgs {
         }
         if let Some(v) = self.solve_bonus {
             c.grpo.solve_bonus = v;
+        }
+        if self.reuse_rollout_logprobs.is_some() {
+            c.grpo.reuse_rollout_logprobs = self.reuse_rollout_logprobs;
         }
         if self.all_tools {
             c.tools = squid_pipeline::train::ToolsConfig::all_on();

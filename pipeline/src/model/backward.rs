@@ -35,9 +35,11 @@ struct AttnGrads {
     dgates: Option<Vec<f32>>,
 }
 
+/// Gradients of attention's inputs before RoPE (`dq`, `dk` rotated back).
 fn attention_backward(
     config: &ModelConfig,
     dims: &Dims,
+    rope: &Rope,
     prep: &Prepared,
     act: &LayerActs,
     d_o: &[f32],
@@ -45,7 +47,7 @@ fn attention_backward(
     let heads = local_heads(dims);
     let cu = &prep.cu_seqlens;
     let (q, k, v) = (&act.q[..], &act.k[..], &act.v[..]);
-    Ok(match (&act.attn, config.attention) {
+    let mut grads = match (&act.attn, config.attention) {
         (AttnActs::Flash { o, lse }, AttentionKind::Dense) => {
             let g = dense::backward(&DenseConfig::causal(heads), q, k, v, o, lse, d_o, cu, cu)?;
             AttnGrads { dq: g.dq, dk: g.dk, dv: g.dv, dgates: None }
@@ -66,8 +68,42 @@ fn attention_backward(
             add_into(&mut dv, &nsa::compress_mean_backward(&ncfg, dims.hkv, dims.hd, &g.dv_cmp, cu)?);
             AttnGrads { dq: g.dq, dk, dv, dgates: Some(g.dgates) }
         }
+        (AttnActs::Docs { o_seg, lse_seg, q_doc, k_doc, v_doc, o_doc, lse_doc, .. }, AttentionKind::Segments) => {
+            let layout = prep.layout.as_ref().expect("prepared for segment attention");
+            let docs = prep.docs.as_ref().expect("prepared with documents");
+            let (qd, kvd) = (dims.hq * dims.hd, dims.hkv * dims.hd);
+            // The segment call's document rows were replaced by the document call's: no gradient
+            // reaches them there (a zero output gradient contributes exactly zero).
+            let mut d_o_seg = d_o.to_vec();
+            docs.scatter(&mut d_o_seg, &vec![0f32; docs.rows.len() * qd], qd, false);
+            let g = segments::backward(&SegmentConfig::new(heads), layout, q, k, v, o_seg, lse_seg, &d_o_seg, cu, cu)?;
+            let d_o_doc = docs.gather(d_o, qd);
+            let gd = dense::backward(
+                &DenseConfig::causal(heads),
+                q_doc,
+                k_doc,
+                v_doc,
+                o_doc,
+                lse_doc,
+                &d_o_doc,
+                &docs.cu,
+                &docs.cu,
+            )?;
+            let (mut dq, mut dk, mut dv) = (g.dq, g.dk, g.dv);
+            docs.scatter(&mut dq, &gd.dq, qd, true);
+            rope.backward(&mut dq, dims.hq, &docs.local_positions)?;
+            rope.backward(&mut dk, dims.hkv, &prep.positions)?;
+            let mut dk_doc = gd.dk;
+            rope.backward(&mut dk_doc, dims.hkv, &docs.positions)?;
+            docs.scatter(&mut dk, &dk_doc, kvd, true);
+            docs.scatter(&mut dv, &gd.dv, kvd, true);
+            return Ok(AttnGrads { dq, dk, dv, dgates: None });
+        }
         _ => unreachable!("activations come from a forward with the same config"),
-    })
+    };
+    rope.backward(&mut grads.dq, dims.hq, &prep.positions)?;
+    rope.backward(&mut grads.dk, dims.hkv, &prep.positions)?;
+    Ok(grads)
 }
 
 /// Checks `dlogits` against the pass.
@@ -128,10 +164,8 @@ pub(crate) fn backward_core<R: Reducer>(
         // Attention sub-block: x_mid = x_in + o Wo^T.
         let mut d_o = vec![0f32; t * qd];
         linear_backward(&mut d_o, &mut g[ix.wo], &dx, act.attn.o(), &w[ix.wo], t, qd, d, false);
-        let ag = attention_backward(config, dims, prep, act, &d_o)?;
-        let (mut dq, mut dk, dv) = (ag.dq, ag.dk, ag.dv);
-        rope.backward(&mut dq, dims.hq, &prep.positions)?;
-        rope.backward(&mut dk, dims.hkv, &prep.positions)?;
+        let ag = attention_backward(config, dims, rope, prep, act, &d_o)?;
+        let (dq, dk, dv) = (ag.dq, ag.dk, ag.dv);
         let mut dxn1 = vec![0f32; t * d];
         linear_backward(&mut dxn1, &mut g[ix.wq], &dq, &act.xn1, &w[ix.wq], t, d, qd, false);
         linear_backward(&mut dxn1, &mut g[ix.wk], &dk, &act.xn1, &w[ix.wk], t, d, kvd, true);

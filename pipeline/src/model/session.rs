@@ -12,12 +12,18 @@
 //! **Documents (segment attention).** A document attends only to itself, so its K/V at every
 //! layer depend only on its own tokens (RoPE makes attention depend on relative positions
 //! only). The session computes them once, alone, at positions `0..n` (a forward over the
-//! document), stores them in a [`DocCache`] under
+//! document as one `Document` segment), stores them in a [`DocCache`] under
 //! `DocKey::new(model id, config JSON, tokens)` (the model id holds a fingerprint of every
-//! weight, so a training step invalidates the cache), and places them at the context's offset
-//! by rotating the keys (`DocKv::place_layer_into`, the same RoPE config as the model's).
-//! The logits at a document's last token are those of the standalone pass (equal, by the same
-//! argument), kept beside the cache.
+//! weight, so a training step invalidates the cache), keys before RoPE, and places them at the
+//! context's offset by rotating the keys to their true positions with the model's own RoPE call.
+//! The training forward computes documents the same way (see `forward::DocRows`), so a cache
+//! hit at any offset gives bitwise the training forward's keys, values and logits. The logits at
+//! a document's last token are those of the standalone pass, kept beside the cache.
+//!
+//! **Bitwise on-policy.** Every projection is batch-invariant (`matmul::linear`) and new rows
+//! attend through the training forward's own attention kernel over the gathered pages
+//! ([`attend_like_forward`]), so dense and segment sessions give bitwise the logits of
+//! [`Model::forward`] over the packed batch, and the rollout's log-probs are the trainer's.
 //!
 //! **Dense attention** has no documents: a `Document` append is computed like a `Global` one
 //! (attending to everything before it), matching [`Model::forward`], which ignores segments
@@ -216,7 +222,7 @@ impl Session<'_> {
                 kv.write(seq, l, start, &k[r.clone()], &v[r])?;
             }
             let views = seqs.iter().map(|&s| kv.view(s, l)).collect::<Result<Vec<_>, _>>()?;
-            let o = dense::decode_paged(&attn_cfg, &q, &views, &cu_q)?.o;
+            let o = attend_like_forward(&attn_cfg, &q, &views, &cu_q, kvd)?;
             let mut proj = vec![0f32; t * d];
             linear(&mut proj, &o, &w[ix.wo], t, qd, d);
             add_into(&mut x, &proj);
@@ -343,15 +349,18 @@ impl Session<'_> {
         let key = DocKey::new(&self.model_id, self.config_json.as_bytes(), tokens);
         let docs = self.docs.as_ref().expect("segment sessions have a document cache");
         let mut computed_logits = None;
+        // The document alone, as the training forward computes every document (positions
+        // 0..n, its own sequence); the cache keeps its keys before RoPE.
+        let alone = Batch {
+            tokens: tokens.to_vec(),
+            cu_seqlens: vec![0, tokens.len() as u32],
+            segments: vec![vec![Segment { kind: SegmentKind::Document, len: tokens.len() }]],
+        };
         let entry = docs.get_or_insert_with(key, || -> Result<DocKv<f32>, Error> {
-            let fwd = model.forward(&Batch {
-                tokens: tokens.to_vec(),
-                cu_seqlens: vec![0, tokens.len() as u32],
-                segments: Vec::new(),
-            })?;
+            let fwd = model.forward(&alone)?;
             let (mut k, mut v) = (Vec::new(), Vec::new());
             for l in 0..c.n_layers {
-                let (kl, vl) = fwd.layer_kv(l);
+                let (kl, vl) = fwd.layer_kv_pre_rope(l).expect("a document pass keeps its keys before RoPE");
                 k.extend_from_slice(kl);
                 v.extend_from_slice(vl);
             }
@@ -371,11 +380,7 @@ impl Session<'_> {
                 match self.doc_logits.get(&key) {
                     Some(lg) => lg.clone(),
                     None => {
-                        let fwd = model.forward(&Batch {
-                            tokens: tokens.to_vec(),
-                            cu_seqlens: vec![0, tokens.len() as u32],
-                            segments: Vec::new(),
-                        })?;
+                        let fwd = model.forward(&alone)?;
                         fwd.logits()[(tokens.len() - 1) * c.vocab..].to_vec()
                     }
                 }
@@ -383,9 +388,12 @@ impl Session<'_> {
         };
         let kv = self.kv.as_mut().expect("segment sessions hold paged KV");
         let start = kv.grow(seq, tokens.len())?.start;
-        let mut k = vec![0f32; entry.shape().layer_len()];
+        // Keys rotated to their true positions by the forward's own RoPE call: bitwise the keys
+        // the training forward gives Global tokens (not a rotation of rotated keys).
+        let positions: Vec<u64> = (start as u64..(start + tokens.len()) as u64).collect();
         for l in 0..c.n_layers {
-            entry.place_layer_into(docs.rope(), l, start as u64, &mut k)?;
+            let mut k = entry.k_layer(l).to_vec();
+            model.rope().forward(&mut k, c.n_kv_heads, &positions)?;
             kv.write(seq, l, start, &k, entry.v_layer(l))?;
         }
         Ok(logits)
@@ -406,6 +414,35 @@ impl Session<'_> {
         let c = self.ctx(id)?;
         Ok((&c.tokens, &c.segments))
     }
+}
+
+/// The new rows' attention over their contexts' paged K/V, computed by the training forward's
+/// own kernel (`dense::forward`, bottom-right aligned) over the contexts' keys gathered into one
+/// contiguous buffer. The forward's result for a query row depends only on that row and on its
+/// sequence's keys, taken in 64-key blocks from the sequence's first token, so each new row gets
+/// bitwise the output the trainer's forward over the whole sequence gives it (`decode_paged`
+/// splits the keys by page and combines the parts, a different summation order). The gather
+/// copies each context's keys once per layer, as many bytes as attention reads anyway.
+pub(crate) fn attend_like_forward(
+    cfg: &DenseConfig,
+    q: &[f32],
+    views: &[squid_attention::paged::PagedKvView<'_, f32>],
+    cu_q: &[u32],
+    kvd: usize,
+) -> Result<Vec<f32>, Error> {
+    let total: usize = views.iter().map(|v| v.len).sum();
+    let (mut k, mut v) = (Vec::with_capacity(total * kvd), Vec::with_capacity(total * kvd));
+    let mut cu_k = Vec::with_capacity(views.len() + 1);
+    cu_k.push(0u32);
+    for view in views {
+        for (_, kc, vc) in view.chunks() {
+            k.extend_from_slice(kc);
+            v.extend_from_slice(vc);
+        }
+        let len = u32::try_from(k.len() / kvd).map_err(|_| Error::Shape("more than 2^32 cached tokens".into()))?;
+        cu_k.push(len);
+    }
+    Ok(dense::forward(cfg, q, &k, &v, cu_q, &cu_k)?.o)
 }
 
 /// Final norm and tied head on rows `x [rows, d]`.

@@ -319,7 +319,8 @@ impl Sample {
         // the unmasked one (what the training forward pass computes).
         let row = &logits[..vocab];
         let token = sampling::sample_masked(row, &self.masked(row), config.temperature, config.top_p, &mut self.rng)?;
-        let logprob = log_prob(row, token)?;
+        // Over the model's whole row, padding included: the trainer's log-softmax.
+        let logprob = log_prob(logits, token)?;
         self.trajectory.push_sampled(token, logprob);
         self.turn_tokens += 1;
         let end = self.trajectory.tokens.len();

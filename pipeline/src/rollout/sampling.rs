@@ -32,14 +32,16 @@ fn check_row(logits: &[f32]) -> Result<f32, Error> {
 }
 
 /// `log softmax(logits)[token]` at temperature 1: the log-probability the training forward pass
-/// assigns to `token`.
+/// assigns to `token`, computed by the trainer's own function (`squid_optim::logprob`, one row),
+/// so that the same logits give bitwise the trainer's log-prob.
 pub fn log_prob(logits: &[f32], token: u32) -> Result<f32, Error> {
-    let max = check_row(logits)?;
-    let Some(&value) = logits.get(token as usize) else {
+    check_row(logits)?;
+    if token as usize >= logits.len() {
         return Err(Error::BadLogits(format!("token {token} outside a row of {}", logits.len())));
-    };
-    let sum: f64 = logits.iter().map(|&v| f64::from(v - max).exp()).sum();
-    Ok((f64::from(value - max) - sum.ln()) as f32)
+    }
+    let out = squid_optim::logprob::logprobs(logits, logits.len(), &[token])
+        .map_err(|e| Error::BadLogits(format!("log-prob of token {token}: {e}")))?;
+    Ok(out.logp[0])
 }
 
 /// The index of the largest entry (the first one on ties).

@@ -473,9 +473,10 @@ fn training_examples_shift_tokens_masks_and_segments() {
     assert_eq!(ex.old_logprobs, t.logprobs[1..]);
     assert_eq!(ex.segments.iter().map(|s| s.len).sum::<usize>(), n - 1);
     assert_eq!(ex.segments[..ex.segments.len() - 1], t.segments[..t.segments.len() - 1]);
-    // Masked targets are exactly the sampled tokens, with their (negative) log-probabilities.
+    // Masked targets are exactly the sampled tokens, with their log-probabilities (<= 0: the
+    // scripted policy's one-hot rows give probability 1, log-prob exactly 0, in f32).
     assert_eq!(ex.mask.iter().filter(|&&m| m).count(), t.sampled_tokens());
-    assert!(ex.mask.iter().zip(&ex.old_logprobs).all(|(&m, &lp)| if m { lp < 0.0 } else { lp == 0.0 }));
+    assert!(ex.mask.iter().zip(&ex.old_logprobs).all(|(&m, &lp)| if m { lp <= 0.0 } else { lp == 0.0 }));
     // A one-token trajectory has nothing to train on.
     assert_eq!(Trajectory::new(0, 0, &[BOS]).training_example(), TrainingExample::default());
 }

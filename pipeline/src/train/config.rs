@@ -78,6 +78,19 @@ pub struct GrpoConfig {
     pub top_p: f32,
     /// Gradient clipping norm.
     pub max_grad_norm: f32,
+    /// Use the log-probs the rollouts sampled with as the old log-probs instead of recomputing
+    /// them with a forward per minibatch. `None` (the default) = on where they are bitwise the
+    /// trainer's: dense or segment attention on one rank (NSA decodes through its own cache, and
+    /// `--tp > 1` sums partial products over ranks, so those recompute).
+    #[serde(default)]
+    pub reuse_rollout_logprobs: Option<bool>,
+}
+
+impl GrpoConfig {
+    /// Whether the trainer reuses the rollouts' log-probs (see `reuse_rollout_logprobs`).
+    pub fn reuses_rollout_logprobs(&self, attention: AttentionKind, tp: usize) -> bool {
+        self.reuse_rollout_logprobs.unwrap_or(!matches!(attention, AttentionKind::Nsa(_)) && tp == 1)
+    }
 }
 
 /// Held-out evaluation.
@@ -263,6 +276,7 @@ impl Default for TrainConfig {
                 temperature: 1.2,
                 top_p: 1.0,
                 max_grad_norm: 1.0,
+                reuse_rollout_logprobs: None,
             },
             eval: EvalConfig { tasks_per_level: 50, every: 25, k: 4, samples: 8, temperature: 1.0 },
             limits: EpisodeLimits { max_turns: 3, max_new_tokens: 160, max_context: 768 },

@@ -31,6 +31,20 @@ pub fn target_logprobs(batch: &TrainingBatch, logits: &[f32], vocab: usize) -> R
     Ok(logprobs(logits, vocab, &batch.targets)?)
 }
 
+/// Largest `|a - b|` over the positions in the loss (0 when bitwise equal there; infinite when
+/// the lengths differ, which is a bug worth seeing in the metrics).
+pub fn max_masked_gap(a: &[f32], b: &[f32], mask: &[bool]) -> f32 {
+    if a.len() != b.len() || a.len() != mask.len() {
+        return f32::INFINITY;
+    }
+    a.iter()
+        .zip(b)
+        .zip(mask)
+        .filter(|(_, &m)| m)
+        .map(|((x, y), _)| if x.to_bits() == y.to_bits() { 0.0 } else { (x - y).abs() })
+        .fold(0.0, f32::max)
+}
+
 /// What the GRPO loss needs besides the current logits.
 #[derive(Debug, Clone, Copy)]
 pub struct GrpoTargets<'a> {

@@ -110,6 +110,14 @@ pub struct StepMetrics {
     /// Snippets the storage policy put into memories this step (memory tool on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_stored: Option<u64>,
+    /// Largest `|rollout log-prob - trainer log-prob|` over the step's sampled tokens, the trainer's
+    /// being its forward with the weights that sampled (the first minibatch's, and every
+    /// minibatch's recomputed old log-probs when they are recomputed); 0 when exact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprob_gap: Option<f64>,
+    /// Whether the old log-probs were the rollouts' (not recomputed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused_rollout_logprobs: Option<bool>,
     /// Context tokens before the policy's first token (prompt, library in context), per episode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context_prefix_tokens: Option<f64>,

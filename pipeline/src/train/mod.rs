@@ -792,18 +792,38 @@ fn grpo_step(
     let groups_per_mb = kept.len().div_ceil(g.minibatches).max(1);
     let mut sums = [0.0f64; 6]; // loss, clip frac, entropy, kl, grad norm, tokens
     let mut minibatches = 0.0;
+    let reuse = g.reuses_rollout_logprobs(config.model.attention, config.tp);
+    let gap = Mutex::new(None::<f32>);
+    let record_gap = |x: f32| {
+        let mut worst = gap.lock().expect("gap lock");
+        *worst = Some(worst.map_or(x, |w| w.max(x)));
+    };
     for first_group in (0..kept.len()).step_by(groups_per_mb) {
         let range = first_group * g.group_size..((first_group + groups_per_mb).min(kept.len())) * g.group_size;
         let batch = pack(&trajectories[range.clone()])?;
-        let old = losses::target_logprobs(&batch, policy.forward(&batch.batch)?.logits(), vocab)?;
+        let rollout_logp: Vec<f32> =
+            trajectories[range.clone()].iter().flat_map(|t| t.training_example().old_logprobs).collect();
+        let old_logp = if reuse {
+            rollout_logp.clone()
+        } else {
+            let logp = losses::target_logprobs(&batch, policy.forward(&batch.batch)?.logits(), vocab)?.logp;
+            record_gap(losses::max_masked_gap(&logp, &rollout_logp, &batch.mask));
+            logp
+        };
+        let first = minibatches == 0.0;
         let ref_logp = match reference {
             Some(r) => Some(losses::target_logprobs(&batch, r.forward(&batch.batch)?.logits(), vocab)?.logp),
             None => None,
         };
         let adv = broadcast_to_tokens(&advantages[range], batch.cu_seqlens(), &batch.mask)?;
-        let targets = losses::GrpoTargets { old_logp: &old.logp, ref_logp: ref_logp.as_deref(), advantages: &adv };
+        let targets = losses::GrpoTargets { old_logp: &old_logp, ref_logp: ref_logp.as_deref(), advantages: &adv };
         let seen = Mutex::new(None);
         let report = trainer.step(&batch.batch, g.lr, |logits| {
+            if first {
+                // The trainer's forward before this step's first update: the weights that sampled.
+                let now = losses::target_logprobs(&batch, logits, vocab)?.logp;
+                record_gap(losses::max_masked_gap(&now, &rollout_logp, &batch.mask));
+            }
             let (loss, dlogits, out) = losses::grpo_loss(&batch, logits, vocab, targets, &loss_config)?;
             *seen.lock().expect("metrics lock") = Some(out.metrics);
             Ok((loss, dlogits))
@@ -847,6 +867,8 @@ fn grpo_step(
         memory_hits_per_episode: config.tools.memory.is_some().then(|| tools::memory_hits(rolled.trajectories.iter())),
         memory_stored: config.tools.memory.is_some().then_some(stored as u64),
         context_prefix_tokens: tools_on.then(|| stats.prefix_tokens as f64 / n),
+        logprob_gap: gap.into_inner().expect("gap lock").map(f64::from),
+        reused_rollout_logprobs: Some(reuse),
         eval: None,
     })
 }

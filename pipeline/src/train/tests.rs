@@ -81,6 +81,10 @@ fn a_run_writes_every_artifact() {
         // A step trains exactly when some group's rewards differ (dynamic sampling).
         assert_eq!(m.loss.is_some(), informative > 0.0, "{m:?}");
         assert_eq!(m.train_tokens_per_s.is_some_and(|v| v > 0.0), informative > 0.0);
+        // The rollouts' log-probs are reused (exact here) and checked against the trainer's.
+        assert_eq!(m.reused_rollout_logprobs, Some(true));
+        assert_eq!(m.logprob_gap.is_some(), informative > 0.0, "{m:?}");
+        assert!(m.logprob_gap.is_none_or(|g| g == 0.0), "rollout vs trainer log-probs: {m:?}");
     }
     let report = std::fs::read_to_string(dir.join("report.md")).unwrap();
     assert!(report.contains("| easy |") && report.contains("| all |"), "{report}");
@@ -488,4 +492,52 @@ fn a_run_with_every_tool_records_them_and_resumes_with_its_memories() {
     let memories =
         |name: &str| std::fs::read(root.path().join(name).join("checkpoints/step-000003/memories.json")).unwrap();
     assert_eq!(memories("whole"), memories("split"));
+}
+
+/// The log-probs a model session's rollouts record are bitwise the trainer's recomputation (the
+/// forward over the packed minibatch, squid-optim's log-softmax) for dense and segment
+/// attention: real episodes on a random policy (tool outputs come back as documents in segment
+/// mode, groups share their prompt's pages), every sampled token compared.
+#[test]
+fn rollout_log_probs_are_bitwise_the_trainers_recomputation() {
+    use crate::env::EpisodeConfig;
+    use crate::env::{generate_task, Level};
+    use crate::model::{AttentionKind, Model, SessionConfig};
+    use crate::rollout::{rollout, RolloutConfig};
+    let tok = crate::tokenizer::Tokenizer::new();
+    let tasks: Vec<_> = Level::ALL.iter().enumerate().map(|(i, &l)| generate_task(l, 40 + i as u64)).collect();
+    for kind in [AttentionKind::Dense, AttentionKind::Segments] {
+        let cfg = ModelConfig {
+            vocab: tok.vocab_size(),
+            d_model: 24,
+            n_layers: 2,
+            n_heads: 6,
+            n_kv_heads: 2,
+            head_dim: 4,
+            mlp_hidden: 36,
+            ..ModelConfig::tiny(kind)
+        };
+        let model = Model::init(cfg, 4).unwrap();
+        let mut session = model.session(SessionConfig::for_contexts(tasks.len() * 3, 1024)).unwrap();
+        let rc = RolloutConfig {
+            group_size: 3,
+            temperature: 1.0,
+            top_p: 1.0,
+            max_turns: 3,
+            max_new_tokens: 48,
+            max_context: 1024,
+            seed: 11,
+        };
+        let episode = EpisodeConfig { max_tool_calls: 16, ..EpisodeConfig::default() };
+        let rolled = rollout(&mut session, &tok, &tasks, episode, &rc).unwrap();
+        drop(session);
+        let trajectories: Vec<&Trajectory> = rolled.trajectories.iter().filter(|t| t.tokens.len() >= 2).collect();
+        let batch = pack(&trajectories).unwrap();
+        let recomputed =
+            losses::target_logprobs(&batch, model.forward(&batch.batch).unwrap().logits(), cfg.vocab).unwrap().logp;
+        let rolled_logp: Vec<f32> = trajectories.iter().flat_map(|t| t.training_example().old_logprobs).collect();
+        assert!(batch.loss_tokens() > 50, "{kind:?}: only {} sampled tokens", batch.loss_tokens());
+        let gap = losses::max_masked_gap(&recomputed, &rolled_logp, &batch.mask);
+        assert_eq!(gap, 0.0, "{kind:?}: rollout vs trainer log-probs differ by {gap}");
+    }
 }
