@@ -378,7 +378,7 @@ __device__ __forceinline__ void nc_cmp_fwd(const unsigned short* __restrict__ q,
 }
 
 #define NC_FWD_ENTRY(DK, DV, BN, SFX, F16)                                                                          \
-    extern "C" __global__ void __launch_bounds__(NC_THREADS) squid_nsa_cmp_fwd_dk##DK##_dv##DV##_##SFX(             \
+    extern "C" __global__ void __launch_bounds__(NC_THREADS, 1) squid_nsa_cmp_fwd_dk##DK##_dv##DV##_##SFX(             \
         const unsigned short* q, const unsigned short* k, const unsigned short* v, unsigned short* o, float* lse,    \
         float* scores, const int* sched, float scale_log2) {                                                         \
         nc_cmp_fwd<DK, DV, BN, F16>(q, k, v, o, lse, scores, sched, scale_log2);                                     \

@@ -307,8 +307,10 @@ fn profile_cmp_bytes_per_group() {
 fn device_nsa_forward_end_to_end() {
     let Some(gpu) = device() else { return };
     let cfg = small();
-    let lens = [1, 37, 83];
-    for (n, (hq, hkv)) in [(4, 2), (3, 1), (16, 1)].into_iter().enumerate() {
+    // One odd group (3) on lengths 1 and off every block; the kernels' GQA ratios are covered
+    // above, this checks that the pieces fit together (kept small: it runs five kernels).
+    let lens = [1, 29, 45];
+    for (n, (hq, hkv)) in [(3, 1)].into_iter().enumerate() {
         let h = Heads::new(hq, hkv, 64, 64);
         let (dk, dv) = (h.head_dim_k, h.head_dim_v);
         let cu = offsets(&lens);
