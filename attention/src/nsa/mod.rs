@@ -39,6 +39,10 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+pub mod cuda_compressed;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_compressed_tests;
+#[cfg(feature = "cuda")]
 pub mod cuda_selected;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_selected_tests;
@@ -92,6 +96,27 @@ pub const SELECTED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!
         "squid_nsa_gate_bwd_f16",
         "squid_nsa_add_bf16",
         "squid_nsa_add_f16",
+    ],
+    fast_math = false
+);
+
+/// The CUDA source of NSA's compressed-branch forward with the selection scores (launcher in
+/// `cuda_compressed`, feature `cuda`): per GQA group, bf16 and f16, the dense kernels' head-dim
+/// pairs.
+pub const COMPRESSED_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "attention_nsa_compressed",
+    "src/nsa/compressed.cu",
+    [
+        "squid_nsa_cmp_fwd_dk64_dv64_bf16",
+        "squid_nsa_cmp_fwd_dk64_dv64_f16",
+        "squid_nsa_cmp_fwd_dk96_dv96_bf16",
+        "squid_nsa_cmp_fwd_dk96_dv96_f16",
+        "squid_nsa_cmp_fwd_dk128_dv128_bf16",
+        "squid_nsa_cmp_fwd_dk128_dv128_f16",
+        "squid_nsa_cmp_fwd_dk192_dv128_bf16",
+        "squid_nsa_cmp_fwd_dk192_dv128_f16",
+        "squid_nsa_cmp_fwd_dk256_dv256_bf16",
+        "squid_nsa_cmp_fwd_dk256_dv256_f16",
     ],
     fast_math = false
 );
