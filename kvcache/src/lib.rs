@@ -15,8 +15,9 @@ pub use key::DocKey;
 pub use paged::{PagedKv, PagedKvConfig, PagedKvView, SeqId};
 pub use rope::{Rope, RopeConfig, RopeLayout};
 
-/// The kernels this crate ships (RoPE forward/backward and re-positioning).
-pub static KERNELS: &[squid_cuda::KernelSource] = &[rope::KERNEL];
+/// The kernels this crate ships (RoPE forward/backward and re-positioning; the device page
+/// pools' copies and row writes).
+pub static KERNELS: &[squid_cuda::KernelSource] = &[rope::KERNEL, paged::KERNEL];
 
 use std::path::PathBuf;
 use thiserror::Error;

@@ -12,14 +12,19 @@
 //! Every operation checks its input and either completes or returns a typed error having
 //! changed nothing (in particular [`Error::OutOfPages`] is raised before any page is taken).
 
+mod book;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_tests;
+#[cfg(all(test, feature = "cuda"))]
+mod device_tests;
 #[cfg(test)]
 mod tests;
 
 use crate::Error;
+use book::PageBook;
 use squid_cuda::Element;
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 /// Dims and capacity of a page pool.
@@ -76,12 +81,14 @@ impl SeqId {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Seq {
-    /// Page ids in token order; always `len.div_ceil(page_size)` of them.
-    pages: Vec<u32>,
-    len: usize,
-}
+/// The CUDA source of the device pools ([`cuda::DevicePages`], `cuda` feature): page copies and
+/// row writes.
+pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "kvcache_paged",
+    "src/paged/paged.cu",
+    ["squid_kv_copy_page", "squid_kv_write_rows"],
+    fast_math = false
+);
 
 // The read view is defined by the consumer, squid-attention (see docs/ARCHITECTURE.md).
 pub use squid_attention::paged::PagedKvView;
@@ -93,11 +100,8 @@ pub struct PagedKv<T: Element> {
     /// Per layer, `[num_pages, page_size, kv_heads, head_dim]`.
     k: Vec<Vec<T>>,
     v: Vec<Vec<T>>,
-    refcount: Vec<u32>,
-    /// Free page ids; the next one handed out is the last.
-    free: Vec<u32>,
-    seqs: BTreeMap<SeqId, Seq>,
-    next_id: u64,
+    /// Sequences, page tables, reference counts, the free list.
+    book: PageBook,
 }
 
 impl<T: Element> PagedKv<T> {
@@ -127,12 +131,8 @@ impl<T: Element> PagedKv<T> {
             k.push(crate::try_zeroed::<T>("paged kv K pool", pool)?);
             v.push(crate::try_zeroed::<T>("paged kv V pool", pool)?);
         }
-        let refcount = crate::try_zeroed::<u32>("paged kv refcounts", config.num_pages)?;
-        let mut free = crate::try_zeroed::<u32>("paged kv free list", config.num_pages)?;
-        for (slot, page) in free.iter_mut().zip((0..config.num_pages as u32).rev()) {
-            *slot = page;
-        }
-        Ok(Self { config, k, v, refcount, free, seqs: BTreeMap::new(), next_id: 0 })
+        let book = PageBook::new(&config)?;
+        Ok(Self { config, k, v, book })
     }
 
     /// Its configuration.
@@ -142,100 +142,57 @@ impl<T: Element> PagedKv<T> {
 
     /// Pages not used by any sequence.
     pub fn free_pages(&self) -> usize {
-        self.free.len()
+        self.book.free_pages()
     }
 
     /// How many sequences share page `page` (0 when free).
     pub fn page_refcount(&self, page: u32) -> u32 {
-        self.refcount.get(page as usize).copied().unwrap_or(0)
+        self.book.page_refcount(page)
     }
 
     /// Live sequences.
     pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
-        self.seqs.keys().copied()
+        self.book.sequences()
     }
 
     /// A new empty sequence (it takes pages as it grows).
     pub fn allocate(&mut self) -> SeqId {
-        let id = SeqId(self.next_id);
-        self.next_id += 1;
-        self.seqs.insert(id, Seq { pages: Vec::new(), len: 0 });
-        id
-    }
-
-    fn seq(&self, id: SeqId) -> Result<&Seq, Error> {
-        self.seqs.get(&id).ok_or(Error::UnknownSequence(id.0))
+        self.book.allocate()
     }
 
     /// Tokens in the sequence.
     pub fn len(&self, id: SeqId) -> Result<usize, Error> {
-        Ok(self.seq(id)?.len)
+        self.book.len(id)
     }
 
     /// The sequence's page ids in token order.
     pub fn page_table(&self, id: SeqId) -> Result<&[u32], Error> {
-        Ok(&self.seq(id)?.pages)
+        self.book.page_table(id)
     }
 
     /// A new sequence with the same tokens, sharing every page (copy on write).
     pub fn fork(&mut self, id: SeqId) -> Result<SeqId, Error> {
-        let pages = self.seq(id)?.clone();
-        for &p in &pages.pages {
-            self.refcount[p as usize] += 1;
-        }
-        let new = SeqId(self.next_id);
-        self.next_id += 1;
-        self.seqs.insert(new, pages);
-        Ok(new)
+        self.book.fork(id)
     }
 
     /// Ends the sequence; pages no other sequence uses become free.
     pub fn free(&mut self, id: SeqId) -> Result<(), Error> {
-        let seq = self.seqs.remove(&id).ok_or(Error::UnknownSequence(id.0))?;
-        self.release(&seq.pages);
-        Ok(())
-    }
-
-    fn release(&mut self, pages: &[u32]) {
-        for &p in pages {
-            self.refcount[p as usize] -= 1;
-            if self.refcount[p as usize] == 0 {
-                self.free.push(p);
-            }
-        }
+        self.book.free(id)
     }
 
     /// Shortens the sequence to `len` tokens (e.g. rejected draft tokens); whole pages past the
     /// end are released.
     pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<(), Error> {
-        let page_size = self.config.page_size;
-        let seq = self.seqs.get_mut(&id).ok_or(Error::UnknownSequence(id.0))?;
-        if len > seq.len {
-            return Err(Error::OutOfRange(format!("truncate to {len} tokens a {}-token sequence", seq.len)));
-        }
-        let dropped = seq.pages.split_off(len.div_ceil(page_size));
-        seq.len = len;
-        self.release(&dropped);
-        Ok(())
+        self.book.truncate(id, len)
     }
 
-    fn take_page(&mut self) -> u32 {
-        let p = self.free.pop().expect("free pages were counted before taking");
-        self.refcount[p as usize] = 1;
-        p
-    }
-
-    /// Gives sequence `id` its own copy of its `index`-th page (all layers).
-    fn unshare(&mut self, id: SeqId, index: usize) {
-        let old = self.seqs[&id].pages[index];
-        let new = self.take_page();
+    /// Copies page `from` to page `to` in every layer, K and V (copy on write).
+    fn copy_page(&mut self, (from, to): book::PageCopy) {
         let n = self.config.page_len();
-        let (src, dst) = (old as usize * n, new as usize * n);
+        let (src, dst) = (from as usize * n, to as usize * n);
         for pool in self.k.iter_mut().chain(self.v.iter_mut()) {
             pool.copy_within(src..src + n, dst);
         }
-        self.refcount[old as usize] -= 1;
-        self.seqs.get_mut(&id).expect("checked").pages[index] = new;
     }
 
     /// Lengthens the sequence by `n` token rows and returns their positions; they must be
@@ -243,27 +200,11 @@ impl<T: Element> PagedKv<T> {
     /// and un-shares a shared last page that the new rows would land in, so that the writes that
     /// follow never need a page.
     pub fn grow(&mut self, id: SeqId, n: usize) -> Result<Range<usize>, Error> {
-        let page_size = self.config.page_size;
-        let seq = self.seq(id)?;
-        let (len, have) = (seq.len, seq.pages.len());
-        let new_len = len
-            .checked_add(n)
-            .ok_or_else(|| Error::OutOfRange(format!("grow a {len}-token sequence by {n} tokens: overflows usize")))?;
-        let new_pages = new_len.div_ceil(page_size) - have;
-        let last_shared = n > 0 && len % page_size != 0 && self.refcount[seq.pages[have - 1] as usize] > 1;
-        let needed = new_pages + usize::from(last_shared);
-        if needed > self.free.len() {
-            return Err(Error::OutOfPages { needed, free: self.free.len() });
+        let (positions, copy) = self.book.grow(id, n)?;
+        if let Some(copy) = copy {
+            self.copy_page(copy);
         }
-        if last_shared {
-            self.unshare(id, have - 1);
-        }
-        for _ in 0..new_pages {
-            let p = self.take_page();
-            self.seqs.get_mut(&id).expect("checked").pages.push(p);
-        }
-        self.seqs.get_mut(&id).expect("checked").len = new_len;
-        Ok(len..new_len)
+        Ok(positions)
     }
 
     fn rows_of(&self, what: &str, k: &[T], v: &[T], per_row: usize) -> Result<usize, Error> {
@@ -286,22 +227,13 @@ impl<T: Element> PagedKv<T> {
         if layer >= self.config.layers {
             return Err(Error::OutOfRange(format!("layer {layer} of {}", self.config.layers)));
         }
-        let seq = self.seq(id)?;
-        if start.checked_add(n).is_none_or(|end| end > seq.len) {
-            return Err(Error::OutOfRange(format!("write of {n} rows from {start} in a {}-token sequence", seq.len)));
+        for copy in self.book.prepare_write(id, start, n)? {
+            self.copy_page(copy);
         }
         if n == 0 {
             return Ok(());
         }
-        let touched = start / page_size..(start + n - 1) / page_size + 1;
-        let shared: Vec<usize> = touched.clone().filter(|&i| self.refcount[seq.pages[i] as usize] > 1).collect();
-        if shared.len() > self.free.len() {
-            return Err(Error::OutOfPages { needed: shared.len(), free: self.free.len() });
-        }
-        for i in shared {
-            self.unshare(id, i);
-        }
-        let pages = &self.seqs[&id].pages;
+        let pages = self.book.page_table(id)?;
         let (kp, vp) = (&mut self.k[layer], &mut self.v[layer]);
         let mut pos = start;
         while pos < start + n {
@@ -337,13 +269,12 @@ impl<T: Element> PagedKv<T> {
         if layer >= self.config.layers {
             return Err(Error::OutOfRange(format!("layer {layer} of {}", self.config.layers)));
         }
-        let seq = self.seq(id)?;
         Ok(PagedKvView {
             page_size: self.config.page_size,
             kv_heads: self.config.kv_heads,
             head_dim: self.config.head_dim,
-            len: seq.len,
-            page_table: &seq.pages,
+            len: self.book.len(id)?,
+            page_table: self.book.page_table(id)?,
             k_pages: &self.k[layer],
             v_pages: &self.v[layer],
         })

@@ -201,3 +201,142 @@ fn non_finite_norms_and_refused_steps_change_nothing() {
     assert!(matches!(opt.step(&gpu, &mut views_mut(&mut p), &views(&f16g), 1e-3), Err(Error::ParamMismatch(_))));
     assert!(matches!(opt.step(&gpu, &mut views_mut(&mut p), &views(&ok), f32::NAN), Err(Error::Config { .. })));
 }
+
+/// [`super::cuda::FlatDeviceAdamW`]: three steps over tensors back to back in one arena against the
+/// CPU [`AdamW`] over the same tensors (the tolerances of `check`).
+fn check_flat<T: Element + DeviceCopy, G: Element + DeviceCopy>(
+    gpu: &Gpu,
+    lens: &[usize],
+    config: AdamWConfig,
+    seed: u64,
+) {
+    let mut s = seed;
+    let mut host: Vec<Vec<T>> = lens.iter().map(|&n| (0..n).map(|_| T::from_f32(lcg(&mut s))).collect()).collect();
+    let mut arena = gpu.upload(&host.concat()).unwrap();
+    let mut cpu = AdamW::new(config, &host.iter().map(|p| &p[..]).collect::<Vec<_>>()).unwrap();
+    let mut opt = super::cuda::FlatDeviceAdamW::new(gpu, config, arena.view(), lens).unwrap();
+    let ulp = match T::DTYPE {
+        DType::F32 => 1e-6,
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+    };
+    for step in 0..3 {
+        let grads: Vec<Vec<G>> =
+            lens.iter().map(|&n| (0..n).map(|_| G::from_f32(lcg(&mut s) * (step + 1) as f32)).collect()).collect();
+        let dgrads = gpu.upload(&grads.concat()).unwrap();
+        let lr = 1e-2 / (step + 1) as f32;
+        let want = cpu
+            .step(
+                &mut host.iter_mut().map(|p| &mut p[..]).collect::<Vec<_>>(),
+                &grads.iter().map(|g| &g[..]).collect::<Vec<_>>(),
+                lr,
+            )
+            .unwrap();
+        let got = opt.step(gpu, arena.view_mut(), dgrads.view(), lr).unwrap();
+        assert!((got.grad_norm - want.grad_norm).abs() <= 1e-5 * want.grad_norm, "{got:?} vs {want:?}");
+        assert_eq!((got.step, got.lr), (want.step, want.lr));
+        assert!((got.clip_scale - want.clip_scale).abs() <= 1e-5 * want.clip_scale);
+        let d = gpu.download(&arena).unwrap();
+        let (dm, dv) = (gpu.download(opt.moments().0).unwrap(), gpu.download(opt.moments().1).unwrap());
+        let dw = opt.master().map(|w| gpu.download(w).unwrap());
+        let mut at = 0;
+        for (i, h) in host.iter().enumerate() {
+            let big = h.iter().fold(0.0f32, |m, b| m.max(b.to_f32().abs()));
+            for (j, (a, b)) in d[at..at + h.len()].iter().zip(h).enumerate() {
+                let (a, b) = (a.to_f32(), b.to_f32());
+                let tol = ulp * (1e-3 + b.abs()) + 4.0 * f32::EPSILON * big;
+                assert!((a - b).abs() <= tol, "step {step} tensor {i} param {j}: {a} vs {b}");
+            }
+            let (hm, hv) = cpu.moments(i).unwrap();
+            let mut pairs = vec![(&dm[at..at + h.len()], hm), (&dv[at..at + h.len()], hv)];
+            if let (Some(dw), Some(hw)) = (&dw, cpu.master(i)) {
+                pairs.push((&dw[at..at + h.len()], hw));
+            }
+            for (what, (d, h)) in ["exp_avg", "exp_avg_sq", "master"].iter().zip(pairs) {
+                let big = h.iter().fold(0.0f32, |a, b| a.max(b.abs()));
+                for (a, b) in d.iter().zip(h) {
+                    assert!((a - b).abs() <= 2e-6 * big + 1e-6 * b.abs(), "step {step} tensor {i}: {what} {a} vs {b}");
+                }
+            }
+            at += h.len();
+        }
+    }
+}
+
+#[test]
+fn flat_arena_steps_match_cpu() {
+    let Some(gpu) = test_device() else { return };
+    // Up to 6 tensors of awkward lengths (empty ones included) in one arena.
+    let all_lens = [0usize, 1, 3, 255, 257, 600];
+    let strategy = (1usize..7, any::<u64>(), 0usize..5, any::<bool>(), any::<bool>());
+    let mut runner = TestRunner::new(Config { cases: 10, ..Config::default() });
+    runner
+        .run(&strategy, |(k, seed, types, amsgrad, clip)| {
+            let lens: Vec<usize> = (0..k).map(|i| all_lens[(seed as usize / 7 + 5 * i) % all_lens.len()]).collect();
+            let config = AdamWConfig { amsgrad, max_grad_norm: clip.then_some(0.5), ..AdamWConfig::default() };
+            match types {
+                0 => check_flat::<f32, f32>(&gpu, &lens, config, seed),
+                1 => check_flat::<bf16, bf16>(&gpu, &lens, config, seed),
+                2 => check_flat::<bf16, f32>(&gpu, &lens, config, seed),
+                3 => check_flat::<f16, f16>(&gpu, &lens, config, seed),
+                _ => check_flat::<f16, f32>(&gpu, &lens, config, seed),
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn flat_arena_refusals_change_nothing() {
+    let Some(gpu) = test_device() else { return };
+    let cfg = AdamWConfig { max_grad_norm: Some(1.0), ..Default::default() };
+    let lens = [300usize, 0, 5];
+    let start: Vec<bf16> = (0..305).map(|i| bf16::from_f32(i as f32 / 100.0)).collect();
+    let mut p = gpu.upload(&start).unwrap();
+    let mut opt = super::cuda::FlatDeviceAdamW::new(&gpu, cfg, p.view(), &lens).unwrap();
+    let ok = gpu.upload(&vec![0.1f32; 305]).unwrap();
+    opt.step(&gpu, p.view_mut(), ok.view(), 1e-3).unwrap();
+    let snap = |p: &DeviceBuffer<bf16>, opt: &super::cuda::FlatDeviceAdamW| {
+        let (m, v) = opt.moments();
+        (
+            gpu.download(p).unwrap(),
+            gpu.download(opt.master().unwrap()).unwrap(),
+            gpu.download(m).unwrap(),
+            gpu.download(v).unwrap(),
+        )
+    };
+    let before = snap(&p, &opt);
+    // A NaN gradient in the third tensor: arena index 303, the global index the CPU names.
+    let mut bad = vec![0.1f32; 305];
+    bad[303] = f32::NAN;
+    let g = gpu.upload(&bad).unwrap();
+    let e = opt.step(&gpu, p.view_mut(), g.view(), 1e-3).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { what: "gradient", index: 303, .. }), "{e:?}");
+    assert_eq!(snap(&p, &opt), before);
+    // A learning rate that overflows: refused, named in the first tensor, nothing written.
+    let e = opt.step(&gpu, p.view_mut(), ok.view(), 3e38).unwrap_err();
+    assert!(matches!(e, Error::StepRefused { tensor: 0, index: 0, .. }), "{e:?}");
+    assert_eq!(snap(&p, &opt), before);
+    assert_eq!(opt.steps(), 1);
+    // Only the third tensor's update is 0 / 0 (eps 0, zero gradient): the CPU's error, with the
+    // tensor and index in it, and the first tensor is not written either.
+    let cfg0 = AdamWConfig { eps: 0.0, ..Default::default() };
+    let mut q = gpu.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+    let mut opt0 = super::cuda::FlatDeviceAdamW::new(&gpu, cfg0, q.view(), &[2, 0, 1]).unwrap();
+    let g = gpu.upload(&[0.5f32, 0.5, 0.0]).unwrap();
+    let e = opt0.step(&gpu, q.view_mut(), g.view(), 1e-3).unwrap_err();
+    assert!(matches!(e, Error::StepRefused { tensor: 2, index: 0, what: "parameter", .. }), "{e:?}");
+    let mut h = [vec![1.0f32, 2.0], vec![], vec![3.0f32]];
+    let mut cpu = AdamW::new(cfg0, &[&h[0][..], &h[1][..], &h[2][..]]).unwrap();
+    let [a, b, c] = &mut h;
+    let cpu_err =
+        cpu.step(&mut [&mut a[..], &mut b[..], &mut c[..]], &[&[0.5f32, 0.5][..], &[][..], &[0.0f32][..]], 1e-3);
+    // (The value is NaN on both sides, so the fields are compared without it.)
+    assert!(matches!(cpu_err, Err(Error::StepRefused { tensor: 2, index: 0, what: "parameter", .. })), "{cpu_err:?}");
+    assert_eq!(gpu.download(&q).unwrap(), vec![1.0, 2.0, 3.0]);
+    // Shapes that disagree with the arena are typed errors.
+    let short = gpu.zeros::<bf16>(304).unwrap();
+    assert!(matches!(super::cuda::FlatDeviceAdamW::new(&gpu, cfg, short.view(), &lens), Err(Error::Length { .. })));
+    let g304 = gpu.zeros::<f32>(304).unwrap();
+    assert!(matches!(opt.step(&gpu, p.view_mut(), g304.view(), 1e-3), Err(Error::ParamMismatch(_))));
+}

@@ -158,3 +158,173 @@ fn broadcast_matches_cpu() {
     ));
     assert!(matches!(cuda::broadcast_to_tokens(&gpu, &a, &cu[..4], &m, &mut out), Err(Error::CuSeqlens(_))));
 }
+
+/// A xorshift stream from a proptest seed (the shapes come from proptest, the values from this).
+fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
+
+fn mask_bytes(mask: &[bool]) -> Vec<u8> {
+    mask.iter().map(|&b| u8::from(b)).collect()
+}
+
+/// Both Ok with every token within `tol` (absolute, on whitened values of order 1), or the same
+/// error (a NonFinite's value compared loosely).
+fn same_tokens(cpu: Result<Vec<f32>, Error>, dev: Result<Vec<f32>, Error>, tol: f32, what: &str) {
+    match (cpu, dev) {
+        (Ok(c), Ok(d)) => {
+            assert_eq!(c.len(), d.len());
+            for (t, (x, y)) in d.iter().zip(&c).enumerate() {
+                assert!((x - y).abs() <= tol * (1.0 + y.abs()), "token {t}: device {x} vs cpu {y} ({what})");
+            }
+        }
+        (Err(Error::NonFinite { what: w1, index: i1, .. }), Err(Error::NonFinite { what: w2, index: i2, .. })) => {
+            assert_eq!((w1, i1), (w2, i2), "{what}");
+        }
+        (Err(c), Err(d)) => assert_eq!(c, d, "{what}"),
+        (c, d) => panic!("cpu {c:?} vs device {d:?} ({what})"),
+    }
+}
+
+#[test]
+fn zero_variance_filter_matches_cpu() {
+    let Some(gpu) = test_device() else { return };
+    // Up to 70 samples (a group of more than 32 members crosses the warp's stride) in up to 9
+    // groups of any size, ids unsorted, values from a small set so that all-equal groups occur.
+    let strategy = (1usize..70, 1u64..9, any::<u64>(), any::<bool>());
+    let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
+    runner
+        .run(&strategy, |(n, groups, seed, with_nan)| {
+            let mut next = xorshift(seed);
+            let ids: Vec<u64> = (0..n).map(|_| next() % groups * 7).collect();
+            let mut rewards: Vec<f32> = (0..n).map(|_| [0.0, 1.0, 1.0, 0.25][(next() % 4) as usize]).collect();
+            if with_nan {
+                let i = (next() % n as u64) as usize;
+                rewards[i] = f32::NAN;
+            }
+            let cpu = filter_zero_variance_groups(&rewards, Groups::Ids(&ids));
+            let r = gpu.upload(&rewards).unwrap();
+            let mut keep = gpu.upload(&vec![7u8; n]).unwrap();
+            let dev = cuda::filter_zero_variance_groups(&gpu, &r, Groups::Ids(&ids), &mut keep);
+            match (cpu, dev) {
+                (Ok(c), Ok(d)) => {
+                    assert_eq!(c, d);
+                    let mut want = vec![0u8; n];
+                    c.kept_samples.iter().for_each(|&i| want[i] = 1);
+                    assert_eq!(gpu.download(&keep).unwrap(), want);
+                }
+                (Err(Error::NonFinite { index: i1, .. }), Err(Error::NonFinite { index: i2, .. })) => {
+                    assert_eq!(i1, i2)
+                }
+                (c, d) => panic!("cpu {c:?} vs device {d:?}"),
+            }
+            Ok(())
+        })
+        .unwrap();
+    let r = gpu.upload(&[1.0f32, 2.0, 3.0]).unwrap();
+    let mut keep = gpu.zeros::<u8>(3).unwrap();
+    assert!(matches!(
+        cuda::filter_zero_variance_groups(&gpu, &r, Groups::Size(2), &mut keep),
+        Err(Error::Config { what: "group size", .. })
+    ));
+}
+
+/// Packed sequences from proptest lengths: empty ones, single tokens, one longer than a block.
+fn packed(lens: &[usize]) -> Vec<u32> {
+    let mut cu = vec![0u32];
+    for l in lens {
+        cu.push(cu.last().unwrap() + *l as u32);
+    }
+    cu
+}
+
+#[test]
+fn reinforce_pp_matches_cpu() {
+    let Some(gpu) = test_device() else { return };
+    let lens = prop::collection::vec(prop_oneof![4 => 0usize..9, 1 => 250usize..300], 1..10);
+    let strategy = (lens, any::<u64>(), 0.0f32..=1.0, 0u32..5, any::<bool>());
+    let mut runner = TestRunner::new(Config { cases: 20, ..Config::default() });
+    runner
+        .run(&strategy, |(lens, seed, gamma, mask_rate, with_nan)| {
+            let cu = packed(&lens);
+            let t = *cu.last().unwrap() as usize;
+            let mut next = xorshift(seed);
+            let mut rewards: Vec<f32> =
+                (0..t).map(|_| if next() % 5 == 0 { (next() % 7) as f32 - 3.0 } else { 0.0 }).collect();
+            // mask_rate 0: every token a loss token; else about one in mask_rate + 1 masked.
+            let mask: Vec<bool> = (0..t).map(|_| mask_rate == 0 || next() % u64::from(mask_rate + 1) != 0).collect();
+            if with_nan && t > 0 {
+                let i = (next() % t as u64) as usize;
+                rewards[i] = f32::INFINITY;
+            }
+            let cpu = reinforce_pp(&rewards, &cu, &mask, gamma, WhitenConfig::default());
+            let r = gpu.upload(&rewards).unwrap();
+            let m = gpu.upload(&mask_bytes(&mask)).unwrap();
+            let mut out = gpu.upload(&vec![9.0f32; t.max(1)]).unwrap();
+            let mut view = out.view_mut();
+            let view = view.slice_mut(..t).unwrap();
+            let dev = cuda::reinforce_pp(&gpu, &r, &cu, &m, gamma, WhitenConfig::default(), view)
+                .map(|()| gpu.download(&out).unwrap()[..t].to_vec());
+            same_tokens(cpu, dev, 2e-5, &format!("lens {lens:?} gamma {gamma}"));
+            Ok(())
+        })
+        .unwrap();
+    // Options before data; lengths are typed errors.
+    let r = gpu.upload(&[1.0f32, 0.0, 2.0]).unwrap();
+    let m = gpu.upload(&[1u8, 1, 1]).unwrap();
+    let mut out = gpu.zeros::<f32>(3).unwrap();
+    assert!(matches!(
+        cuda::reinforce_pp(&gpu, &r, &[0, 3], &m, 1.5, WhitenConfig::default(), &mut out),
+        Err(Error::Config { what: "gamma", .. })
+    ));
+    assert!(matches!(
+        cuda::reinforce_pp(&gpu, &r, &[0, 2], &m, 1.0, WhitenConfig::default(), &mut out),
+        Err(Error::CuSeqlens(_))
+    ));
+    let one = gpu.upload(&[1u8, 0, 0]).unwrap();
+    assert_eq!(
+        cuda::reinforce_pp(&gpu, &r, &[0, 3], &one, 1.0, WhitenConfig::default(), &mut out),
+        Err(Error::TooFewTokens(1))
+    );
+}
+
+#[test]
+fn reinforce_pp_baseline_matches_cpu() {
+    let Some(gpu) = test_device() else { return };
+    let lens = prop::collection::vec(prop_oneof![4 => 0usize..6, 1 => 257usize..270], 1..14);
+    let strategy = (lens, 1u64..6, any::<u64>(), 0usize..3, any::<bool>());
+    let mut runner = TestRunner::new(Config { cases: 20, ..Config::default() });
+    runner
+        .run(&strategy, |(lens, groups, seed, policy, with_nan)| {
+            let cu = packed(&lens);
+            let (s, t) = (lens.len(), *cu.last().unwrap() as usize);
+            let mut next = xorshift(seed);
+            let ids: Vec<u64> = (0..s).map(|_| next() % groups).collect();
+            let mut rewards: Vec<f32> = (0..s).map(|_| [0.0, 1.0, 2.5][(next() % 3) as usize]).collect();
+            if with_nan {
+                let i = (next() % s as u64) as usize;
+                rewards[i] = f32::NAN;
+            }
+            let mask: Vec<bool> = (0..t).map(|_| next() % 4 != 0).collect();
+            let singleton = [SingletonPolicy::Error, SingletonPolicy::Zero, SingletonPolicy::RawScore][policy];
+            let non_finite = if next() % 2 == 0 { NonFinitePolicy::Error } else { NonFinitePolicy::Ignore };
+            let w = WhitenConfig::default();
+            let cpu = reinforce_pp_baseline(&rewards, Groups::Ids(&ids), &cu, &mask, singleton, non_finite, w);
+            let r = gpu.upload(&rewards).unwrap();
+            let m = gpu.upload(&mask_bytes(&mask)).unwrap();
+            let mut out = gpu.upload(&vec![9.0f32; t.max(1)]).unwrap();
+            let mut view = out.view_mut();
+            let view = view.slice_mut(..t).unwrap();
+            let dev = cuda::reinforce_pp_baseline(&gpu, &r, Groups::Ids(&ids), &cu, &m, singleton, non_finite, w, view)
+                .map(|()| gpu.download(&out).unwrap()[..t].to_vec());
+            same_tokens(cpu, dev, 2e-5, &format!("lens {lens:?} ids {ids:?} rewards {rewards:?}"));
+            Ok(())
+        })
+        .unwrap();
+}

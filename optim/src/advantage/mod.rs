@@ -34,11 +34,22 @@ pub mod naive;
 mod tests;
 
 /// The CUDA source of the device path (module `cuda`, `cuda` feature): batch statistics, per-group
-/// advantages (one warp per group) and the broadcast to tokens.
+/// advantages (one warp per group), the broadcast to tokens, the zero-variance group filter, and
+/// REINFORCE++'s discounted returns and batch whitening.
 pub const KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
     "optim_advantage",
     "src/advantage/advantage.cu",
-    ["squid_adv_batch_stats", "squid_adv_groups", "squid_adv_broadcast"],
+    [
+        "squid_adv_batch_stats",
+        "squid_adv_groups",
+        "squid_adv_broadcast",
+        "squid_adv_group_varies",
+        "squid_adv_returns",
+        "squid_adv_whiten_stats",
+        "squid_adv_whiten_apply",
+        "squid_adv_baseline_tokens",
+        "squid_adv_zero_seqs",
+    ],
     fast_math = false
 );
 
