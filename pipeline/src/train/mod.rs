@@ -904,6 +904,7 @@ fn training_reward(reward: Option<&Reward>, solve_bonus: f32) -> f32 {
 }
 
 /// One GRPO step (see the module docs); returns its metrics line.
+#[allow(clippy::too_many_arguments)]
 fn grpo_step(
     config: &TrainConfig,
     tokenizer: &Tokenizer,
