@@ -177,6 +177,11 @@ struct TrainArgs {
         help = "Without a terminal (or with --no-progress), log one line per this many steps (and every evaluation)."
     )]
     log_every: u64,
+    /// Under `mpirun` (the `mpi` feature): seconds a rank waits for its peers at a collective
+    /// before the job fails with an error naming the missing ranks and is aborted. It must
+    /// exceed rank 0's longest evaluation, which the others wait through.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    dp_timeout: u64,
 }
 
 fn parse_memory_policy(s: &str) -> Result<squid_pipeline::env::MemoryPolicy, String> {
@@ -500,6 +505,10 @@ fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Train(args) => {
             args.check()?;
+            #[cfg(feature = "mpi")]
+            if mpi_run::launched() {
+                return mpi_run::train(&args);
+            }
             let summary = train(args.config()?, &args.options(interrupt_flag()))?;
             print_summary(&summary);
             Ok(())
@@ -511,6 +520,55 @@ fn run(cli: Cli) -> Result<(), Error> {
             print_summary(&result.partial);
             print_summary(&result.sparse);
             Ok(())
+        }
+    }
+}
+
+/// `mpirun -np N squid train ...`: data parallelism over the MPI processes.
+#[cfg(feature = "mpi")]
+mod mpi_run {
+    use std::time::Duration;
+
+    use mpi::topology::Communicator as _;
+    use squid_collectives::mpi::{MpiComm, MpiOptions};
+    use squid_collectives::Communicator as _;
+    use squid_pipeline::train::{train_data_parallel, CommGroup};
+    use squid_pipeline::Error;
+
+    use super::{interrupt_flag, print_summary, TrainArgs};
+
+    /// Whether an MPI launcher started this process (Open MPI's `mpirun`, or a PMI/PMIx one
+    /// such as MPICH's or Slurm's).
+    pub fn launched() -> bool {
+        ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+    }
+
+    /// Runs this rank's part of the run. A rank that fails aborts the MPI job at once (every
+    /// other rank is killed by the launcher instead of waiting out the deadline); rank 0 alone
+    /// prints the summary.
+    pub fn train(args: &TrainArgs) -> Result<(), Error> {
+        let options = MpiOptions { timeout: Duration::from_secs(args.dp_timeout.max(1)), ..MpiOptions::default() };
+        let comm = MpiComm::init(options)?;
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let config = args.config()?;
+        let opts = args.options(interrupt_flag());
+        let group = CommGroup(comm);
+        match train_data_parallel(config, &opts, &group) {
+            Ok(summary) => {
+                if rank == 0 {
+                    print_summary(&summary);
+                }
+                Ok(())
+            }
+            Err(e) if world > 1 && !matches!(e, Error::Interrupted { .. }) => {
+                eprintln!("squid: rank {rank} of {world}: {e}");
+                eprintln!("squid: aborting the MPI job (resume it from its last checkpoint with --resume)");
+                match group.0.universe() {
+                    Some(universe) => universe.world().abort(1),
+                    None => std::process::exit(1),
+                }
+            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -40,6 +40,7 @@ use super::backward::backward_core;
 use super::forward::{forward_core, Prepared, Reducer};
 use super::weights::Dims;
 use super::{Batch, Model, ModelConfig};
+use crate::train::dp::{DataParallel, SingleProcess};
 use crate::Error;
 
 /// How a full tensor is cut for one rank.
@@ -227,25 +228,104 @@ impl TpTrainer {
     where
         F: Fn(&[f32]) -> Result<(f32, Vec<f32>), Error> + Sync,
     {
-        let prep = Prepared::new(&self.config, batch)?;
-        let group = LocalGroup::with_timeout(self.world, RANK_TIMEOUT)?;
-        let this = &*self;
-        let results = group.run(|comm| this.rank_step(&comm, prep.clone(), lr, &loss_fn));
-        let mut report = None;
-        for r in results {
-            let r = r.map_err(|_| Error::Config("tp: a rank panicked".into()))??;
-            report.get_or_insert(r);
-        }
-        Ok(report.expect("at least one rank"))
+        self.step_data_parallel(Some(batch), lr, loss_fn, &SingleProcess)
     }
 
-    fn rank_step<F>(&self, comm: &LocalComm, prep: Prepared, lr: f32, loss_fn: &F) -> Result<TpStepReport, Error>
+    /// [`TpTrainer::step`] as one rank of a data-parallel group: this rank's gradients (of its
+    /// part of the batch; `None` when it has no sequence in it, so it adds zeros) are summed
+    /// over `dp`, and every rank then clips by the same norm and takes the same AdamW step.
+    /// `loss_fn` must normalise by the whole group's counts, so the sum is the gradient of the
+    /// whole batch's loss. The returned loss is this rank's part of it (sum it over the ranks).
+    pub fn step_data_parallel<F>(
+        &mut self,
+        batch: Option<&Batch>,
+        lr: f32,
+        loss_fn: F,
+        dp: &dyn DataParallel,
+    ) -> Result<TpStepReport, Error>
+    where
+        F: Fn(&[f32]) -> Result<(f32, Vec<f32>), Error> + Sync,
+    {
+        let (loss, mut grads) = match batch {
+            Some(batch) => {
+                let prep = Prepared::new(&self.config, batch)?;
+                let group = LocalGroup::with_timeout(self.world, RANK_TIMEOUT)?;
+                let this = &*self;
+                let results = group.run(|comm| this.rank_gradients(&comm, prep.clone(), &loss_fn));
+                let mut loss = None;
+                let mut grads = Vec::with_capacity(self.world);
+                for r in results {
+                    let (l, g) = r.map_err(|_| Error::Config("tp: a rank panicked".into()))??;
+                    loss.get_or_insert(l);
+                    grads.push(g);
+                }
+                (loss.expect("at least one rank"), grads)
+            }
+            None => {
+                let zeros = self
+                    .ranks
+                    .iter()
+                    .map(|s| {
+                        let s = s.lock().unwrap_or_else(|p| p.into_inner());
+                        s.weights.iter().map(|w| vec![0f32; w.len()]).collect()
+                    })
+                    .collect();
+                (0.0, zeros)
+            }
+        };
+        if dp.world() > 1 {
+            // One all-reduce of every shard's gradients, concatenated.
+            let total: usize = grads.iter().flat_map(|g| g.iter().map(Vec::len)).sum();
+            let mut flat = Vec::with_capacity(total);
+            grads.iter().flat_map(|g| g.iter()).for_each(|t| flat.extend_from_slice(t));
+            dp.sum_f32(&mut flat)?;
+            let mut at = 0;
+            for t in grads.iter_mut().flat_map(|g| g.iter_mut()) {
+                let len = t.len();
+                t.copy_from_slice(&flat[at..at + len]);
+                at += len;
+            }
+        }
+        // Global norm: each shard's sum of squares (replicas counted once) in f64, rounded to
+        // f32 and summed in rank order (what an all-reduce over the tp ranks gives).
+        let mut sumsq: Option<f32> = None;
+        for (g, shard) in grads.iter().zip(&self.shards) {
+            let local: f64 = g
+                .iter()
+                .zip(&shard.counts_in_norm)
+                .filter(|(_, &c)| c)
+                .flat_map(|(g, _)| g.iter())
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum();
+            sumsq = Some(sumsq.map_or(local as f32, |s| s + local as f32));
+        }
+        let grad_norm = sumsq.unwrap_or(0.0).sqrt();
+        if !grad_norm.is_finite() {
+            return Err(Error::Shape(format!("tp: the gradient norm is {grad_norm}; the step was refused")));
+        }
+        let clip_scale = self.max_grad_norm.map_or(1.0, |m| squid_optim::clip::clip_scale(grad_norm, m));
+        for (g, state) in grads.iter_mut().zip(&self.ranks) {
+            if clip_scale < 1.0 {
+                g.iter_mut().flat_map(|g| g.iter_mut()).for_each(|x| *x *= clip_scale);
+            }
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            let st = &mut *state;
+            let mut params: Vec<&mut [f32]> = st.weights.iter_mut().map(|w| w.as_mut_slice()).collect();
+            let gs: Vec<&[f32]> = g.iter().map(|g| g.as_slice()).collect();
+            st.opt.step(&mut params, &gs, lr)?;
+        }
+        Ok(TpStepReport { loss, grad_norm, clip_scale })
+    }
+
+    /// One tp rank's forward, loss and backward: its loss and its shard's gradients (replicated
+    /// kv heads summed over their replicas).
+    fn rank_gradients<F>(&self, comm: &LocalComm, prep: Prepared, loss_fn: &F) -> Result<(f32, Vec<Vec<f32>>), Error>
     where
         F: Fn(&[f32]) -> Result<(f32, Vec<f32>), Error> + Sync,
     {
         let rank = comm.rank();
         let shard = &self.shards[rank];
-        let mut state = self.ranks[rank].lock().unwrap_or_else(|p| p.into_inner());
+        let state = self.ranks[rank].lock().unwrap_or_else(|p| p.into_inner());
         let reduce = CommReduce(comm);
         let fwd = forward_core(&self.config, &shard.dims, &state.weights, &self.rope, prep, &reduce)?;
         let (loss, dlogits) = loss_fn(fwd.logits())?;
@@ -262,31 +342,7 @@ impl TpTrainer {
                 grads[i].copy_from_slice(&full[slot * row..(slot + 1) * row]);
             }
         }
-        // Global norm: each rank's share of the sum of squares (replicas counted once).
-        let local: f64 = grads
-            .iter()
-            .zip(&shard.counts_in_norm)
-            .filter(|(_, &c)| c)
-            .flat_map(|(g, _)| g.iter())
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum();
-        let mut sumsq = [local as f32];
-        if self.world > 1 {
-            comm.all_reduce_in_place(&mut sumsq, ReduceOp::Sum)?;
-        }
-        let grad_norm = sumsq[0].sqrt();
-        if !grad_norm.is_finite() {
-            return Err(Error::Shape(format!("tp: the gradient norm is {grad_norm}; the step was refused")));
-        }
-        let clip_scale = self.max_grad_norm.map_or(1.0, |m| squid_optim::clip::clip_scale(grad_norm, m));
-        if clip_scale < 1.0 {
-            grads.iter_mut().flat_map(|g| g.iter_mut()).for_each(|x| *x *= clip_scale);
-        }
-        let st = &mut *state;
-        let mut params: Vec<&mut [f32]> = st.weights.iter_mut().map(|w| w.as_mut_slice()).collect();
-        let gs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-        st.opt.step(&mut params, &gs, lr)?;
-        Ok(TpStepReport { loss, grad_norm, clip_scale })
+        Ok((loss, grads))
     }
 
     /// The file of rank `rank`'s optimizer state in `dir`.

@@ -82,6 +82,10 @@ pub struct RolloutTools {
     pub library_in_context: bool,
     /// Where `<think>` may be sampled (`None` = anywhere, as before issue 21).
     pub think: Option<ThinkPlacement>,
+    /// The index of `tasks[0]` in the whole step's batch: a data-parallel rank rolls out a
+    /// slice of the batch, and each sample's stream depends on its task's global index, so it
+    /// draws what the single-process run draws (0 for a whole batch).
+    pub first_task: usize,
 }
 use crate::Error;
 
@@ -173,7 +177,7 @@ pub struct RolloutStats {
 }
 
 /// The trajectories of one rollout, task-major: `trajectories[t * G + g]` is sample g of task t.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RolloutBatch {
     /// `tasks.len() * group_size` trajectories.
     pub trajectories: Vec<Trajectory>,
@@ -597,7 +601,7 @@ fn new_sample(ctx: ContextId, task_index: usize, sample: usize, setup: &SampleSe
     }
     Sample {
         ctx,
-        rng: sample_rng(setup.config.seed, task_index, sample),
+        rng: sample_rng(setup.config.seed, setup.tools.first_task + task_index, sample),
         episode,
         turn_start: trajectory.tokens.len(),
         turn_tokens: 0,

@@ -54,7 +54,7 @@ fn every_tool_trace_replays_through_the_loop() {
             m.store(&format!("{} {}", helper.description, helper.code));
             memories[0] = Some(m);
         }
-        let extras = RolloutTools { memories, split_memory: false, library_in_context, think };
+        let extras = RolloutTools { memories, split_memory: false, library_in_context, think, first_task: 0 };
         let mut policy = MockPolicy::new(vocab, teacher(vocab, vec![trace.tokens.clone()]));
         let batch = rollout_with(&mut policy, &tok, std::slice::from_ref(&task), all_on(), &greedy(), &extras).unwrap();
         let t = &batch.trajectories[0];

@@ -8,11 +8,11 @@ use squid_optim::policy_loss::{policy_loss, PolicyLossConfig, PolicyLossInputs, 
 use super::batch::TrainingBatch;
 use crate::Error;
 
-/// Supervised next-token loss: mean negative log-likelihood over the masked targets.
+/// Supervised next-token loss: the negative log-likelihood of the masked targets divided by `n`
+/// (the step's loss tokens over every data-parallel rank; this batch's own count in one process).
 /// Returns `(loss, dlogits)`.
-pub fn sft_loss(batch: &TrainingBatch, logits: &[f32], vocab: usize) -> Result<(f32, Vec<f32>), Error> {
+pub fn sft_loss(batch: &TrainingBatch, logits: &[f32], vocab: usize, n: f32) -> Result<(f32, Vec<f32>), Error> {
     let fwd = logprobs(logits, vocab, &batch.targets)?;
-    let n = batch.loss_tokens().max(1) as f32;
     let mut loss = 0.0f64;
     let mut grad_logp = vec![0.0f32; batch.len()];
     for (t, &m) in batch.mask.iter().enumerate() {

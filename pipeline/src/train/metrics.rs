@@ -129,7 +129,8 @@ pub struct StepMetrics {
 #[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
-    file: File,
+    /// `None` for [`MetricsLog::in_memory`].
+    file: Option<File>,
     lines: Vec<StepMetrics>,
 }
 
@@ -156,15 +157,23 @@ impl MetricsLog {
             write_atomic(path, text.as_bytes())?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(|e| io_error(path, e))?;
-        Ok(Self { path: path.to_path_buf(), file, lines })
+        Ok(Self { path: path.to_path_buf(), file: Some(file), lines })
+    }
+
+    /// A log that keeps its lines without writing them (the ranks of a data-parallel run other
+    /// than rank 0, which alone writes the run directory).
+    pub fn in_memory() -> Self {
+        Self { path: PathBuf::new(), file: None, lines: Vec::new() }
     }
 
     /// Appends one line and flushes it to the OS.
     pub fn push(&mut self, m: StepMetrics) -> Result<(), Error> {
         let mut line = serde_json::to_string(&m).expect("metrics serialize");
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(|e| io_error(&self.path, e))?;
-        self.file.flush().map_err(|e| io_error(&self.path, e))?;
+        if let Some(file) = &mut self.file {
+            file.write_all(line.as_bytes()).map_err(|e| io_error(&self.path, e))?;
+            file.flush().map_err(|e| io_error(&self.path, e))?;
+        }
         self.lines.push(m);
         Ok(())
     }

@@ -20,6 +20,7 @@ mod batch;
 pub mod checkpoint;
 mod clock;
 pub mod config;
+pub mod dp;
 mod eval;
 pub mod experiment;
 mod losses;
@@ -50,6 +51,7 @@ pub use checkpoint::{
 };
 pub use clock::now_stamp;
 pub use config::{EpisodeLimits, EvalConfig, GrpoConfig, SftConfig, ThinkPlacement, ToolsConfig, TrainConfig};
+pub use dp::{CommGroup, DataParallel, SingleProcess};
 pub use eval::{evaluate, held_out_tasks, splitmix};
 pub use metrics::{EvalMetrics, LevelEval, MetricsLog, StepMetrics};
 
@@ -98,13 +100,16 @@ impl Default for RunOptions {
     }
 }
 
-/// Messages of a run to its user (printed to stderr as they happen, and kept for the summary).
+/// Messages of a run to its user (printed to stderr as they happen, and kept for the summary;
+/// a data-parallel rank other than 0 keeps them without printing).
 #[derive(Debug, Default)]
-struct Notes(Vec<String>);
+struct Notes(Vec<String>, bool);
 
 impl Notes {
     fn say(&mut self, msg: String) {
-        eprintln!("squid train: {msg}");
+        if !self.1 {
+            eprintln!("squid train: {msg}");
+        }
         self.0.push(msg);
     }
 }
@@ -253,7 +258,7 @@ struct Prepared {
     config: TrainConfig,
     resume_from: Option<(PathBuf, CheckpointState)>,
     /// Held for the whole run.
-    _lock: RunLock,
+    _lock: Option<RunLock>,
     /// The stored summary of a run that had already finished.
     finished: Option<RunSummary>,
 }
@@ -333,7 +338,7 @@ fn prepare(config: TrainConfig, opts: &RunOptions, notes: &mut Notes) -> Result<
                 .filter(|summary| summary.complete && summary.grpo_steps == config.grpo.steps),
             _ => None,
         };
-        return Ok(Prepared { dir: dir.clone(), config, resume_from, _lock: lock, finished });
+        return Ok(Prepared { dir: dir.clone(), config, resume_from, _lock: Some(lock), finished });
     }
     config.validate()?;
     let name = opts.name.clone().unwrap_or_else(|| format!("{}-seed{}", now_stamp(), config.seed));
@@ -346,12 +351,15 @@ fn prepare(config: TrainConfig, opts: &RunOptions, notes: &mut Notes) -> Result<
     notes.say(format!("run directory: {}", dir.display()));
     let json = serde_json::to_vec_pretty(&config).expect("config serializes");
     write_atomic(&dir.join("config.json"), &json)?;
-    Ok(Prepared { dir, config, resume_from: None, _lock: lock, finished: None })
+    Ok(Prepared { dir, config, resume_from: None, _lock: Some(lock), finished: None })
 }
 
 /// Stops the run when `opts.interrupt` is set (checked between steps, after each checkpoint).
-fn check_interrupt(opts: &RunOptions, dir: &Path, phase: &str, step: u64) -> Result<(), Error> {
-    if opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+/// With data parallelism, any rank's interrupt stops every rank at the same step.
+fn check_interrupt(opts: &RunOptions, dir: &Path, phase: &str, step: u64, dp: &dyn DataParallel) -> Result<(), Error> {
+    let mut set = [i64::from(opts.interrupt.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)))];
+    dp.max_i64(&mut set)?;
+    if set[0] > 0 {
         return Err(Error::Interrupted { phase: phase.into(), step, dir: dir.to_path_buf() });
     }
     Ok(())
@@ -415,12 +423,148 @@ fn maybe_log(opts: &RunOptions, m: &StepMetrics, total: u64) {
 /// Runs (or resumes) a whole training run. Says where it writes first; a resumed run that had
 /// already finished returns its stored summary (with a note saying so).
 pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error> {
+    train_data_parallel(config, opts, &SingleProcess)
+}
+
+/// What rank 0 tells the other ranks after preparing the run: whether it succeeded, whether the
+/// run had already finished, and the checkpoint to resume from (phase code, step; -1 = none).
+fn share_start(dp: &dyn DataParallel, lead: Option<&Result<Prepared, Error>>) -> Result<[i64; 4], Error> {
+    let mut word = [0i64; 4];
+    if let Some(prepared) = lead {
+        word = match prepared {
+            Err(_) => [0, 0, -1, 0],
+            Ok(p) => {
+                let (phase, step) = match &p.resume_from {
+                    None => (-1, 0),
+                    Some((_, s)) => (checkpoint_phase_code(&s.phase), s.step as i64),
+                };
+                [1, i64::from(p.finished.is_some()), phase, step]
+            }
+        };
+    }
+    dp.broadcast_i64(&mut word)?;
+    Ok(word)
+}
+
+fn checkpoint_phase_code(phase: &str) -> i64 {
+    match phase {
+        "sft" => 0,
+        "warmup" => 1,
+        _ => 2,
+    }
+}
+
+/// The run as a rank other than 0 sees it: the config (the resumed run's, else the given one)
+/// and the checkpoint rank 0 chose, read from the same directory (a file system every rank
+/// shares). It writes nothing.
+fn prepare_follower(config: TrainConfig, opts: &RunOptions, start: [i64; 4]) -> Result<Prepared, Error> {
+    let (dir, config) = match &opts.resume {
+        Some(dir) => {
+            let path = dir.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| crate::fsutil::io_error(&path, e))?;
+            let config: TrainConfig = serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                reason: format!("not a squid run config: {e}"),
+            })?;
+            (dir.clone(), config)
+        }
+        None => (opts.runs_dir.join(opts.name.clone().unwrap_or_default()), config),
+    };
+    config.validate()?;
+    let resume_from = match start[2] {
+        -1 => None,
+        code => {
+            let phase = ["sft", "warmup", "grpo"][usize::try_from(code).unwrap_or(2).min(2)];
+            let state = CheckpointState {
+                format: CHECKPOINT_FORMAT.into(),
+                phase: phase.into(),
+                step: start[3] as u64,
+                config_fingerprint: config.fingerprint(),
+            };
+            let path = dir.join("checkpoints").join(checkpoint::checkpoint_name(&state));
+            Some((path, state))
+        }
+    };
+    Ok(Prepared { dir, config, resume_from, _lock: None, finished: None })
+}
+
+/// Fails on every rank when any rank failed (`ok` false): a rank that stopped alone would leave
+/// the others waiting for it until the deadline.
+fn all_ok(dp: &dyn DataParallel, ok: bool, what: &str) -> Result<(), Error> {
+    let mut failed = [i64::from(!ok)];
+    dp.sum_i64(&mut failed)?;
+    if failed[0] > 0 && ok {
+        return Err(Error::Config(format!("data parallelism: {} rank(s) failed {what}; stopping", failed[0])));
+    }
+    Ok(())
+}
+
+/// [`train`] as one rank of a data-parallel group (see [`dp`]): rank 0 prepares, evaluates and
+/// writes the run directory; every rank rolls out and trains on its share of each step. With
+/// one rank this is the single-process run.
+pub fn train_data_parallel(config: TrainConfig, opts: &RunOptions, dp: &dyn DataParallel) -> Result<RunSummary, Error> {
     let wall = Instant::now();
     let tokenizer = Tokenizer::new();
     let mut config = config;
     config.model.vocab = tokenizer.vocab_size();
-    let mut notes = Notes::default();
-    let Prepared { dir, config, resume_from, _lock, finished } = prepare(config, opts, &mut notes)?;
+    let lead = dp.rank() == 0;
+    let mut notes = Notes(Vec::new(), !lead);
+    // Only rank 0 draws progress and logs lines.
+    let quiet;
+    let opts = if lead {
+        opts
+    } else {
+        quiet = RunOptions { progress: false, log_every: None, ..opts.clone() };
+        &quiet
+    };
+    let prepared = if lead {
+        let prepared = prepare(config, opts, &mut notes);
+        share_start(dp, Some(&prepared))?;
+        prepared?
+    } else {
+        let start = share_start(dp, None)?;
+        if start[0] == 0 {
+            return Err(Error::Config("data parallelism: rank 0 could not prepare the run; stopping".into()));
+        }
+        let mut p = prepare_follower(config, opts, start);
+        if let Ok(p) = &mut p {
+            if start[1] == 1 {
+                p.finished = Some(RunSummary {
+                    dir: p.dir.clone(),
+                    seed: p.config.seed,
+                    params: p.config.model.num_params(),
+                    before: EvalMetrics::default(),
+                    after: EvalMetrics::default(),
+                    grpo_steps: p.config.grpo.steps,
+                    step_seconds: [0.0; 3],
+                    rollout_tokens_per_s: 0.0,
+                    train_tokens_per_s: 0.0,
+                    sft_tokens_per_s: 0.0,
+                    wall_s: 0.0,
+                    complete: true,
+                    grpo_optimizer_steps: 0,
+                    grpo_max_grad_norm: 0.0,
+                    grpo_weight_change: 0.0,
+                    grpo_steps_without_update: 0,
+                    notes: Vec::new(),
+                });
+            }
+        }
+        all_ok(dp, p.is_ok(), "to read the run's configuration")?;
+        p?
+    };
+    if lead {
+        all_ok(dp, true, "to read the run's configuration")?;
+    }
+    let Prepared { dir, config, resume_from, _lock, finished } = prepared;
+    dp::check_same_config(dp, &config.fingerprint())?;
+    if dp.world() > 1 && !config.tools.is_off() {
+        // The project memories are updated by every group of a step and the tool metrics are
+        // per episode: neither is shared between ranks yet.
+        return Err(Error::Config(
+            "data parallelism (mpirun) does not support issue 21's tools yet; run them in one process".into(),
+        ));
+    }
     if let Some(mut summary) = finished {
         notes.say(format!(
             "{} is already complete ({} of {} GRPO steps): nothing to do",
@@ -441,7 +585,8 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         });
     }
     let tok_path = dir.join("tokenizer.json");
-    if tok_path.exists() {
+    if !lead {
+    } else if tok_path.exists() {
         let saved = std::fs::read_to_string(&tok_path).map_err(|e| crate::fsutil::io_error(&tok_path, e))?;
         if saved != tokenizer.to_json() {
             return Err(Error::Checkpoint { path: tok_path, reason: "the run used another tokenizer".into() });
@@ -455,12 +600,16 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         None => ("none".to_string(), 0),
         Some((_, s)) => (s.phase.clone(), s.step),
     };
-    let mut metrics = MetricsLog::open(&dir.join("metrics.jsonl"), |m| match phase_done.as_str() {
-        "none" => false,
-        "sft" => m.phase == "sft" && m.step <= step_done,
-        "warmup" => m.phase == "sft" || (m.phase == "eval" && m.step == 0),
-        _ => m.phase != "grpo" && m.phase != "eval" || m.step <= step_done,
-    })?;
+    let mut metrics = if lead {
+        MetricsLog::open(&dir.join("metrics.jsonl"), |m| match phase_done.as_str() {
+            "none" => false,
+            "sft" => m.phase == "sft" && m.step <= step_done,
+            "warmup" => m.phase == "sft" || (m.phase == "eval" && m.step == 0),
+            _ => m.phase != "grpo" && m.phase != "eval" || m.step <= step_done,
+        })?
+    } else {
+        MetricsLog::in_memory()
+    };
     // A file cut or edited by hand: the steps are not re-run, so say which are missing.
     let has_sft = metrics.lines().iter().any(|m| m.phase == "sft");
     let holes = match phase_done.as_str() {
@@ -471,7 +620,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         ],
         _ => Vec::new(),
     };
-    for (phase, missing) in holes.into_iter().filter(|(_, m)| !m.is_empty()) {
+    for (phase, missing) in holes.into_iter().filter(|(_, m)| lead && !m.is_empty()) {
         notes.say(format!(
             "metrics.jsonl has no line for {phase} steps {} (cut or edited by hand?): they are not re-run, so the curves and means skip them",
             metrics::format_ranges(&missing)
@@ -489,7 +638,9 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
                     reason: format!("a model of another shape ({:?}) than this run's ({:?})", m.config(), config.model),
                 });
             }
-            save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
+            if lead {
+                save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
+            }
             m
         }
         _ => {
@@ -497,9 +648,11 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
                 Some((path, s)) if s.phase == "sft" => Some((path.clone(), s.step)),
                 _ => None,
             };
-            let m = run_sft(&config, &tokenizer, &ckpt_root, &fingerprint, start, &mut metrics, opts, &dir)?;
-            save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
-            checkpoint::prune_phase(&ckpt_root, "sft", 0)?;
+            let m = run_sft(&config, &tokenizer, &ckpt_root, &fingerprint, start, &mut metrics, opts, &dir, dp)?;
+            if lead {
+                save_model_checkpoint(&ckpt_root, "warmup", 0, &fingerprint, &m, None)?;
+                checkpoint::prune_phase(&ckpt_root, "sft", 0)?;
+            }
             m
         }
     };
@@ -508,6 +661,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
     let episode = episode_config(&config);
     let before = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == 0).and_then(|m| m.eval.clone()) {
         Some(e) => e,
+        None if !lead => EvalMetrics::default(),
         None => {
             let e = evaluate(&warmup_model, &tokenizer, &held_out, &config, true)?;
             let m = StepMetrics { phase: "eval".into(), step: 0, eval: Some(e.clone()), ..Default::default() };
@@ -516,7 +670,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
             e
         }
     };
-    check_interrupt(opts, &dir, "warm-up", config.sft.steps)?;
+    check_interrupt(opts, &dir, "warm-up", config.sft.steps, dp)?;
 
     // ---- GRPO ----------------------------------------------------------------------------
     let (start_model, first_step) = match &resume_from {
@@ -542,7 +696,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         if opts.stop_after.is_some_and(|n| step - first_step >= n) {
             break;
         }
-        let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step, &mut memories)?;
+        let m = grpo_step(&config, &tokenizer, &mut trainer, reference, episode, step, &mut memories, dp)?;
         bar.set_message(format!("reward {:.3}", m.reward_mean.unwrap_or(0.0)));
         if m.informative_groups == Some(0.0) {
             bar.suspend(|| {
@@ -554,19 +708,21 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
         maybe_log(opts, &m, config.grpo.steps);
         metrics.push(m)?;
         let model = trainer.gather()?;
-        if step % config.eval.every == 0 && step != config.grpo.steps {
+        if lead && step % config.eval.every == 0 && step != config.grpo.steps {
             let e = evaluate(&model, &tokenizer, &held_out, &config, false)?;
             let m = StepMetrics { phase: "eval".into(), step, eval: Some(e), ..Default::default() };
             maybe_log(opts, &m, config.grpo.steps);
             metrics.push(m)?;
         }
         let with_memories = config.tools.memory.is_some().then_some(&memories);
-        save_checkpoint_with(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer), with_memories)?;
-        checkpoint::prune(&ckpt_root, 2)?;
+        if lead {
+            save_checkpoint_with(&ckpt_root, "grpo", step, &fingerprint, &model, Some(&trainer), with_memories)?;
+            checkpoint::prune(&ckpt_root, 2)?;
+        }
         bar.inc(1);
         last = step;
         if step != config.grpo.steps {
-            check_interrupt(opts, &dir, "GRPO", step)?;
+            check_interrupt(opts, &dir, "GRPO", step, dp)?;
         }
     }
     bar.finish_and_clear();
@@ -574,6 +730,7 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
     let final_model = trainer.gather()?;
     let after = match metrics.lines().iter().find(|m| m.phase == "eval" && m.step == config.grpo.steps && complete) {
         Some(m) if m.eval.as_ref().is_some_and(|e| e.pass_at_k.is_some()) => m.eval.clone().expect("checked"),
+        _ if !lead => EvalMetrics::default(),
         _ => {
             let e = evaluate(&final_model, &tokenizer, &held_out, &config, true)?;
             let m = StepMetrics { phase: "eval".into(), step: last, eval: Some(e.clone()), ..Default::default() };
@@ -585,8 +742,19 @@ pub fn train(config: TrainConfig, opts: &RunOptions) -> Result<RunSummary, Error
     let mut summary =
         report::summarize(&dir, &config, &metrics, before, after, last, complete, wall.elapsed().as_secs_f64());
     summary.grpo_weight_change = relative_change(&final_model, &warmup_model);
+    if dp.world() > 1 {
+        notes.say(format!(
+            "data parallel over {} ranks (rank {}); rank 0 evaluates and writes the run",
+            dp.world(),
+            dp.rank()
+        ));
+    }
     summary.notes = notes.0;
-    report::write_all(&dir, &config, &metrics, &summary)?;
+    let written = if lead { report::write_all(&dir, &config, &metrics, &summary) } else { Ok(()) };
+    // Every rank leaves together: rank 0's last evaluation and report come before the others'
+    // exit (an MPI rank that finalises early would wait on it past the deadline).
+    all_ok(dp, written.is_ok(), "to write the report")?;
+    written?;
     Ok(summary)
 }
 
@@ -640,8 +808,10 @@ fn run_sft(
     metrics: &mut MetricsLog,
     opts: &RunOptions,
     dir: &Path,
+    dp: &dyn DataParallel,
 ) -> Result<Model, Error> {
     let sft = &config.sft;
+    let lead = dp.rank() == 0;
     let (model, first) = match &start {
         Some((path, step)) => (Model::load(path.join("model.safetensors"))?, step + 1),
         None => (Model::init(config.model, config.seed)?, 1),
@@ -657,7 +827,9 @@ fn run_sft(
     bar.set_position(first - 1);
     for step in first..=sft.steps {
         let t0 = Instant::now();
-        let traces: Vec<Trajectory> = (0..sft.batch as u64)
+        // This rank's share of the step's traces (all of them in one process).
+        let mine = dp::share(sft.batch, dp.rank(), dp.world());
+        let traces: Vec<Trajectory> = (mine.start as u64..mine.end as u64)
             .map(|i| {
                 let task = training_task(config, 1, step, i);
                 let draw = (splitmix(config.seed ^ step.wrapping_mul(0x9E37) ^ i) >> 11) as f64 / (1u64 << 53) as f64;
@@ -671,28 +843,44 @@ fn run_sft(
             })
             .collect::<Result<_, _>>()?;
         let refs: Vec<&Trajectory> = traces.iter().collect();
-        let batch = pack(&refs)?;
-        let report =
-            trainer.step(&batch.batch, schedule.lr_at(step - 1), |logits| losses::sft_loss(&batch, logits, vocab))?;
+        let batch = if refs.is_empty() { None } else { Some(pack(&refs)?) };
+        // The mean is over the whole step's loss tokens, on every rank.
+        let mut counts = batch.as_ref().map_or([0, 0], |b| [b.loss_tokens() as i64, b.len() as i64]);
+        dp.sum_i64(&mut counts)?;
+        let n = counts[0].max(1) as f32;
+        let mut report = trainer.step_data_parallel(
+            batch.as_ref().map(|b| &b.batch),
+            schedule.lr_at(step - 1),
+            |logits| match &batch {
+                Some(b) => losses::sft_loss(b, logits, vocab, n),
+                None => Err(Error::Shape("warm-up: a loss without a batch".into())),
+            },
+            dp,
+        )?;
+        let mut loss = [report.loss];
+        dp.sum_f32(&mut loss)?;
+        report.loss = loss[0];
         let secs = t0.elapsed().as_secs_f64();
         let m = StepMetrics {
             phase: "sft".into(),
             step,
             loss: Some(f64::from(report.loss)),
             grad_norm: Some(f64::from(report.grad_norm)),
-            train_tokens_per_s: Some(batch.len() as f64 / secs),
+            train_tokens_per_s: Some(counts[1] as f64 / secs),
             train_s: Some(secs),
             ..Default::default()
         };
         maybe_log(opts, &m, sft.steps);
         metrics.push(m)?;
         bar.set_message(format!("loss {:.3}", report.loss));
-        let model = trainer.gather()?;
-        save_model_checkpoint(ckpt_root, "sft", step, fingerprint, &model, Some(&trainer))?;
-        checkpoint::prune_phase(ckpt_root, "sft", 2)?;
+        if lead {
+            let model = trainer.gather()?;
+            save_model_checkpoint(ckpt_root, "sft", step, fingerprint, &model, Some(&trainer))?;
+            checkpoint::prune_phase(ckpt_root, "sft", 2)?;
+        }
         bar.inc(1);
         if step != sft.steps {
-            check_interrupt(opts, dir, "warm-up", step)?;
+            check_interrupt(opts, dir, "warm-up", step, dp)?;
         }
     }
     bar.finish_and_clear();
@@ -716,6 +904,7 @@ fn training_reward(reward: Option<&Reward>, solve_bonus: f32) -> f32 {
 }
 
 /// One GRPO step (see the module docs); returns its metrics line.
+#[allow(clippy::too_many_arguments)]
 fn grpo_step(
     config: &TrainConfig,
     tokenizer: &Tokenizer,
@@ -724,13 +913,15 @@ fn grpo_step(
     episode: EpisodeConfig,
     step: u64,
     memories: &mut tools::ProjectMemories,
+    dp: &dyn DataParallel,
 ) -> Result<StepMetrics, Error> {
     let g = &config.grpo;
     let vocab = config.model.vocab;
-    // 1. rollouts from the current policy
+    // 1. rollouts from the current policy, of this rank's share of the step's tasks
     let t_rollout = Instant::now();
     let rolled_tasks = g.tasks_per_step * g.oversample;
-    let tasks: Vec<Task> = (0..rolled_tasks as u64).map(|i| training_task(config, 2, step, i)).collect();
+    let mine = dp::share(rolled_tasks, dp.rank(), dp.world());
+    let tasks: Vec<Task> = (mine.start as u64..mine.end as u64).map(|i| training_task(config, 2, step, i)).collect();
     let policy = trainer.gather()?;
     let rollout_config = RolloutConfig {
         group_size: g.group_size,
@@ -741,15 +932,19 @@ fn grpo_step(
         max_context: config.limits.max_context,
         seed: splitmix(config.seed ^ 0x5EED ^ step),
     };
-    let mut session =
-        policy.session(SessionConfig::for_contexts(rolled_tasks * g.group_size, config.limits.max_context))?;
-    let extras = tools::rollout_tools(&config.tools, &tasks, memories, true);
-    let rolled = crate::rollout::rollout_with(&mut session, tokenizer, &tasks, episode, &rollout_config, &extras)?;
-    drop(session);
+    let rolled = if tasks.is_empty() {
+        crate::rollout::RolloutBatch::default()
+    } else {
+        let mut session =
+            policy.session(SessionConfig::for_contexts(tasks.len() * g.group_size, config.limits.max_context))?;
+        let mut extras = tools::rollout_tools(&config.tools, &tasks, memories, true);
+        extras.first_task = mine.start;
+        crate::rollout::rollout_with(&mut session, tokenizer, &tasks, episode, &rollout_config, &extras)?
+    };
     let rollout_s = t_rollout.elapsed().as_secs_f64() - rolled.stats.reward_seconds;
     // 2. rewards (scored inside the episodes; the time is reported separately)
     let lint_reward = config.tools.lint_reward;
-    let rewards: Vec<f32> = rolled
+    let my_rewards: Vec<f32> = rolled
         .trajectories
         .iter()
         .map(|t| {
@@ -757,6 +952,8 @@ fn grpo_step(
             training_reward(t.reward.as_ref(), g.solve_bonus) + bonus
         })
         .collect();
+    // Every rank sees the whole step's rewards: groups are kept and scored on all of them.
+    let rewards = dp::gather_shares(dp, &my_rewards, rolled_tasks, g.group_size)?;
     // The storage policy: what each project group puts into its project's memory.
     let mut stored = 0;
     if let Some(policy) = config.tools.memory {
@@ -765,24 +962,32 @@ fn grpo_step(
                 let range = t * g.group_size..(t + 1) * g.group_size;
                 let group: Vec<&Trajectory> = rolled.trajectories[range.clone()].iter().collect();
                 let memory = memories.get(place.seed, config.tools.memory_budget());
-                stored += tools::commit_group(policy, memory, task, &group, &rewards[range]);
+                stored += tools::commit_group(policy, memory, task, &group, &my_rewards[range]);
             }
         }
     }
     let tools_on = !config.tools.is_off();
-    let passes = rolled.trajectories.iter().filter(|t| solved(t.reward.as_ref())).count();
+    // Counts over every rank: passes, generated tokens, tool calls, KV bytes held and unshared.
+    let stats = &rolled.stats;
+    let mut totals = [
+        rolled.trajectories.iter().filter(|t| solved(t.reward.as_ref())).count() as i64,
+        stats.generated_tokens as i64,
+        stats.tool_calls as i64,
+        stats.kv.bytes_held as i64,
+        stats.kv.bytes_unshared as i64,
+    ];
+    dp.sum_i64(&mut totals)?;
+    let passes = totals[0];
     // 3. dynamic sampling (keep groups whose rewards differ), advantages per group
     let t_train = Instant::now();
     let filter = filter_zero_variance_groups(&rewards, Groups::Size(g.group_size))?;
     let informative = filter.kept_groups.iter().filter(|&&k| k).count();
     let kept: Vec<usize> = (0..rolled_tasks).filter(|&t| filter.kept_groups[t]).take(g.tasks_per_step).collect();
-    let trajectories: Vec<&Trajectory> =
-        kept.iter().flat_map(|&t| &rolled.trajectories[t * g.group_size..(t + 1) * g.group_size]).collect();
     let kept_rewards: Vec<f32> =
         kept.iter().flat_map(|&t| &rewards[t * g.group_size..(t + 1) * g.group_size]).copied().collect();
     let grpo_advantages = AdvantageConfig::new(Estimator::Grpo(squid_optim::advantage::GrpoConfig::verl()));
     let advantages = sample_advantages(&kept_rewards, Groups::Size(g.group_size), &grpo_advantages)?;
-    let loss_config = PolicyLossConfig {
+    let mut loss_config = PolicyLossConfig {
         clip_low: g.clip,
         clip_high: g.clip_high.unwrap_or(g.clip),
         kl: reference.map(|_| KlPenalty { estimator: KlEstimator::K3, beta: g.kl_beta, k3_clamp: Some(10.0) }),
@@ -799,42 +1004,93 @@ fn grpo_step(
         *worst = Some(worst.map_or(x, |w| w.max(x)));
     };
     for first_group in (0..kept.len()).step_by(groups_per_mb) {
-        let range = first_group * g.group_size..((first_group + groups_per_mb).min(kept.len())) * g.group_size;
-        let batch = pack(&trajectories[range.clone()])?;
-        let rollout_logp: Vec<f32> =
-            trajectories[range.clone()].iter().flat_map(|t| t.training_example().old_logprobs).collect();
-        let old_logp = if reuse {
-            rollout_logp.clone()
-        } else {
-            let logp = losses::target_logprobs(&batch, policy.forward(&batch.batch)?.logits(), vocab)?.logp;
-            record_gap(losses::max_masked_gap(&logp, &rollout_logp, &batch.mask));
-            logp
-        };
+        let groups = first_group..(first_group + groups_per_mb).min(kept.len());
+        // The minibatch's groups this rank rolled out (all of them in one process), with their
+        // positions among the kept samples (for the advantages).
+        let own: Vec<usize> = groups.clone().filter(|&k| mine.contains(&kept[k])).collect();
+        let trajectories: Vec<&Trajectory> = own
+            .iter()
+            .flat_map(|&k| {
+                let t = kept[k] - mine.start;
+                &rolled.trajectories[t * g.group_size..(t + 1) * g.group_size]
+            })
+            .collect();
+        let own_advantages: Vec<f32> =
+            own.iter().flat_map(|&k| &advantages[k * g.group_size..(k + 1) * g.group_size]).copied().collect();
+        let batch = if trajectories.is_empty() { None } else { Some(pack(&trajectories)?) };
+        // The whole minibatch's loss tokens and sequences: the loss is normalised by them.
+        let mut counts = batch.as_ref().map_or([0; 3], |b| {
+            let seqs = b.cu_seqlens().windows(2).filter(|w| b.mask[w[0] as usize..w[1] as usize].contains(&true));
+            [b.loss_tokens() as i64, seqs.count() as i64, b.len() as i64]
+        });
+        dp.sum_i64(&mut counts)?;
+        if dp.world() > 1 {
+            loss_config.denominators.tokens = Some(counts[0] as f64);
+            loss_config.denominators.seqs = Some(counts[1] as f64);
+        }
         let first = minibatches == 0.0;
-        let ref_logp = match reference {
-            Some(r) => Some(losses::target_logprobs(&batch, r.forward(&batch.batch)?.logits(), vocab)?.logp),
+        let prepared = match &batch {
+            Some(batch) => {
+                let rollout_logp: Vec<f32> =
+                    trajectories.iter().flat_map(|t| t.training_example().old_logprobs).collect();
+                let old_logp = if reuse {
+                    rollout_logp.clone()
+                } else {
+                    let logp = losses::target_logprobs(batch, policy.forward(&batch.batch)?.logits(), vocab)?.logp;
+                    record_gap(losses::max_masked_gap(&logp, &rollout_logp, &batch.mask));
+                    logp
+                };
+                let ref_logp = match reference {
+                    Some(r) => Some(losses::target_logprobs(batch, r.forward(&batch.batch)?.logits(), vocab)?.logp),
+                    None => None,
+                };
+                let adv = broadcast_to_tokens(&own_advantages, batch.cu_seqlens(), &batch.mask)?;
+                Some((batch, old_logp, ref_logp, adv, rollout_logp))
+            }
             None => None,
         };
-        let adv = broadcast_to_tokens(&advantages[range], batch.cu_seqlens(), &batch.mask)?;
-        let targets = losses::GrpoTargets { old_logp: &old_logp, ref_logp: ref_logp.as_deref(), advantages: &adv };
         let seen = Mutex::new(None);
-        let report = trainer.step(&batch.batch, g.lr, |logits| {
-            if first {
-                // The trainer's forward before this step's first update: the weights that sampled.
-                let now = losses::target_logprobs(&batch, logits, vocab)?.logp;
-                record_gap(losses::max_masked_gap(&now, &rollout_logp, &batch.mask));
+        let mut report = trainer.step_data_parallel(
+            batch.as_ref().map(|b| &b.batch),
+            g.lr,
+            |logits| {
+                let Some((batch, old, ref_logp, adv, rollout_logp)) = &prepared else {
+                    return Err(Error::Shape("GRPO: a loss without a batch".into()));
+                };
+                if first {
+                    // The trainer's forward before this step's first update: the weights that sampled.
+                    let now = losses::target_logprobs(batch, logits, vocab)?.logp;
+                    record_gap(losses::max_masked_gap(&now, rollout_logp, &batch.mask));
+                }
+                let targets = losses::GrpoTargets { old_logp: old, ref_logp: ref_logp.as_deref(), advantages: adv };
+                let (loss, dlogits, out) = losses::grpo_loss(batch, logits, vocab, targets, &loss_config)?;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(out.metrics);
+                Ok((loss, dlogits))
+            },
+            dp,
+        )?;
+        // The metrics over the whole minibatch: the loss is the sum of the ranks' parts (each
+        // normalised by the whole minibatch), the token means are weighted by loss tokens.
+        let m = seen.into_inner().unwrap_or_else(|p| p.into_inner());
+        let weight = batch.as_ref().map_or(0.0, |b| b.loss_tokens() as f32) / (counts[0].max(1) as f32);
+        let mut parts = [report.loss, 0.0, 0.0, 0.0];
+        if let Some(m) = &m {
+            let (clip, entropy, kl) =
+                (m.clip_frac_low + m.clip_frac_high, m.entropy.unwrap_or(0.0), m.kl.unwrap_or(m.approx_kl));
+            if dp.world() > 1 {
+                parts[1..].copy_from_slice(&[clip * weight, entropy * weight, kl * weight]);
+            } else {
+                parts[1..].copy_from_slice(&[clip, entropy, kl]);
             }
-            let (loss, dlogits, out) = losses::grpo_loss(&batch, logits, vocab, targets, &loss_config)?;
-            *seen.lock().expect("metrics lock") = Some(out.metrics);
-            Ok((loss, dlogits))
-        })?;
-        let m = seen.into_inner().expect("metrics lock").expect("the loss ran");
+        }
+        dp.sum_f32(&mut parts)?;
+        report.loss = parts[0];
         sums[0] += f64::from(report.loss);
-        sums[1] += f64::from(m.clip_frac_low + m.clip_frac_high);
-        sums[2] += f64::from(m.entropy.unwrap_or(0.0));
-        sums[3] += f64::from(m.kl.unwrap_or(m.approx_kl));
+        sums[1] += f64::from(parts[1]);
+        sums[2] += f64::from(parts[2]);
+        sums[3] += f64::from(parts[3]);
         sums[4] += f64::from(report.grad_norm);
-        sums[5] += batch.len() as f64;
+        sums[5] += counts[2] as f64;
         minibatches += 1.0;
     }
     let train_s = t_train.elapsed().as_secs_f64();
@@ -842,7 +1098,6 @@ fn grpo_step(
     let per_minibatch = |i: usize| (minibatches > 0.0).then(|| sums[i] / minibatches);
     let mean = rewards.iter().map(|&r| f64::from(r)).sum::<f64>() / n;
     let std = (rewards.iter().map(|&r| (f64::from(r) - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let stats = &rolled.stats;
     Ok(StepMetrics {
         phase: "grpo".into(),
         step,
@@ -854,13 +1109,13 @@ fn grpo_step(
         clip_frac: per_minibatch(1),
         entropy: per_minibatch(2),
         grad_norm: per_minibatch(4),
-        rollout_tokens_per_s: Some(stats.generated_tokens as f64 / rollout_s.max(1e-9)),
+        rollout_tokens_per_s: Some(totals[1] as f64 / rollout_s.max(1e-9)),
         train_tokens_per_s: (minibatches > 0.0).then(|| sums[5] / train_s.max(1e-9)),
-        tool_calls_per_episode: Some(stats.tool_calls as f64 / n),
+        tool_calls_per_episode: Some(totals[2] as f64 / n),
         rollout_s: Some(rollout_s),
         reward_s: Some(stats.reward_seconds),
         train_s: Some(train_s),
-        kv_shared_fraction: Some(stats.kv.bytes_held as f64 / (stats.kv.bytes_unshared as f64).max(1.0)),
+        kv_shared_fraction: Some(totals[3] as f64 / (totals[4] as f64).max(1.0)),
         informative_groups: Some(informative as f64 / rolled_tasks as f64),
         optimizer_steps: Some(minibatches as u64),
         tool_calls_by_tool: tools_on.then(|| tools::calls_by_tool(rolled.trajectories.iter())),

@@ -75,6 +75,7 @@ pub fn rollout_tools(tools: &ToolsConfig, tasks: &[Task], memories: &mut Project
         split_memory: split && tools.memory == Some(MemoryPolicy::PolicyDecides),
         library_in_context: tools.library_in_context,
         think: tools.think,
+        first_task: 0,
     }
 }
 
