@@ -60,7 +60,8 @@ fn main() -> Result<(), squid_pipeline::Error> {
         EpisodeConfig { max_tool_calls: limits.max_turns, tools: tools.switches(), ..EpisodeConfig::default() };
     let extras =
         RolloutTools { library_in_context: tools.library_in_context, think: tools.think, ..RolloutTools::default() };
-    let tasks = held_out_tasks(seed, per_level);
+    // The run's prompts: examples cut, constants withheld, as its evaluations saw them.
+    let tasks: Vec<_> = held_out_tasks(seed, per_level).into_iter().map(|t| run_config.prompted(t)).collect();
     let mut session = model.session(SessionConfig::default())?;
     let batch = rollout_with(&mut session, &tokenizer, &tasks, episode, &config, &extras)?;
     drop(session);

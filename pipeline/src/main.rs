@@ -133,6 +133,10 @@ struct TrainArgs {
     /// so the rest reach the policy only by running its program [default: all].
     #[arg(long, value_name = "N")]
     shown_examples: Option<usize>,
+    /// Prompts name the tasks' constants (thresholds, factors, divisors) by letters; only a
+    /// failing `<run>` states their values, so the policy must run to learn them.
+    #[arg(long)]
+    withhold_constants: bool,
     /// The memory tool (`<store>`, `<recall>`) with this storage policy: never,
     /// every-accepted, fixes-after-failure, policy-decides [default: no memory tool].
     #[arg(long, value_name = "POLICY", value_parser = parse_memory_policy)]
@@ -241,6 +245,7 @@ impl TrainArgs {
             ("--grpo-mix", self.grpo_mix.is_some()),
             ("--eval-every", self.eval_every.is_some()),
             ("--shown-examples", self.shown_examples.is_some()),
+            ("--withhold-constants", self.withhold_constants),
             ("--memory", self.memory.is_some()),
             ("--memory-bytes", self.memory_bytes.is_some()),
             ("--search", self.search),
@@ -394,6 +399,9 @@ impl TrainArgs {
         }
         if self.shown_examples.is_some() {
             c.shown_examples = self.shown_examples;
+        }
+        if self.withhold_constants {
+            c.withhold_constants = true;
         }
         Ok(c)
     }

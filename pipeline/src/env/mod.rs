@@ -26,6 +26,8 @@ mod tools;
 mod tests;
 #[cfg(test)]
 mod tool_tests;
+#[cfg(test)]
+mod withheld_tests;
 
 pub use interp::{Budget, Builtin, Func, Interpreter, Value, MAX_VALUE_DEPTH};
 pub use lexer::{tokenize, Pos, Tok, MAX_PROGRAM_BYTES};
@@ -36,7 +38,7 @@ pub use memory::{
 pub use parser::{parse_program, BinOp, Expr, FunctionDef, Program, MAX_PARAMS, MAX_PARSE_DEPTH};
 pub use project::{generate_project, HELPER_WORDS, PROJECT_TASKS, USE_WORDS};
 pub use reward::{score, LengthPenalty, Reward, RewardConfig, RewardMode};
-pub use tasks::{generate_task, Level, LibraryEntry, ProjectPlace, Rng, Task, TaskPart, TestCase};
+pub use tasks::{generate_task, Level, LibraryEntry, ProjectPlace, Rng, Task, TaskPart, TestCase, Withheld};
 pub use tools::{
     check_examples, search_library, Episode, EpisodeConfig, EpisodeError, ExampleReport, ToolCall, ToolCounts,
     ToolOutput, ToolSwitches,

@@ -116,6 +116,30 @@ pub struct TaskPart {
     pub hidden: Vec<TestCase>,
     /// A correct definition in the language (may call earlier parts).
     pub reference: String,
+    /// The part's drawn constants and the text that names them instead of stating them, for
+    /// tasks that withhold constants (`None` for parts without constants).
+    pub withheld: Option<Withheld>,
+}
+
+/// A part's drawn constants, as a prompt that withholds them sees them: the description names
+/// each constant by a letter, and only a failing `<run>` states their values (as a failing
+/// test's message states the parameters it was written for), so running is worth a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withheld {
+    /// The description with every constant replaced by its letter.
+    pub description: String,
+    /// The reference with every constant replaced by its letter (unbound: running it fails
+    /// with an unknown name, and the run's answer then states the values).
+    pub symbolic_reference: String,
+    /// Letter and value of each constant, in the order the description names them.
+    pub constants: Vec<(String, i64)>,
+}
+
+impl Withheld {
+    fn new(description: String, symbolic_reference: String, constants: &[(&str, i64)]) -> Self {
+        let constants = constants.iter().map(|&(name, v)| (name.to_string(), v)).collect();
+        Self { description, symbolic_reference, constants }
+    }
 }
 
 /// A generated task.
@@ -138,6 +162,9 @@ pub struct Task {
     pub library: Vec<LibraryEntry>,
     /// Where this task sits in its project, for project tasks.
     pub project: Option<ProjectPlace>,
+    /// The prompt names the parts' constants by letters instead of stating them, and a failing
+    /// `<run>` states their values ([`Task::constants_text`]): the policy must run to learn them.
+    pub withhold_constants: bool,
 }
 
 /// One definition of a project's library: what it does, in words, and its code.
@@ -168,7 +195,11 @@ impl Task {
             if self.parts.len() > 1 {
                 out.push_str(&format!("Part {}: ", i + 1));
             }
-            out.push_str(&format!("def {}({})\n{}\n", part.name, part.params.join(", "), part.description));
+            let description = match (&part.withheld, self.withhold_constants) {
+                (Some(w), true) => &w.description,
+                _ => &part.description,
+            };
+            out.push_str(&format!("def {}({})\n{}\n", part.name, part.params.join(", "), description));
             for case in part.visible.iter().take(self.shown_examples.unwrap_or(usize::MAX)) {
                 out.push_str(&format!("  {}\n", case.describe(&part.name)));
             }
@@ -180,6 +211,50 @@ impl Task {
     pub fn with_shown_examples(mut self, shown: usize) -> Self {
         self.shown_examples = Some(shown);
         self
+    }
+
+    /// This task with its constants withheld from the prompt (see [`Task::withhold_constants`]).
+    pub fn with_constants_withheld(mut self) -> Self {
+        self.withhold_constants = true;
+        self
+    }
+
+    /// Whether the prompt withholds any constant (the flag is on and some part has constants).
+    pub fn withholds_constants(&self) -> bool {
+        self.withhold_constants && self.parts.iter().any(|p| p.withheld.is_some())
+    }
+
+    /// What a failing `<run>` adds when the prompt withholds constants: `name with k = 4 , c =
+    /// (0 - 2)` per part that has constants, `;`-separated, values written as program literals
+    /// (so the policy can copy them). `None` when nothing is withheld.
+    pub fn constants_text(&self) -> Option<String> {
+        if !self.withholds_constants() {
+            return None;
+        }
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .filter_map(|p| {
+                let w = p.withheld.as_ref()?;
+                let values: Vec<String> = w.constants.iter().map(|(name, v)| format!("{name} = {}", lit(*v))).collect();
+                Some(format!("{} with {}", p.name, values.join(", ")))
+            })
+            .collect();
+        Some(parts.join("; "))
+    }
+
+    /// The program a policy that read the withholding prompt can write before running: every
+    /// part's reference with its constants left as their letters. `None` when nothing is withheld.
+    pub fn symbolic_program(&self) -> Option<String> {
+        if !self.withholds_constants() {
+            return None;
+        }
+        let defs: Vec<&str> = self
+            .parts
+            .iter()
+            .map(|p| p.withheld.as_ref().map_or(p.reference.as_str(), |w| w.symbolic_reference.as_str()))
+            .collect();
+        Some(defs.join("\n"))
     }
 
     /// All parts' reference definitions, one per line: a complete correct program.
@@ -230,6 +305,8 @@ pub(super) struct Family {
     pub(super) reference: String,
     pub(super) inputs: Box<dyn Fn(&mut Rng) -> Input>,
     pub(super) oracle: Box<dyn Fn(&Input) -> Value>,
+    /// The family's drawn constants, for prompts that withhold them.
+    pub(super) withheld: Option<Withheld>,
 }
 
 pub(super) fn lists(min_len: usize) -> Box<dyn Fn(&mut Rng) -> Input> {
@@ -251,6 +328,7 @@ fn total(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: "Return the sum of the elements of xs (0 for an empty list).".into(),
         reference: "def total(xs) = fold(\\acc x -> acc + x, 0, xs)".into(),
+        withheld: None,
         inputs: lists(0),
         oracle: int_result(|xs| xs.iter().sum()),
     }
@@ -263,6 +341,11 @@ fn count_above(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: format!("Return how many elements of xs are greater than {k}."),
         reference: format!("def count_above(xs) = len(filter(\\x -> x > {}, xs))", lit(k)),
+        withheld: Some(Withheld::new(
+            "Return how many elements of xs are greater than k.".into(),
+            "def count_above(xs) = len(filter(\\x -> x > k, xs))".into(),
+            &[("k", k)],
+        )),
         inputs: lists(0),
         oracle: int_result(move |xs| xs.iter().filter(|&&x| x > k).count() as i64),
     }
@@ -275,6 +358,11 @@ fn affine(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: format!("Return xs with every element x replaced by {m} * x + {c}."),
         reference: format!("def affine(xs) = map(\\x -> {m} * x + {}, xs)", lit(c)),
+        withheld: Some(Withheld::new(
+            "Return xs with every element x replaced by m * x + c.".into(),
+            "def affine(xs) = map(\\x -> m * x + c, xs)".into(),
+            &[("m", m), ("c", c)],
+        )),
         inputs: lists(0),
         oracle: list_result(move |xs| xs.iter().map(|x| m * x + c).collect()),
     }
@@ -292,6 +380,13 @@ fn classify(rng: &mut Rng) -> Family {
         reference: format!(
             "def classify(n) = if n % {a} == 0 && n % {b} == 0 then 3 else if n % {a} == 0 then 1 else if n % {b} == 0 then 2 else 0"
         ),
+        withheld: Some(Withheld::new(
+            "Return 3 if n is divisible by both a and b, else 1 if divisible by a, else 2 if divisible by b, else 0."
+                .into(),
+            "def classify(n) = if n % a == 0 && n % b == 0 then 3 else if n % a == 0 then 1 else if n % b == 0 then 2 else 0"
+                .into(),
+            &[("a", a), ("b", b)],
+        )),
         inputs: Box::new(|rng| Input::Int(rng.int(0, 60))),
         oracle: Box::new(move |input| {
             let n = match input {
@@ -315,6 +410,7 @@ fn largest(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: "Return the largest element of the non-empty list xs.".into(),
         reference: "def largest(xs) = fold(\\best x -> max(best, x), head(xs), tail(xs))".into(),
+        withheld: None,
         inputs: lists(1),
         oracle: int_result(|xs| xs.iter().copied().max().unwrap_or(0)),
     }
@@ -327,6 +423,7 @@ fn reverse(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: "Return xs in reverse order.".into(),
         reference: "def reverse(xs) = fold(\\acc x -> cons(x, acc), [], xs)".into(),
+        withheld: None,
         inputs: lists(0),
         oracle: list_result(|xs| xs.iter().rev().copied().collect()),
     }
@@ -341,6 +438,7 @@ fn running_sums(rng: &mut Rng) -> Family {
         reference: "def running_sums(xs) = if len(xs) == 0 then [] else \
                     let h = head(xs) in cons(h, map(\\r -> r + h, running_sums(tail(xs))))"
             .into(),
+        withheld: None,
         inputs: lists(0),
         oracle: list_result(|xs| {
             xs.iter()
@@ -360,6 +458,11 @@ fn sum_squares_divisible(rng: &mut Rng) -> Family {
         params: &["xs"],
         description: format!("Return the sum of the squares of the elements of xs that are divisible by {d}."),
         reference: format!("def sum_sq_div(xs) = fold(\\acc x -> acc + x * x, 0, filter(\\x -> x % {d} == 0, xs))"),
+        withheld: Some(Withheld::new(
+            "Return the sum of the squares of the elements of xs that are divisible by d.".into(),
+            "def sum_sq_div(xs) = fold(\\acc x -> acc + x * x, 0, filter(\\x -> x % d == 0, xs))".into(),
+            &[("d", d)],
+        )),
         inputs: lists(0),
         oracle: int_result(move |xs| xs.iter().filter(|&&x| x % d == 0).map(|x| x * x).sum()),
     }
@@ -374,6 +477,7 @@ fn poly(rng: &mut Rng) -> Family {
                       poly([a, b, c], x) = a*x*x + b*x + c, and 0 for no coefficients."
             .into(),
         reference: "def poly(cs, x) = fold(\\acc c -> acc * x + c, 0, cs)".into(),
+        withheld: None,
         inputs: Box::new(|rng| Input::ListInt(rng.list(0, 5, -5, 5), rng.int(-4, 4))),
         oracle: Box::new(|input| match input {
             Input::ListInt(cs, x) => Value::Int(cs.iter().fold(0, |acc, c| acc * x + c)),
@@ -411,6 +515,7 @@ pub(super) fn realize(family: Family, rng: &mut Rng) -> TaskPart {
         visible: cases,
         hidden,
         reference: family.reference,
+        withheld: family.withheld,
     }
 }
 
@@ -424,6 +529,11 @@ fn pipeline_parts(rng: &mut Rng) -> Vec<Family> {
             params: &["xs"],
             description: format!("Return the elements of xs greater than {k}, in order."),
             reference: format!("def keep(xs) = filter(\\x -> x > {}, xs)", lit(k)),
+            withheld: Some(Withheld::new(
+                "Return the elements of xs greater than k, in order.".into(),
+                "def keep(xs) = filter(\\x -> x > k, xs)".into(),
+                &[("k", k)],
+            )),
             inputs: lists(0),
             oracle: list_result(move |xs| xs.iter().copied().filter(|&x| x > k).collect()),
         },
@@ -432,6 +542,11 @@ fn pipeline_parts(rng: &mut Rng) -> Vec<Family> {
             params: &["xs"],
             description: format!("Return xs with every element multiplied by {m}."),
             reference: format!("def scale(xs) = map(\\x -> x * {m}, xs)"),
+            withheld: Some(Withheld::new(
+                "Return xs with every element multiplied by m.".into(),
+                "def scale(xs) = map(\\x -> x * m, xs)".into(),
+                &[("m", m)],
+            )),
             inputs: lists(0),
             oracle: list_result(move |xs| xs.iter().map(|x| x * m).collect()),
         },
@@ -440,6 +555,7 @@ fn pipeline_parts(rng: &mut Rng) -> Vec<Family> {
             params: &["xs"],
             description: "Return the sum of scale(keep(xs)), using the two functions above.".into(),
             reference: "def score(xs) = fold(\\acc x -> acc + x, 0, scale(keep(xs)))".into(),
+            withheld: None,
             inputs: lists(0),
             oracle: int_result(move |xs| xs.iter().filter(|&&x| x > k).map(|x| x * m).sum()),
         },
@@ -481,5 +597,14 @@ pub fn generate_task(level: Level, seed: u64) -> Task {
         }
     };
     let parts = families.into_iter().map(|f| realize(f, &mut rng)).collect();
-    Task { level, seed, family, parts, shown_examples: None, library: Vec::new(), project: None }
+    Task {
+        level,
+        seed,
+        family,
+        parts,
+        shown_examples: None,
+        library: Vec::new(),
+        project: None,
+        withhold_constants: false,
+    }
 }

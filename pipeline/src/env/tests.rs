@@ -299,6 +299,7 @@ fn hand_task() -> Task {
                 visible: vec![case(1, 2)],
                 hidden: vec![case(0, 0), case(1, 2), case(2, 4), case(3, 6)],
                 reference: "def double(x) = x + x".into(),
+                withheld: None,
             },
             TaskPart {
                 name: "inc".into(),
@@ -307,11 +308,13 @@ fn hand_task() -> Task {
                 visible: vec![case(1, 2), case(5, 6)],
                 hidden: vec![case(0, 1), case(9, 10)],
                 reference: "def inc(x) = x + 1".into(),
+                withheld: None,
             },
         ],
         shown_examples: None,
         library: Vec::new(),
         project: None,
+        withhold_constants: false,
     }
 }
 

@@ -333,19 +333,23 @@ impl Episode {
                 text
             }
             ToolCall::Run { program } => {
-                let text = match check_examples(&self.task, &program, self.config.reward.budget) {
-                    Err(problem) => {
-                        self.failed_run = true;
-                        problem
-                    }
+                let (mut text, failed) = match check_examples(&self.task, &program, self.config.reward.budget) {
+                    Err(problem) => (problem, true),
                     Ok(report) => match report.first_failure {
-                        None => format!("passed {}/{} examples", report.passed, report.total),
-                        Some(failure) => {
-                            self.failed_run = true;
-                            format!("passed {}/{} examples; first failure: {failure}", report.passed, report.total)
-                        }
+                        None => (format!("passed {}/{} examples", report.passed, report.total), false),
+                        Some(failure) => (
+                            format!("passed {}/{} examples; first failure: {failure}", report.passed, report.total),
+                            true,
+                        ),
                     },
                 };
+                self.failed_run |= failed;
+                // A failing run states the constants a withholding prompt left out.
+                if failed {
+                    if let Some(constants) = self.task.constants_text() {
+                        text = format!("{text}; {constants}");
+                    }
+                }
                 self.last_program = Some(program);
                 text
             }

@@ -128,3 +128,84 @@ fn disabled_tools_and_ruled_out_thinks_are_never_sampled() {
         }
     }
 }
+
+/// A scripted agent for a task whose prompt withholds its constants: it writes the program with
+/// the constants' letters; if `run_first`, it `<run>`s it, then reads each `L = VALUE` of the
+/// answer (the Document in its own context, token by token) and writes the program with the
+/// values; else it submits with every constant guessed as 0.
+fn constant_reader(tok: &Tokenizer, task: &crate::env::Task, run_first: bool) -> super::mock::LogitsFn {
+    use crate::tokenizer::{END_OUT, OUT};
+    let vocab = tok.vocab_size();
+    let symbolic = tok.encode_program(&task.symbolic_program().unwrap()).unwrap();
+    let letters: Vec<u32> = task
+        .parts
+        .iter()
+        .filter_map(|p| p.withheld.as_ref())
+        .flat_map(|w| w.constants.iter().map(|(name, _)| tok.id(name).unwrap()))
+        .collect();
+    let (with, equals, comma, semicolon) =
+        (tok.id("with").unwrap(), tok.id("=").unwrap(), tok.id(",").unwrap(), tok.id(";").unwrap());
+    let zero = tok.encode_program("0").unwrap();
+    Box::new(move |history: &[u32]| {
+        let written = history.len() - 1 - history.iter().rposition(|&t| t == CODE).unwrap();
+        let body: Vec<u32> = match history.iter().rposition(|&t| t == OUT) {
+            None if run_first => symbolic.iter().copied().chain([RUN]).collect(),
+            None => {
+                let guessed = symbolic.iter().flat_map(|t| if letters.contains(t) { zero.clone() } else { vec![*t] });
+                guessed.chain([SUBMIT]).collect()
+            }
+            Some(start) => {
+                let end = history.iter().rposition(|&t| t == END_OUT).unwrap();
+                let answer = &history[start + 1..end];
+                // Values: the tokens after `L =` up to `,` `;` or the end, after the last `with`
+                // that precedes `L` (each part's constants follow `name with`).
+                let mut values: Vec<(u32, Vec<u32>)> = Vec::new();
+                let first_with = answer.iter().position(|&t| t == with).unwrap_or(answer.len());
+                for i in first_with..answer.len().saturating_sub(1) {
+                    if letters.contains(&answer[i]) && answer[i + 1] == equals {
+                        let value: Vec<u32> =
+                            answer[i + 2..].iter().copied().take_while(|&t| t != comma && t != semicolon).collect();
+                        values.push((answer[i], value));
+                    }
+                }
+                let filled = symbolic.iter().flat_map(|t| match values.iter().find(|(l, _)| l == t) {
+                    Some((_, v)) => v.clone(),
+                    None => vec![*t],
+                });
+                filled.chain([SUBMIT]).collect()
+            }
+        };
+        one_hot(vocab, body[written.min(body.len() - 1)])
+    })
+}
+
+#[test]
+fn withheld_constants_reach_the_policy_only_through_a_run() {
+    let tok = Tokenizer::new();
+    let vocab = tok.vocab_size();
+    let tasks: Vec<crate::env::Task> = (0..40)
+        .map(|seed| crate::env::generate_task(crate::env::Level::Easy, seed).with_constants_withheld())
+        .filter(|t| t.withholds_constants())
+        .take(8)
+        .collect();
+    assert_eq!(tasks.len(), 8);
+    let episode = EpisodeConfig::default();
+    let cfg = RolloutConfig { max_new_tokens: 120, ..greedy() };
+    let (mut ran, mut guessed) = (0.0, 0.0);
+    for task in &tasks {
+        // The prompt holds no value: the agent's program has letters where the constants go.
+        let mut policy = MockPolicy::new(vocab, constant_reader(&tok, task, true));
+        let batch = rollout(&mut policy, &tok, std::slice::from_ref(task), episode, &cfg).unwrap();
+        let t = &batch.trajectories[0];
+        assert_eq!((t.notes.tools.run, t.notes.tools.submit), (1, 1), "{}", task.prompt());
+        assert_eq!(t.reward_value(), 1.0, "reading the run's answer solves {}", task.prompt());
+        ran += t.reward_value();
+        let mut policy = MockPolicy::new(vocab, constant_reader(&tok, task, false));
+        let batch = rollout(&mut policy, &tok, std::slice::from_ref(task), episode, &cfg).unwrap();
+        let t = &batch.trajectories[0];
+        assert_eq!((t.notes.tools.run, t.notes.tools.submit), (0, 1));
+        guessed += t.reward_value();
+    }
+    // Guessing 0 for every constant solves fewer tasks than running first.
+    assert!(guessed < ran, "guessed {guessed}, ran {ran}");
+}

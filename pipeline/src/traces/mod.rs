@@ -4,6 +4,9 @@
 //! them can act in the loop.
 //!
 //! - [`TraceKind::Direct`]: write the reference program, `<submit>`.
+//!   (For a prompt that withholds constants, direct and repair traces both write the program
+//!   with the constants' letters, `<run>` it, and write the reference with the values the
+//!   failure states.)
 //! - [`TraceKind::Repair`]: write a buggy program (a mutation of the reference that fails a
 //!   visible example: a literal off by one, a comparison flipped, `+`/`-` swapped, a builtin or
 //!   two arguments swapped, a part dropped), `<run>`, read the real output, `<code>`, write the reference, `<submit>`.
@@ -51,6 +54,9 @@ pub enum Mutation {
     Builtin,
     /// One part of a multi-part program left out.
     DropPart,
+    /// The program a withholding prompt allows: constants left as their letters (see
+    /// [`Task::symbolic_program`]); its run fails and states their values.
+    WithheldConstants,
 }
 
 /// Every single mutation of the program `ids`, in a fixed order.
@@ -153,6 +159,9 @@ pub fn buggy_program(
     seed: u64,
     episode_config: &EpisodeConfig,
 ) -> Result<Option<(Mutation, Vec<u32>)>, Error> {
+    if let Some(symbolic) = task.symbolic_program() {
+        return Ok(Some((Mutation::WithheldConstants, tokenizer.encode_program(&symbolic)?)));
+    }
     let reference = tokenizer.encode_program(&task.reference_program())?;
     let mut candidates = mutants(tokenizer, &reference);
     let mut rng = Rng::new(seed ^ 0x005E_ED0F_B065);
@@ -207,6 +216,13 @@ pub fn trace(
     seed: u64,
     episode_config: EpisodeConfig,
 ) -> Result<Option<Trajectory>, Error> {
+    // A prompt that withholds constants leaves one way to the values: write the program with
+    // their letters, run it, read them from the failure, write the reference.
+    let kind = match kind {
+        _ if !task.withholds_constants() => kind,
+        TraceKind::Direct | TraceKind::Repair => TraceKind::Repair,
+        TraceKind::Think => return Ok(None),
+    };
     let mut trajectory = Trajectory::new(task_index, 0, &tokenizer.prompt_tokens(task));
     let mut episode = Episode::new(task.clone(), episode_config);
     let reference = tokenizer.encode_program(&task.reference_program())?;
@@ -457,6 +473,9 @@ pub fn sft_tool_trace(
     episode_config: EpisodeConfig,
     tools: &TraceTools,
 ) -> Result<Trajectory, Error> {
+    if task.withholds_constants() {
+        return sft_trace(task, tokenizer, true, seed, episode_config);
+    }
     let mut kinds = Vec::new();
     let project_later = !task.library.is_empty();
     if project_later && tools.search {

@@ -181,3 +181,60 @@ fn repair_traces_fit_the_default_context() {
         assert!(total <= max_context, "{level:?}: a repair trace of {total} tokens");
     }
 }
+
+#[test]
+fn withheld_constant_traces_run_the_lettered_program_read_the_values_and_replay_through_the_loop() {
+    let tok = Tokenizer::new();
+    let withholding: Vec<Task> =
+        tasks(12).into_iter().map(Task::with_constants_withheld).filter(Task::withholds_constants).collect();
+    assert!(withholding.iter().any(|t| t.level == Level::Easy) && withholding.len() >= 8);
+    let mut traces = Vec::new();
+    for (i, task) in withholding.iter().enumerate() {
+        // Direct and repair traces both run first (nothing else can learn the constants);
+        // a think-then-write trace would have to guess them, so there is none.
+        let (mutation, ids) = buggy_program(&tok, task, i as u64, &episode_config()).unwrap().unwrap();
+        assert_eq!(mutation, Mutation::WithheldConstants);
+        assert_eq!(
+            tok.decode_program(&ids),
+            tok.decode_program(&tok.encode_program(&task.symbolic_program().unwrap()).unwrap())
+        );
+        let direct = trace(&tok, task, i, TraceKind::Direct, 3, episode_config()).unwrap().unwrap();
+        let repair = trace(&tok, task, i, TraceKind::Repair, 3, episode_config()).unwrap().unwrap();
+        assert_eq!(direct, repair);
+        assert!(trace(&tok, task, i, TraceKind::Think, 3, episode_config()).unwrap().is_none());
+        assert_eq!(
+            sft_trace(task, &tok, false, 3, episode_config()).unwrap(),
+            trace(&tok, task, 0, TraceKind::Repair, 3, episode_config()).unwrap().unwrap()
+        );
+        direct.validate().unwrap();
+        assert_eq!((direct.turns, direct.tool_calls, direct.reward_value()), (2, 2, 1.0));
+        // The run's answer in the trace states the constants.
+        let constants = tok.tool_output_tokens(&task.constants_text().unwrap());
+        let inner = &constants[1..constants.len() - 1];
+        assert!(direct.tokens.windows(inner.len()).any(|w| w == inner), "{}", task.constants_text().unwrap());
+        traces.push(direct);
+    }
+    // The loop (a teacher-forced mock policy) reproduces every trace, tool answers included.
+    let config = RolloutConfig {
+        group_size: 1,
+        temperature: 0.0,
+        top_p: 1.0,
+        max_turns: 3,
+        max_new_tokens: 300,
+        max_context: 4096,
+        seed: 1,
+    };
+    let scripts = traces.iter().map(|t| t.tokens.clone()).collect();
+    let mut policy = MockPolicy::new(tok.vocab_size(), teacher(tok.vocab_size(), scripts));
+    let batch = rollout(&mut policy, &tok, &withholding, episode_config(), &config).unwrap();
+    for (got, want) in batch.trajectories.iter().zip(&traces) {
+        assert_eq!(got.tokens, want.tokens);
+        assert_eq!(got.segments, want.segments);
+        assert_eq!(got.reward_value(), 1.0);
+        assert_eq!(got.notes.tools.run, 1);
+    }
+    // Warm-up traces of withholding tasks all run once.
+    let warm = warmup_traces(&tok, &withholding, 7, episode_config()).unwrap();
+    assert_eq!(warm.len(), 2 * withholding.len());
+    assert!(warm.iter().all(|t| t.tool_calls == 2 && t.reward_value() == 1.0));
+}

@@ -149,6 +149,11 @@ pub struct TrainConfig {
     /// (tools worth calling). `None` (absent from the JSON) shows them all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shown_examples: Option<usize>,
+    /// Prompts (training and held-out) name the constants of the families that draw them
+    /// (thresholds, factors, divisors) by letters, and only a failing `<run>` states their values:
+    /// running is the only way to learn them (issue 14). Absent from the JSON when false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub withhold_constants: bool,
     /// The optional tools (memory, search, lint), think placement and project tasks (issue 21).
     /// Absent from the JSON when all off, so other runs' configs are unchanged.
     #[serde(default, skip_serializing_if = "ToolsConfig::is_off")]
@@ -289,12 +294,27 @@ impl Default for TrainConfig {
             grpo_level_mix: [0.3, 0.1, 0.6],
             smoke: false,
             shown_examples: None,
+            withhold_constants: false,
             tools: ToolsConfig::default(),
         }
     }
 }
 
 impl TrainConfig {
+    /// `task` as this run's prompts show it: examples cut to `shown_examples`, constants
+    /// withheld under `withhold_constants` (training, held-out and transcript tasks alike).
+    pub fn prompted(&self, task: crate::env::Task) -> crate::env::Task {
+        let task = match self.shown_examples {
+            Some(n) => task.with_shown_examples(n),
+            None => task,
+        };
+        if self.withhold_constants {
+            task.with_constants_withheld()
+        } else {
+            task
+        }
+    }
+
     /// The smoke run (`--quick`, CI's end-to-end run): every stage in one to two minutes on 2
     /// cores (debug build), sized so that GRPO does update the policy. Easy tasks only, in the
     /// warm-up and in GRPO: after 60 warm-up steps the policy writes programs that parse and

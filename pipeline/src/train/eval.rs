@@ -82,7 +82,6 @@ pub fn evaluate(
         Ok(out)
     };
     let greedy = run(1, 0.0)?;
-    let tools_on = !config.tools.is_off();
     let sampled = if with_pass_k { Some(run(eval.samples, eval.temperature)?) } else { None };
     let mut per_level = Vec::new();
     let (mut pass1_all, mut passk_all, mut reward_all) = (0.0, 0.0, 0.0);
@@ -116,7 +115,7 @@ pub fn evaluate(
             pass_at_k: sampled.as_ref().map(|_| pk / n),
             tool_calls_per_episode: Some(calls as f64 / n),
             runs_per_episode: Some(runs as f64 / n),
-            tool_calls_by_tool: tools_on.then(|| super::tools::calls_by_tool(idx.iter().map(|&i| &greedy[i]))),
+            tool_calls_by_tool: Some(super::tools::calls_by_tool(idx.iter().map(|&i| &greedy[i]))),
             ..LevelEval::default()
         });
     }

@@ -43,7 +43,8 @@ pub struct LevelEval {
     /// `<run>` calls (the policy running its program on the visible examples) per greedy episode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runs_per_episode: Option<f64>,
-    /// Tool calls per greedy episode by tool (runs with issue 21's tools on).
+    /// Tool calls per greedy episode by tool (`run`, `think`, `submit`, `store`, `recall`,
+    /// `search`, `lint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls_by_tool: Option<std::collections::BTreeMap<String, f64>>,
     /// Generated tokens per solved task (greedy; runs with issue 21's tools on).
@@ -101,9 +102,14 @@ pub struct StepMetrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub optimizer_steps: Option<u64>,
     /// Tool calls per episode by tool (`run`, `think`, `submit`, `store`, `recall`, `search`,
-    /// `lint`); in runs with issue 21's tools on.
+    /// `lint`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls_by_tool: Option<std::collections::BTreeMap<String, f64>>,
+    /// Tool calls per episode by level of the step's tasks (`easy`, `medium`, `hard`,
+    /// `project`), then by tool as in `tool_calls_by_tool`; levels the step did not draw are
+    /// absent. Whether the policy keeps calling tools where they pay (issue 14).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls_by_level: Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>>,
     /// Memory snippets recalls returned, per episode (memory tool on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_hits_per_episode: Option<f64>,

@@ -225,12 +225,9 @@ fn training_task(config: &TrainConfig, phase: u64, step: u64, i: u64) -> Task {
     shown(config, generate_task(level, splitmix(h) >> 1))
 }
 
-/// `task` with the prompt's examples cut to the config's `shown_examples`.
+/// `task` as this run's prompts show it ([`TrainConfig::prompted`]).
 fn shown(config: &TrainConfig, task: Task) -> Task {
-    match config.shown_examples {
-        Some(n) => task.with_shown_examples(n),
-        None => task,
-    }
+    config.prompted(task)
 }
 
 fn episode_config(config: &TrainConfig) -> EpisodeConfig {
@@ -1118,7 +1115,8 @@ fn grpo_step(
         kv_shared_fraction: Some(totals[3] as f64 / (totals[4] as f64).max(1.0)),
         informative_groups: Some(informative as f64 / rolled_tasks as f64),
         optimizer_steps: Some(minibatches as u64),
-        tool_calls_by_tool: tools_on.then(|| tools::calls_by_tool(rolled.trajectories.iter())),
+        tool_calls_by_tool: Some(tools::calls_by_tool(rolled.trajectories.iter())),
+        tool_calls_by_level: Some(tools::calls_by_level(&tasks, rolled.trajectories.iter())),
         memory_hits_per_episode: config.tools.memory.is_some().then(|| tools::memory_hits(rolled.trajectories.iter())),
         memory_stored: config.tools.memory.is_some().then_some(stored as u64),
         context_prefix_tokens: tools_on.then(|| stats.prefix_tokens as f64 / n),

@@ -142,7 +142,15 @@ pub fn report_markdown(config: &TrainConfig, s: &RunSummary) -> String {
         );
     }
     let _ = writeln!(md);
-    if !config.tools.is_off() {
+    if config.withhold_constants {
+        let _ = writeln!(
+            md,
+            "Prompts withhold the tasks' constants (`--withhold-constants`): only a failing `<run>` states them.\n"
+        );
+    }
+    if config.tools.is_off() {
+        by_tool_table(&mut md, s);
+    } else {
         tools_section(&mut md, config, s);
     }
     let [r, w, t] = s.step_seconds;
@@ -176,21 +184,7 @@ fn tools_section(md: &mut String, config: &TrainConfig, s: &RunSummary) {
         t.think.map_or("unrestricted", |p| p.name()),
         100.0 * t.projects
     );
-    let tools = ["run", "think", "submit", "store", "recall", "search", "lint"];
-    let _ = writeln!(md, "Calls per greedy held-out episode by tool, warm-up / after GRPO.\n");
-    let _ = writeln!(md, "| level | {} |", tools.join(" | "));
-    let _ = writeln!(md, "|---|{}", "---|".repeat(tools.len()));
-    for (b, a) in s.before.per_level.iter().zip(&s.after.per_level) {
-        let cell = |tool: &str| {
-            let get = |l: &super::metrics::LevelEval| {
-                l.tool_calls_by_tool.as_ref().and_then(|m| m.get(tool)).map_or("-".to_string(), |v| format!("{v:.2}"))
-            };
-            format!("{} / {}", get(b), get(a))
-        };
-        let cells: Vec<String> = tools.iter().map(|t| cell(t)).collect();
-        let _ = writeln!(md, "| {} | {} |", b.level, cells.join(" | "));
-    }
-    let _ = writeln!(md);
+    by_tool_table(md, s);
     let projects: Vec<_> =
         s.before.per_level.iter().zip(&s.after.per_level).filter(|(b, _)| b.level == "project").collect();
     if let Some((b, a)) = projects.first() {
@@ -289,4 +283,23 @@ pub fn write_all(dir: &Path, config: &TrainConfig, metrics: &MetricsLog, summary
     write_atomic(&dir.join("summary.json"), &serde_json::to_vec_pretty(summary).expect("summary serializes"))?;
     write_atomic(&dir.join("report.md"), report_markdown(config, summary).as_bytes())?;
     curves(&dir.join("curves.png"), metrics)
+}
+
+/// Calls per greedy held-out episode by level and tool, warm-up / after GRPO.
+fn by_tool_table(md: &mut String, s: &RunSummary) {
+    let tools = ["run", "think", "submit", "store", "recall", "search", "lint"];
+    let _ = writeln!(md, "Calls per greedy held-out episode by tool, warm-up / after GRPO.\n");
+    let _ = writeln!(md, "| level | {} |", tools.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(tools.len()));
+    for (b, a) in s.before.per_level.iter().zip(&s.after.per_level) {
+        let cell = |tool: &str| {
+            let get = |l: &super::metrics::LevelEval| {
+                l.tool_calls_by_tool.as_ref().and_then(|m| m.get(tool)).map_or("-".to_string(), |v| format!("{v:.2}"))
+            };
+            format!("{} / {}", get(b), get(a))
+        };
+        let cells: Vec<String> = tools.iter().map(|t| cell(t)).collect();
+        let _ = writeln!(md, "| {} | {} |", b.level, cells.join(" | "));
+    }
+    let _ = writeln!(md);
 }

@@ -781,3 +781,45 @@ fn a_grpo_minibatch_split_over_ranks_takes_the_whole_minibatch_step() {
         }
     }
 }
+
+#[test]
+fn withheld_constants_reach_training_and_held_out_prompts_and_tool_calls_are_recorded_by_level() {
+    let mut c = tiny_config();
+    assert!(!serde_json::to_string(&TrainConfig::default()).unwrap().contains("withhold_constants"));
+    c.withhold_constants = true;
+    assert!(serde_json::to_string(&c).unwrap().contains("\"withhold_constants\":true"));
+    let tasks: Vec<Task> = (0..20).map(|i| training_task(&c, 2, 1, i)).collect();
+    assert!(tasks.iter().all(|t| t.withhold_constants));
+    assert!(tasks.iter().any(Task::withholds_constants));
+    c.grpo.steps = 2;
+    c.grpo.tasks_per_step = 4;
+    let root = tempfile::tempdir().unwrap();
+    let s = train(c.clone(), &options(root.path(), "withheld")).unwrap();
+    assert!(s.complete);
+    // Every GRPO line: calls per episode by level and tool, consistent with the step's totals.
+    let lines = read_metrics(&root.path().join("withheld"));
+    let grpo: Vec<&StepMetrics> = lines.iter().filter(|m| m.phase == "grpo").collect();
+    assert_eq!(grpo.len(), 2);
+    for m in &grpo {
+        let by_level = m.tool_calls_by_level.as_ref().expect("tool calls by level");
+        assert!(!by_level.is_empty() && by_level.keys().all(|l| ["easy", "medium", "hard"].contains(&l.as_str())));
+        let step_tasks: Vec<Task> =
+            (0..(c.grpo.tasks_per_step * c.grpo.oversample) as u64).map(|i| training_task(&c, 2, m.step, i)).collect();
+        let mut total = 0.0;
+        for (level, tools) in by_level {
+            assert_eq!(tools.len(), 7, "{tools:?}");
+            let n = step_tasks.iter().filter(|t| t.level.name() == level).count() * c.grpo.group_size;
+            assert!(n > 0, "{level} was drawn");
+            total += tools.values().sum::<f64>() * n as f64;
+        }
+        let episodes = (step_tasks.len() * c.grpo.group_size) as f64;
+        assert!((total / episodes - m.tool_calls_per_episode.unwrap()).abs() < 1e-9, "{m:?}");
+        let by_tool = m.tool_calls_by_tool.as_ref().expect("tool calls by tool");
+        assert!((by_tool.values().sum::<f64>() - m.tool_calls_per_episode.unwrap()).abs() < 1e-9);
+    }
+    // Held-out evaluation and report: calls by tool per level, also with issue 21's tools off.
+    assert!(s.after.per_level.iter().all(|l| l.tool_calls_by_tool.as_ref().is_some_and(|t| t.len() == 7)));
+    let report = std::fs::read_to_string(root.path().join("withheld/report.md")).unwrap();
+    assert!(report.contains("Calls per greedy held-out episode by tool"), "{report}");
+    assert!(report.contains("--withhold-constants"), "{report}");
+}

@@ -143,6 +143,21 @@ pub fn calls_by_tool<'a>(trajectories: impl Iterator<Item = &'a Trajectory>) -> 
     counts.by_tool().iter().map(|&(name, c)| (name.to_string(), c as f64 / n.max(1) as f64)).collect()
 }
 
+/// Mean calls per episode by level of the episode's task (`tasks[t.task]`), then by tool.
+/// Trajectories whose task index is out of range are left out.
+pub fn calls_by_level<'a>(
+    tasks: &[Task],
+    trajectories: impl Iterator<Item = &'a Trajectory>,
+) -> BTreeMap<String, BTreeMap<String, f64>> {
+    let mut levels: BTreeMap<&'static str, Vec<&'a Trajectory>> = BTreeMap::new();
+    for t in trajectories {
+        if let Some(task) = tasks.get(t.task) {
+            levels.entry(task.level.name()).or_default().push(t);
+        }
+    }
+    levels.into_iter().map(|(level, ts)| (level.to_string(), calls_by_tool(ts.into_iter()))).collect()
+}
+
 /// Recalls that returned at least one snippet, per episode.
 pub fn memory_hits<'a>(trajectories: impl Iterator<Item = &'a Trajectory>) -> f64 {
     let (mut hits, mut n) = (0usize, 0usize);
