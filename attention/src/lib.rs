@@ -12,8 +12,14 @@ pub mod segments;
 pub use layout::{validate_cu_seqlens, Heads, MAX_HEAD_DIM};
 
 /// The CUDA sources of this crate, for the workspace registry (`squid kernels check`).
-pub static KERNELS: &[squid_cuda::KernelSource] =
-    &[dense::flash::KERNEL, dense::DECODE_KERNEL, nsa::SELECTED_KERNEL, nsa::COMPRESS_KERNEL, nsa::SELECT_KERNEL];
+pub static KERNELS: &[squid_cuda::KernelSource] = &[
+    dense::flash::KERNEL,
+    dense::DECODE_KERNEL,
+    nsa::SELECTED_KERNEL,
+    nsa::COMPRESS_KERNEL,
+    nsa::SELECT_KERNEL,
+    nsa::DECODE_KERNEL,
+];
 
 /// What can be wrong with an attention call's inputs.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -39,6 +39,8 @@ mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+pub mod cuda_decode;
+#[cfg(feature = "cuda")]
 pub mod cuda_selected;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_selected_tests;
@@ -51,6 +53,7 @@ pub mod naive;
 #[cfg(test)]
 mod tests;
 
+pub use decode::DECODE_KERNEL;
 pub use decode::{NsaCache, NsaDecodeOutput};
 
 /// The CUDA source of NSA's selected-block branch and gated combine (launchers in
