@@ -121,7 +121,7 @@ __device__ __forceinline__ void squid_nsd_reset(SquidNsdShared<T>& sh, float (&a
 // softmax for the chunk's hc heads. With `scores`, each head's raw score of key c is also
 // written to scores[h * sstride + c].
 template <typename T>
-__device__ void squid_nsd_attend(SquidNsdShared<T>& sh, float (&acc)[SQUID_NSD_HC][2], const T* __restrict__ kbase,
+__device__ __forceinline__ void squid_nsd_attend(SquidNsdShared<T>& sh, float (&acc)[SQUID_NSD_HC][2], const T* __restrict__ kbase,
                                  const T* __restrict__ vbase, long long kstride, long long vstride, int start,
                                  int end, int hc, int dk, int dv, float* __restrict__ scores, long long sstride) {
     const int tid = threadIdx.x;
@@ -197,18 +197,25 @@ __device__ void squid_nsd_attend(SquidNsdShared<T>& sh, float (&acc)[SQUID_NSD_H
     __syncthreads();
 }
 
-// Adds gate[h] * acc / l (0 where the branch saw no key) into out.
+// Adds gate[h] * acc / l (0 where the branch saw no key) into the chunk's f32 rows of `out`
+// (`[hc][dv]`; each thread its own columns, so no other thread touches them).
 template <typename T>
 __device__ __forceinline__ void squid_nsd_finish(const SquidNsdShared<T>& sh, const float (&acc)[SQUID_NSD_HC][2],
-                                                 float (&out)[SQUID_NSD_HC][2], int hc) {
+                                                 float* __restrict__ out, int hc, int dv) {
     __syncthreads();
+    const int c0 = threadIdx.x;
+    const int c1 = threadIdx.x + SQUID_NSD_THREADS;
 #pragma unroll
     for (int h = 0; h < SQUID_NSD_HC; ++h) {
         if (h < hc) {
             const float l = sh.l[h];
             const float f = l > 0.0f ? sh.gate[h] / l : 0.0f;
-            out[h][0] = fmaf(acc[h][0], f, out[h][0]);
-            out[h][1] = fmaf(acc[h][1], f, out[h][1]);
+            if (c0 < dv) {
+                out[(long long)h * dv + c0] = fmaf(acc[h][0], f, out[(long long)h * dv + c0]);
+            }
+            if (c1 < dv) {
+                out[(long long)h * dv + c1] = fmaf(acc[h][1], f, out[(long long)h * dv + c1]);
+            }
         }
     }
 }
@@ -285,7 +292,6 @@ __device__ __forceinline__ void squid_nsd_step(const T* __restrict__ q, const T*
     const T* vcs = vc + (long long)s * max_blocks * vstride + (long long)g * dv;
     unsigned* chosen = indices + cta * n;
     float acc[SQUID_NSD_HC][2];
-    float out[SQUID_NSD_HC][2];
 
     // 1. Compressed branch, chunk by chunk.
     for (int c = tid; c < nc; c += SQUID_NSD_THREADS) {
@@ -298,23 +304,11 @@ __device__ __forceinline__ void squid_nsd_step(const T* __restrict__ q, const T*
         squid_nsd_load_gate(sh, gs, head0, hc, 0);
         squid_nsd_reset(sh, acc);
         squid_nsd_attend(sh, acc, kcs, vcs, kstride, vstride, 0, nc, hc, dk, dv, sc_scores, sb);
-#pragma unroll
-        for (int h = 0; h < SQUID_NSD_HC; ++h) {
-            out[h][0] = 0.0f;
-            out[h][1] = 0.0f;
+        float* ochunk = ocmp + (long long)h0 * dv;
+        for (int e = tid; e < hc * dv; e += SQUID_NSD_THREADS) {
+            ochunk[e] = 0.0f;
         }
-        squid_nsd_finish(sh, acc, out, hc);
-#pragma unroll
-        for (int h = 0; h < SQUID_NSD_HC; ++h) {
-            if (h < hc) {
-                if (tid < dv) {
-                    ocmp[(long long)(h0 + h) * dv + tid] = out[h][0];
-                }
-                if (tid + SQUID_NSD_THREADS < dv) {
-                    ocmp[(long long)(h0 + h) * dv + tid + SQUID_NSD_THREADS] = out[h][1];
-                }
-            }
-        }
+        squid_nsd_finish(sh, acc, ochunk, hc, dv);
         for (int c = tid; c < nc; c += SQUID_NSD_THREADS) {
             float a = psum[c];
             for (int h = 0; h < hc; ++h) {
@@ -388,19 +382,7 @@ __device__ __forceinline__ void squid_nsd_step(const T* __restrict__ q, const T*
         const int hc = min(SQUID_NSD_HC, group - h0);
         const int head0 = g * group + h0;
         squid_nsd_load_q(sh, qs, head0, hc, dk, scale);
-#pragma unroll
-        for (int h = 0; h < SQUID_NSD_HC; ++h) {
-            out[h][0] = 0.0f;
-            out[h][1] = 0.0f;
-            if (h < hc) {
-                if (tid < dv) {
-                    out[h][0] = ocmp[(long long)(h0 + h) * dv + tid];
-                }
-                if (tid + SQUID_NSD_THREADS < dv) {
-                    out[h][1] = ocmp[(long long)(h0 + h) * dv + tid + SQUID_NSD_THREADS];
-                }
-            }
-        }
+        float* ochunk = ocmp + (long long)h0 * dv;
         squid_nsd_load_gate(sh, gs, head0, hc, 1);
         squid_nsd_reset(sh, acc);
         for (int i = 0; i < n; ++i) {
@@ -412,23 +394,16 @@ __device__ __forceinline__ void squid_nsd_step(const T* __restrict__ q, const T*
             const int b = min(a + ls, t + 1);
             squid_nsd_attend(sh, acc, kseq, vseq, kstride, vstride, a, b, hc, dk, dv, (float*)nullptr, 0);
         }
-        squid_nsd_finish(sh, acc, out, hc);
+        squid_nsd_finish(sh, acc, ochunk, hc, dv);
         squid_nsd_load_gate(sh, gs, head0, hc, 2);
         squid_nsd_reset(sh, acc);
         squid_nsd_attend(sh, acc, kwin, vwin, kstride, vstride, max(t + 1 - w, 0), t + 1, hc, dk, dv, (float*)nullptr,
                          0);
-        squid_nsd_finish(sh, acc, out, hc);
+        squid_nsd_finish(sh, acc, ochunk, hc, dv);
         T* os = o + ((long long)s * hq + head0) * dv;
-#pragma unroll
-        for (int h = 0; h < SQUID_NSD_HC; ++h) {
-            if (h < hc) {
-                if (tid < dv) {
-                    os[(long long)h * dv + tid] = squid_from_f32<T>(out[h][0]);
-                }
-                if (tid + SQUID_NSD_THREADS < dv) {
-                    os[(long long)h * dv + tid + SQUID_NSD_THREADS] = squid_from_f32<T>(out[h][1]);
-                }
-            }
+        __syncthreads();
+        for (int e = tid; e < hc * dv; e += SQUID_NSD_THREADS) {
+            os[e] = squid_from_f32<T>(ochunk[e]);
         }
     }
 }
@@ -444,7 +419,7 @@ __device__ __forceinline__ void squid_nsd_step(const T* __restrict__ q, const T*
                                                             int row, int l, float inv_l) {                          \
         squid_nsd_compress<TY>(x, out, table, n, row, l, inv_l);                                                    \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(SQUID_NSD_THREADS) squid_nsa_dec_step_##SFX(                       \
+    extern "C" __global__ void __launch_bounds__(SQUID_NSD_THREADS, 1) squid_nsa_dec_step_##SFX(                       \
         const TY* __restrict__ q, const TY* __restrict__ gates, const TY* __restrict__ k, const TY* __restrict__ v, \
         const TY* __restrict__ kw, const TY* __restrict__ vw, const TY* __restrict__ kc, const TY* __restrict__ vc, \
         TY* __restrict__ o, unsigned* __restrict__ indices, float* __restrict__ scratch,                            \
