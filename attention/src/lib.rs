@@ -19,6 +19,7 @@ pub static KERNELS: &[squid_cuda::KernelSource] = &[
     nsa::COMPRESS_KERNEL,
     nsa::SELECT_KERNEL,
     nsa::COMPRESSED_KERNEL,
+    nsa::DECODE_KERNEL,
 ];
 
 /// What can be wrong with an attention call's inputs.

@@ -61,10 +61,16 @@ fn cuda_cases(quick: bool) -> Result<Vec<Case>, ExitCode> {
             return Err(ExitCode::FAILURE);
         }
     };
-    suites::attention_cuda::cases(gpu, quick).map_err(|e| {
+    let mut cases = suites::attention_cuda::cases(gpu.clone(), quick).map_err(|e| {
         eprintln!("squid-bench: preparing the GPU cases failed: {e}");
         ExitCode::FAILURE
-    })
+    })?;
+    // The NSA cases (their own file: suites/attention_nsa_cuda.rs).
+    cases.extend(suites::attention_nsa_cuda::cases(gpu, quick).map_err(|e| {
+        eprintln!("squid-bench: preparing the GPU NSA cases failed: {e}");
+        ExitCode::FAILURE
+    })?);
+    Ok(cases)
 }
 
 /// Without the `cuda` feature there is no device path.

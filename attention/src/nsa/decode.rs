@@ -24,6 +24,22 @@ use crate::kernels::{dispatch, exp, gemm_acc, round_up, Fma, Kernel, Unfused, CO
 use crate::layout::{check_finite, expect_len, numel};
 use crate::{Error, Heads};
 
+/// The CUDA source of NSA's device decode (launchers in `cuda_decode`, feature `cuda`): the
+/// cache append, the compression of completed blocks and the decode step, bf16 and f16.
+pub const DECODE_KERNEL: squid_cuda::KernelSource = squid_cuda::kernel_source!(
+    "attention_nsa_decode",
+    "src/nsa/decode.cu",
+    [
+        "squid_nsa_dec_append_bf16",
+        "squid_nsa_dec_append_f16",
+        "squid_nsa_dec_compress_bf16",
+        "squid_nsa_dec_compress_f16",
+        "squid_nsa_dec_step_bf16",
+        "squid_nsa_dec_step_f16"
+    ],
+    fast_math = false
+);
+
 /// Keys per transposed key tile.
 const TILE: usize = 16;
 

@@ -43,6 +43,8 @@ pub mod cuda_compressed;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_compressed_tests;
 #[cfg(feature = "cuda")]
+pub mod cuda_decode;
+#[cfg(feature = "cuda")]
 pub mod cuda_selected;
 #[cfg(all(test, feature = "cuda"))]
 mod cuda_selected_tests;
@@ -55,6 +57,7 @@ pub mod naive;
 #[cfg(test)]
 mod tests;
 
+pub use decode::DECODE_KERNEL;
 pub use decode::{NsaCache, NsaDecodeOutput};
 
 /// The CUDA source of NSA's selected-block branch and gated combine (launchers in

@@ -6,6 +6,8 @@ use crate::harness::Case;
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod attention_cuda;
+#[cfg(feature = "cuda")]
+pub mod attention_nsa_cuda;
 pub mod collectives;
 pub mod kvcache;
 pub mod machine;
