@@ -1,5 +1,5 @@
 //! [`DevicePages`]: the device counterpart of [`PagedKv`](super::PagedKv), with the same page
-//! bookkeeping ([`super::book::PageBook`]: the same pages taken in the same order) and the page
+//! bookkeeping (`PageBook` in `paged/book.rs`: the same pages taken in the same order) and the page
 //! pools in device buffers. Rows are written and shared pages copied by kernels on the caller's
 //! stream; the page tables stay on the host, where the paged decode
 //! ([`squid_attention::segments::cuda_decode::decode_global_paged`]) takes them with
